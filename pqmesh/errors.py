@@ -1,0 +1,41 @@
+"""Domain errors shared by every part; each names the gRPC status it maps to.
+
+Library code raises these; one function per server (``grpc_status``) turns them into a status code
+and message, so the mapping lives in one place and messages say what the caller should change.
+"""
+
+from __future__ import annotations
+
+
+class PqmeshError(Exception):
+    """Base class; ``code`` is the name of a ``grpc.StatusCode`` member."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(PqmeshError):
+    code = "INVALID_ARGUMENT"
+
+
+class OutOfRange(PqmeshError):
+    code = "OUT_OF_RANGE"
+
+
+class FailedPrecondition(PqmeshError):
+    code = "FAILED_PRECONDITION"
+
+
+class NotFound(PqmeshError):
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(PqmeshError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PqmeshError):
+    code = "UNAVAILABLE"
+
+
+class UnsupportedModel(InvalidArgument):
+    """A checkpoint or config this build cannot run (family, feature or layout)."""
