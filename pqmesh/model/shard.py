@@ -56,6 +56,7 @@ class ModelShard(nn.Module):
         self.layers, self.embed, self.final, self.head = layers, embed, final, head
         self.runtime = family.runtime_modules(device)
         self.cache, self.dtype, self.device = cache, dtype, device
+        self.checkpoint_bytes_read = 0  # set by `load`: bytes of checkpoint tensors this shard read
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -97,11 +98,14 @@ class ModelShard(nn.Module):
             if end == total:
                 final = cls._load_parts(family.build_final, reader, dtype, device)
                 head = cls._load_head(family, reader, dtype, device, embed)
+            bytes_read = reader.bytes_read
         finally:
             reader.close()
         kv_heads, head_dim = family.kv_shape()
         cache = StaticKVCache(end - start, max_slots, max_len, kv_heads, head_dim, dtype, device)
-        return cls(family, start, end, layers, embed, final, head, cache, dtype, device)
+        shard = cls(family, start, end, layers, embed, final, head, cache, dtype, device)
+        shard.checkpoint_bytes_read = bytes_read
+        return shard
 
     @staticmethod
     def _load_parts(build, reader, dtype, device) -> nn.ModuleDict:
