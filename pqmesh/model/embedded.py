@@ -72,10 +72,7 @@ def prepare(directory: Path | None = None, force: bool = False) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config  # weights are dequantized; the copy is plain float32
-        model.config.name_or_path = MODEL_NAME
-        model.save_pretrained(staging)
+        _save_plain(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / _DONE).write_text(f"from {source.name}\n")
         if directory.exists():
@@ -86,3 +83,20 @@ def prepare(directory: Path | None = None, force: bool = False) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
     log.info("embedded_model_prepare_done", out=str(directory))
     return directory
+
+
+def _save_plain(model, directory: Path) -> None:
+    """Saves dequantized weights as one safetensors file plus config (transformers refuses to
+    ``save_pretrained`` a model it loaded from GGUF, though its tensors are plain float32 by now)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = MODEL_NAME
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)

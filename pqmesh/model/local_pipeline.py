@@ -70,8 +70,13 @@ class LocalPipeline:
         prefill_micro_batch: int,
         decode_micro_batch: int,
         pad_id: int = 0,
+        stop_ids: Sequence[int] = (),
     ) -> list[list[int]]:
-        """Greedy continuation of each prompt (no early stop), prompt i in KV slot i."""
+        """Greedy continuation of each prompt, prompt i in KV slot i.
+
+        A sequence ends after ``max_new_tokens`` or on a token in ``stop_ids`` (kept in its output);
+        finished sequences leave the decode micro-batches, which regroup the rest.
+        """
         if max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens must be at least 1")
         slots = list(range(len(prompts)))
@@ -80,10 +85,15 @@ class LocalPipeline:
             ids, lengths = left_pad([prompts[i] for i in group], pad_id)
             last[group] = self.prefill(group, ids, lengths).argmax(-1).cpu()
         out = [[int(last[i])] for i in slots]
+        stops = set(stop_ids)
+        active = [i for i in slots if out[i][-1] not in stops]
         for _ in range(max_new_tokens - 1):
-            for group in _batches(slots, decode_micro_batch):
+            if not active:
+                break
+            for group in _batches(active, decode_micro_batch):
                 last[group] = self.decode(group, last[group]).argmax(-1).cpu()
-            for i in slots:
+            for i in active:
                 out[i].append(int(last[i]))
+            active = [i for i in active if out[i][-1] not in stops]
         self.release(slots)
         return out
