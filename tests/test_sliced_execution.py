@@ -113,3 +113,11 @@ def test_unsupported_range_and_family(tmp_path):
     build_checkpoint("opt", tmp_path)
     with pytest.raises(InvalidArgument, match="within the model's 4 layers"):
         ModelShard.load(tmp_path, 3, 5, max_slots=1, max_len=4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("start, end", [(0, 4), (0, 2), (1, 3), (2, 4)])
+def test_weight_bytes_predicted_from_config_equal_loaded(tmp_path, family, start, end):
+    build_checkpoint(family, tmp_path)
+    shard = ModelShard.load(tmp_path, start, end, max_slots=1, max_len=4)
+    assert ModelShard.predict_weight_bytes(shard.config, start, end, torch.float32) == shard.weight_bytes()

@@ -127,6 +127,28 @@ class ModelShard(nn.Module):
         overrides = {"weight": family.embed_key()} if tied else None
         return fill_module(head, "lm_head", reader, dtype, device, overrides)
 
+    @staticmethod
+    def kv_shape(config) -> tuple[int, int]:
+        """(kv heads, head dim) of one layer's cache for ``config``."""
+        return family_for(config).kv_shape()
+
+    @staticmethod
+    def predict_weight_bytes(config, start: int, end: int, dtype: torch.dtype) -> int:
+        """Bytes `load` will hold for [start, end) at 16 bits (no quantization), from the config
+        alone: modules are built on the meta device and their tensors counted, nothing is read."""
+        family = family_for(config)
+        element = torch.empty((), dtype=dtype).element_size()
+        with torch.device("meta"):
+            modules = [family.build_layer(i) for i in range(start, end)]
+            if start == 0:
+                modules += [m for m, _ in family.build_embed().values()]
+            if end == config.num_hidden_layers:
+                modules += [m for m, _ in family.build_final().values()]
+                tied_here = start == 0 and getattr(config, "tie_word_embeddings", True)
+                if not tied_here:
+                    modules.append(nn.Linear(family.head_width(), config.vocab_size, bias=False))
+        return sum(t.numel() * element for m in modules for t in m.state_dict().values())
+
     # -- facts ------------------------------------------------------------------------------------
     @property
     def role(self) -> Role:

@@ -22,7 +22,7 @@ ROLE_LAST: Role
 ROLE_ONLY: Role
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("plan_id", "model_id", "layers", "bits", "role", "max_sequences", "max_tokens_per_sequence", "prefill_micro_batch", "decode_micro_batch", "next_hop", "dtype")
+    __slots__ = ("plan_id", "model_id", "layers", "bits", "role", "max_sequences", "max_tokens_per_sequence", "prefill_micro_batch", "decode_micro_batch", "next_hop", "dtype", "group_size")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class LoadShardRequest(_message.Message):
     DECODE_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model_id: str
     layers: _tensor_pb2.LayerRange
@@ -45,7 +46,8 @@ class LoadShardRequest(_message.Message):
     decode_micro_batch: int
     next_hop: str
     dtype: str
-    def __init__(self, plan_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ..., role: _Optional[_Union[Role, str]] = ..., max_sequences: _Optional[int] = ..., max_tokens_per_sequence: _Optional[int] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ..., next_hop: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    group_size: int
+    def __init__(self, plan_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ..., role: _Optional[_Union[Role, str]] = ..., max_sequences: _Optional[int] = ..., max_tokens_per_sequence: _Optional[int] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ..., next_hop: _Optional[str] = ..., dtype: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("plan_id", "weight_bytes", "kv_cache_bytes", "total_bytes", "load_seconds")
@@ -88,20 +90,32 @@ class ForwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[MicroBatchHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("plan_id", "micro_batch_id", "slots", "token_ids", "compute_ns", "queue_ns")
+    __slots__ = ("plan_id", "micro_batch_id", "slots", "token_ids", "compute_ns", "queue_ns", "stages")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     micro_batch_id: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     compute_ns: int
     queue_ns: int
-    def __init__(self, plan_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., compute_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, plan_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., compute_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("layers", "compute_ns", "queue_ns")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    layers: _tensor_pb2.LayerRange
+    compute_ns: int
+    queue_ns: int
+    def __init__(self, layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., compute_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("plan_id", "slots")

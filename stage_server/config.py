@@ -1,0 +1,47 @@
+"""The stage server's one frozen configuration, filled from CLI flags (which systemd passes)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '512MB', '1e9' or a plain integer -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; write e.g. 8GiB, 512MB or 1000000")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    listen: str
+    device: str
+    memory_budget: int  # bytes this stage may hold (weights + KV cache); 0 = derive from the device
+    model_root: Path
+    queue_depth: int
+    log_level: str
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "StageConfig":
+        parser = argparse.ArgumentParser(prog="pqmesh-stage", description="Serve one pipeline stage over gRPC.")
+        parser.add_argument("--listen", default="0.0.0.0:50061", help="HOST:PORT (port 0 picks a free one)")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+        parser.add_argument("--memory-budget", type=parse_bytes, default=0,
+                            help="bytes for weights + KV cache, e.g. 20GiB (default: 90%% of the device)")
+        parser.add_argument("--model-root", type=Path, required=True,
+                            help="directory whose sub-directories are safetensors checkpoints (model ids)")
+        parser.add_argument("--queue-depth", type=int, default=8, help="micro-batches buffered before backpressure")
+        parser.add_argument("--log-level", default="info")
+        args = parser.parse_args(argv)
+        return cls(args.listen, args.device, args.memory_budget, args.model_root, args.queue_depth, args.log_level)

@@ -1,0 +1,42 @@
+"""The stage's bridge to `pqmesh.quant`: a layer hook for the planned bits and the bytes it will take.
+
+Predictions come from the config alone (16-bit modules counted on the meta device, quantized layers
+from `predict_layer_bytes`; the shared dequantization workspace separately), so LoadShard can refuse a
+shard that does not fit before allocating anything.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from pqmesh.model import ModelShard
+from pqmesh.quant.bits import Bits, parse_bits_list
+from pqmesh.quant.layer import plan_hook
+from pqmesh.quant.memory import layer_shape, predict_layer_bytes, workspace_bytes
+
+
+def layer_hook(start: int, bits: Sequence[int], group_size: int):
+    """None when every layer stays 16-bit, else a hook quantizing layer ``start + i`` to ``bits[i]``."""
+    plan = parse_bits_list(bits)
+    if all(not b.quantized for b in plan):
+        return None
+    return plan_hook(plan, start, start + len(plan), group_size)
+
+
+def predict_shard_weight_bytes(config, start: int, end: int, bits: Sequence[int], group_size: int, dtype: torch.dtype) -> int:
+    plan = parse_bits_list(bits)
+    total = ModelShard.predict_weight_bytes(config, start, end, dtype)
+    quantized = [b for b in plan if b.quantized]
+    if not quantized:
+        return total
+    shape = layer_shape(config)
+    full = predict_layer_bytes(config, Bits.parse(16), group_size, dtype, shape)
+    return total + sum(predict_layer_bytes(config, b, group_size, dtype, shape) - full for b in quantized)
+
+
+def predict_workspace_bytes(config, bits: Sequence[int], dtype: torch.dtype) -> int:
+    """The shared dequantization buffer of a stage with quantized layers (allocated at first use)."""
+    quantized = {b for b in parse_bits_list(bits) if b.quantized}
+    return max((workspace_bytes(config, dtype, b) for b in quantized), default=0)

@@ -1,0 +1,71 @@
+"""The StageService servicer: decode the request, call the runtime, encode the reply."""
+
+from __future__ import annotations
+
+from pqmesh.common.v1 import tensor_pb2
+from pqmesh.errors import InvalidArgument
+from pqmesh.grpc_server import rpc_errors
+from pqmesh.model import Role
+from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
+from stage_server.runtime import ShardSpec, StageRuntime
+from stage_server.streaming import Session, Worker, abort_with
+
+_ROLES = {
+    stage_pb2.ROLE_FIRST: Role.FIRST,
+    stage_pb2.ROLE_MIDDLE: Role.MIDDLE,
+    stage_pb2.ROLE_LAST: Role.LAST,
+    stage_pb2.ROLE_ONLY: Role.ONLY,
+}
+_ROLE_NUMBERS = {role: number for number, role in _ROLES.items()}
+
+
+def shard_spec(request: stage_pb2.LoadShardRequest) -> ShardSpec:
+    if not request.plan_id:
+        raise InvalidArgument("plan_id is required")
+    if request.role not in _ROLES:
+        raise InvalidArgument("role must be ROLE_FIRST, ROLE_MIDDLE, ROLE_LAST or ROLE_ONLY")
+    return ShardSpec(
+        plan_id=request.plan_id, model_id=request.model_id, start=request.layers.start, end=request.layers.end,
+        bits=tuple(request.bits), role=_ROLES[request.role], max_sequences=request.max_sequences,
+        max_tokens=request.max_tokens_per_sequence, next_hop=request.next_hop, dtype=request.dtype,
+        group_size=request.group_size or 128,
+    )
+
+
+class StageServicer(stage_pb2_grpc.StageServiceServicer):
+    def __init__(self, runtime: StageRuntime, queue_depth: int = 8) -> None:
+        self.runtime = runtime
+        self.worker = Worker(runtime, queue_depth)
+
+    @rpc_errors
+    def LoadShard(self, request, context):
+        result = self.runtime.load(shard_spec(request))
+        return stage_pb2.LoadShardResponse(
+            plan_id=request.plan_id, weight_bytes=result.weight_bytes, kv_cache_bytes=result.kv_cache_bytes,
+            total_bytes=result.total_bytes, load_seconds=result.load_seconds,
+        )
+
+    def Forward(self, request_iterator, context):
+        try:
+            yield from Session(self.runtime, self.worker).run(request_iterator)
+        except Exception as err:  # noqa: BLE001 - every failure ends this stream with a status
+            abort_with(context, err)
+
+    @rpc_errors
+    def Release(self, request, context):
+        return stage_pb2.ReleaseResponse(released=self.runtime.release(request.plan_id, list(request.slots)))
+
+    @rpc_errors
+    def GetInfo(self, request, context):
+        info = self.runtime.info()
+        reply = stage_pb2.GetInfoResponse(
+            device=info["device"], memory_budget_bytes=info["memory_budget_bytes"],
+            memory_used_bytes=info["memory_used_bytes"], micro_batches_done=info["micro_batches_done"],
+            tokens_done=info["tokens_done"],
+        )
+        if "plan_id" in info:
+            reply.plan_id, reply.model_id = info["plan_id"], info["model_id"]
+            reply.layers.CopyFrom(tensor_pb2.LayerRange(start=info["start"], end=info["end"]))
+            reply.role = _ROLE_NUMBERS[info["role"]]
+            reply.kv_slots_total, reply.kv_slots_used = info["kv_slots_total"], info["kv_slots_used"]
+        return reply

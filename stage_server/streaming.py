@@ -1,0 +1,199 @@
+"""Forward streams: micro-batches in from the previous hop, activations out to the next, tokens back.
+
+Each inbound `Forward` stream is a `Session`. A reader thread assembles micro-batches (header plus
+tensor chunks) and hands them to the stage's single compute `Worker` through a bounded queue, so a
+slow stage pushes back on its caller while the stages before it keep working on later
+micro-batches. A middle stage sends its output on one persistent stream to the next hop and relays
+that hop's responses (token ids from the last stage) back up its own stream, adding its timing.
+The first error ends the session with that error's status; the server keeps serving other streams.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import grpc
+import structlog
+
+from pqmesh import codec
+from pqmesh.errors import InvalidArgument, PqmeshError, Unavailable
+from pqmesh.grpc_server import channel, status_code
+from pqmesh.common.v1 import tensor_pb2
+from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
+from stage_server.runtime import MicroBatch, Output, Phase, StageRuntime
+from stage_server.sampling import Sampling
+
+log = structlog.get_logger(__name__)
+
+_END = object()
+
+
+def micro_batch_requests(header: stage_pb2.MicroBatchHeader, tensor, name: str) -> Iterator[stage_pb2.ForwardRequest]:
+    """The messages of one micro-batch: its header, then its tensor in chunks."""
+    chunks = list(codec.chunk(tensor, name, codec.DEFAULT_CHUNK_BYTES))
+    header.chunk_count = len(chunks)
+    yield stage_pb2.ForwardRequest(header=header)
+    for piece in chunks:
+        yield stage_pb2.ForwardRequest(chunk=piece)
+
+
+def read_micro_batches(requests: Iterator[stage_pb2.ForwardRequest], device) -> Iterator[tuple[stage_pb2.MicroBatchHeader, MicroBatch]]:
+    """Assembles (header, micro-batch) pairs from a request stream; malformed input -> InvalidArgument."""
+    requests = iter(requests)
+    for request in requests:
+        if request.WhichOneof("item") != "header":
+            raise InvalidArgument("a micro-batch must start with a header message, got a tensor chunk")
+        header = request.header
+        if header.phase not in (tensor_pb2.PHASE_PREFILL, tensor_pb2.PHASE_DECODE):
+            raise InvalidArgument(f"micro-batch {header.micro_batch_id}: phase must be PREFILL or DECODE")
+        pieces = []
+        for _ in range(header.chunk_count):
+            piece = next(requests, None)
+            if piece is None or piece.WhichOneof("item") != "chunk":
+                raise InvalidArgument(f"micro-batch {header.micro_batch_id} announced {header.chunk_count} chunks but the stream broke off")
+            pieces.append(piece.chunk)
+        tensor = codec.join(pieces, device=device)
+        yield header, MicroBatch(
+            plan_id=header.plan_id, micro_batch_id=header.micro_batch_id, phase=Phase(header.phase),
+            slots=list(header.slots), lengths=list(header.lengths),
+            sampling=[Sampling.from_proto(s) for s in header.sampling], tensor=tensor,
+        )
+
+
+class Worker:
+    """The stage's one compute thread: runs micro-batches in arrival order."""
+
+    def __init__(self, runtime: StageRuntime, depth: int) -> None:
+        self.runtime = runtime
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._loop, name="stage-compute", daemon=True)
+        self._thread.start()
+
+    def submit(self, session: "Session", header, batch: MicroBatch | None) -> None:
+        self._queue.put((session, header, batch))  # blocks when full: backpressure to the caller
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            session, header, batch = item
+            if batch is None:
+                session.inbound_done()
+            elif not session.failed:
+                try:
+                    session.computed(header, self.runtime.execute(batch))
+                except Exception as err:  # noqa: BLE001 - reported on the session's stream
+                    session.fail(err)
+
+
+class Session:
+    """One inbound Forward stream and, on a non-last stage, its outbound stream to the next hop."""
+
+    def __init__(self, runtime: StageRuntime, worker: Worker) -> None:
+        self.runtime, self.worker = runtime, worker
+        self.responses: queue.Queue = queue.Queue()
+        self.failed = False
+        self._downstream: queue.Queue | None = None
+        self._timings: dict[int, stage_pb2.StageTiming] = {}
+        self._lock = threading.Lock()
+
+    # -- inbound ----------------------------------------------------------------------------------
+    def run(self, requests) -> Iterator[stage_pb2.ForwardResponse]:
+        threading.Thread(target=self._read, args=(requests,), name="stage-reader", daemon=True).start()
+        while (item := self.responses.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def _read(self, requests) -> None:
+        try:
+            for header, batch in read_micro_batches(requests, self.runtime.device):
+                if self.failed:
+                    return
+                self.worker.submit(self, header, batch)
+            self.worker.submit(self, None, None)
+        except grpc.RpcError:  # the caller cancelled or went away; nothing to answer
+            self.fail(Unavailable("the caller closed the stream"), quiet=True)
+        except Exception as err:  # noqa: BLE001
+            self.fail(err)
+
+    def fail(self, err: Exception, quiet: bool = False) -> None:
+        with self._lock:
+            if self.failed:
+                return
+            self.failed = True
+        if quiet:
+            log.info("forward_stream_closed_by_caller")
+        else:
+            log.warning("forward_failed", error=str(err), kind=type(err).__name__)
+        if self._downstream is not None:
+            self._downstream.put(_END)
+        self.responses.put(err)
+
+    # -- after compute ----------------------------------------------------------------------------
+    def _timing(self, out: Output) -> stage_pb2.StageTiming:
+        spec = self.runtime.spec
+        layers = tensor_pb2.LayerRange(start=spec.start, end=spec.end)
+        return stage_pb2.StageTiming(layers=layers, compute_ns=out.compute_ns, queue_ns=out.queue_ns)
+
+    def computed(self, header, out: Output) -> None:
+        timing = self._timing(out)
+        if out.hidden is None:  # last stage: answer with the tokens
+            self.responses.put(stage_pb2.ForwardResponse(
+                plan_id=header.plan_id, micro_batch_id=out.micro_batch_id, slots=out.slots,
+                token_ids=out.token_ids, compute_ns=out.compute_ns, queue_ns=out.queue_ns, stages=[timing]))
+            return
+        if self._downstream is None:
+            self._open_downstream(self.runtime.spec.next_hop)
+        self._timings[out.micro_batch_id] = timing
+        next_header = stage_pb2.MicroBatchHeader()
+        next_header.CopyFrom(header)
+        for message in micro_batch_requests(next_header, out.hidden, "hidden_states"):
+            self._downstream.put(message)
+
+    def inbound_done(self) -> None:
+        if self._downstream is None:
+            self.responses.put(_END)
+        else:
+            self._downstream.put(_END)
+
+    # -- outbound ---------------------------------------------------------------------------------
+    def _open_downstream(self, address: str) -> None:
+        self._downstream = queue.Queue()
+        outgoing = iter(self._downstream.get, _END)
+        stub = stage_pb2_grpc.StageServiceStub(channel(address))
+        replies = stub.Forward(outgoing)
+        threading.Thread(target=self._relay, args=(replies, address), name="stage-relay", daemon=True).start()
+
+    def _relay(self, replies, address: str) -> None:
+        try:
+            for reply in replies:
+                own = self._timings.pop(reply.micro_batch_id)
+                reply.stages.insert(0, own)
+                reply.compute_ns, reply.queue_ns = own.compute_ns, own.queue_ns
+                self.responses.put(reply)
+            self.responses.put(_END)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self.fail(Unavailable(f"next stage {address} is unreachable: {err.details()}"))
+            else:
+                self.fail(_Relayed(code, f"next stage {address}: {err.details()}"))
+
+
+class _Relayed(PqmeshError):
+    """An error status received from the next hop, passed up unchanged."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code.name
+
+
+def abort_with(context: grpc.ServicerContext, err: Exception) -> None:
+    if isinstance(err, PqmeshError):
+        context.abort(status_code(err), str(err))
+    log.error("forward_internal_error", error=repr(err))
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")

@@ -1,0 +1,131 @@
+"""`pqmesh indicator` and `pqmesh ppl` on tiny models and a small committed text file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.quant import Bits, commands, quantize_weight
+from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
+from pqmesh.quant.indicator import SecondMoments, compute_indicator, load_indicator, variance_indicator
+from tiny_models import build_checkpoint
+
+TEXT = Path(__file__).parent / "data" / "quant_text.txt"
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])  # logs may share stdout when structlog is unconfigured
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    commands.add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module", params=["llama", "opt", "bloom"])
+def tiny(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"tools-{request.param}")
+    return directory, build_checkpoint(request.param, directory, layers=3)
+
+
+def test_indicator_file_shape_and_monotone(tiny, tmp_path):
+    directory, _ = tiny
+    out = tmp_path / "ind.json"
+    assert cli(["indicator", "--model", str(directory), "--calib", str(TEXT), "--out", str(out),
+                "--samples", "5", "--seq-len", "48", "--batch", "2", "--group-size", "32"]) == 0
+    data = json.loads(out.read_text())
+    assert data["version"] == 1 and data["kind"] == "variance" and data["group_size"] == 32
+    assert data["samples"] == 5 and data["tokens"] == 5 * 48
+    assert [row["layer"] for row in data["layers"]] == [0, 1, 2]
+    for row in data["layers"]:
+        values = {int(k): v for k, v in row["bits"].items()}
+        assert set(values) == {16, 8, 4, 3, 2}
+        assert values[16] == 0.0 and all(v >= 0 for v in values.values())
+        assert values[2] > values[3] > values[4] > values[8] > 0
+    table = load_indicator(out)
+    assert table.num_layers == 3 and table.value(1, Bits.B4) == data["layers"][1]["bits"]["4"]
+    assert table.value(2, "16") == 0.0
+
+
+def test_direct_indicator_is_monotone(tmp_path):
+    build_checkpoint("opt", tmp_path, layers=2)
+    windows = token_windows(load_tokens(tmp_path, TEXT), 40, 4)
+    table = compute_indicator(LayerwiseRunner(tmp_path, windows, micro_batch=3), kind="direct", group_size=32)
+    assert table.kind == "direct" and table.num_layers == 2
+    for layer in range(2):
+        v = [table.value(layer, b) for b in (2, 3, 4, 8)]
+        assert v[0] > v[1] > v[2] > v[3] > 0
+
+
+def test_second_moments_are_means_over_all_tokens(tmp_path):
+    build_checkpoint("llama", tmp_path, layers=1)
+    windows = token_windows(load_tokens(tmp_path, TEXT), 32, 5)
+
+    def moments(micro_batch):
+        runner = LayerwiseRunner(tmp_path, windows, micro_batch=micro_batch)
+        layer = runner.load_layer(0)
+        m = SecondMoments(layer)
+        for part in runner.batches():
+            runner.forward(layer, runner.hidden[part])
+        m.remove()
+        return layer, m
+
+    layer, uneven = moments(3)  # batches of 3 and 2 windows
+    _, whole = moments(5)
+    assert uneven.counts["self_attn.q_proj"] == 5 * 32
+    for name in whole.sums:
+        torch.testing.assert_close(uneven.mean(name), whole.mean(name), rtol=1e-6, atol=0)
+    assert variance_indicator(layer, uneven, Bits.B4, 32) == pytest.approx(variance_indicator(layer, whole, Bits.B4, 32), rel=1e-9)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_variance_estimate_matches_realized_error(bits):
+    torch.manual_seed(bits)
+    weight, x = torch.randn(256, 512), torch.randn(4096, 512) * torch.linspace(0.2, 3.0, 512)
+    q = quantize_weight(weight, bits, 128)
+    realized = ((x @ (q.dequantize() - weight).T) ** 2).sum(dim=1).mean().item()
+    x2 = (x ** 2).mean(dim=0).view(-1, 128).sum(dim=1).double()
+    predicted = float((q.scale.double() ** 2 @ x2).sum()) / 12
+    assert 0.6 < realized / predicted < 1.4, f"{bits} bits: realized {realized:.4g}, predicted {predicted:.4g}"
+
+
+def test_indicator_loader_rejects_bad_files(tmp_path):
+    with pytest.raises(NotFound, match="pqmesh indicator"):
+        load_indicator(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 2, "kind": "variance", "layers": []}))
+    with pytest.raises(InvalidArgument, match="version 2"):
+        load_indicator(bad)
+    bad.write_text(json.dumps({"version": 1, "kind": "variance", "layers": [{"layer": 0, "bits": {"4": -1.0}}]}))
+    with pytest.raises(InvalidArgument, match="negative"):
+        load_indicator(bad)
+
+
+def test_ppl_at_sixteen_bits_equals_hugging_face(tiny, capsys):
+    directory, model = tiny
+    assert cli(["ppl", "--model", str(directory), "--bits", "16", "--text", str(TEXT), "--seq-len", "64", "--max-tokens", "600"]) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert result["windows"] == 9 and result["tokens"] == 9 * 63 and result["bits"] == "16"
+    windows = token_windows(list(TEXT.read_bytes())[:600], 64)
+    with torch.no_grad():
+        nll = sum(model(w[None], labels=w[None]).loss.item() for w in windows) / len(windows)
+    assert result["ppl"] == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+def test_ppl_mixed_plan_from_json_file(tmp_path, capsys):
+    build_checkpoint("bloom", tmp_path, layers=3)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"bits": [16, 4, 2]}))
+    assert cli(["ppl", "--model", str(tmp_path), "--bits", str(plan), "--text", str(TEXT), "--seq-len", "32", "--group-size", "32", "--max-tokens", "256"]) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert result["bits"] == "16,4,2" and math.isfinite(result["ppl"]) and result["ppl"] > 1
+    with pytest.raises(InvalidArgument, match="one per layer"):
+        cli(["ppl", "--model", str(tmp_path), "--bits", "16,4", "--text", str(TEXT)])
