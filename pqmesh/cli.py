@@ -16,6 +16,8 @@ from pqmesh.log import configure
 
 COMMANDS = (
     "pqmesh.model.commands",  # model prepare, demo
+    "pqmesh.quant.commands",
+    "planner.commands",
 )
 
 

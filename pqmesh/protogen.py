@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def generate(out_root: Path = REPO_ROOT, proto_root: Path = PROTO_ROOT) -> list[
     Returns the absolute paths of the generated files (stub modules and the sub-package
     ``__init__.py`` files), sorted.
     """
-    from grpc_tools import protoc
-
     proto_root = Path(proto_root).resolve()
     sources = proto_files(proto_root)
     if not sources:
@@ -94,9 +93,11 @@ def generate(out_root: Path = REPO_ROOT, proto_root: Path = PROTO_ROOT) -> list[
         # pqmesh/common/v1/tensor.proto, which fixes the generated module and import names.
         *(str(proto_root / rel) for rel in sources),
     ]
-    code = protoc.main(args)
-    if code != 0:
-        raise ProtogenError(f"protoc exited with {code} for {[str(s) for s in sources]}")
+    # protoc runs in its own process: its bundled C++ protobuf aborts the interpreter when another
+    # copy (e.g. the one OR-Tools ships) is already loaded, as in a test session that also plans.
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ProtogenError(f"protoc exited with {done.returncode} for {[str(s) for s in sources]}: {done.stderr.strip()}")
     modules = [out_root / rel for rel in expected_outputs(proto_root)]
     missing = [str(m) for m in modules if not m.is_file()]
     if missing:

@@ -22,18 +22,38 @@ class LatencyModel(_message.Message):
     def __init__(self, bits: _Optional[_Union[_tensor_pb2.Bits, str]] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., features: _Optional[_Iterable[str]] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version")
+    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROOFLINE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_type: str
     memory_bytes: int
     latency: _containers.RepeatedCompositeFieldContainer[LatencyModel]
     version: int
-    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    roofline: Roofline
+    model: str
+    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class Roofline(_message.Message):
+    __slots__ = ("peak_fp16_tflops", "memory_bandwidth_gbs", "compute_efficiency", "memory_efficiency", "dequant_overhead", "layer_overhead_us")
+    PEAK_FP16_TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BANDWIDTH_GBS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_EFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_EFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    DEQUANT_OVERHEAD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_OVERHEAD_US_FIELD_NUMBER: _ClassVar[int]
+    peak_fp16_tflops: float
+    memory_bandwidth_gbs: float
+    compute_efficiency: float
+    memory_efficiency: float
+    dequant_overhead: float
+    layer_overhead_us: float
+    def __init__(self, peak_fp16_tflops: _Optional[float] = ..., memory_bandwidth_gbs: _Optional[float] = ..., compute_efficiency: _Optional[float] = ..., memory_efficiency: _Optional[float] = ..., dequant_overhead: _Optional[float] = ..., layer_overhead_us: _Optional[float] = ...) -> None: ...
 
 class RegisterDeviceRequest(_message.Message):
     __slots__ = ("profile",)
@@ -78,12 +98,16 @@ class ClusterDevice(_message.Message):
     def __init__(self, device_type: _Optional[str] = ..., count: _Optional[int] = ..., name: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class Network(_message.Message):
-    __slots__ = ("bandwidth_gbps", "latency_us")
+    __slots__ = ("bandwidth_gbps", "latency_us", "intra_host_bandwidth_gbps", "intra_host_latency_us")
     BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    INTRA_HOST_BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_HOST_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
     bandwidth_gbps: float
     latency_us: float
-    def __init__(self, bandwidth_gbps: _Optional[float] = ..., latency_us: _Optional[float] = ...) -> None: ...
+    intra_host_bandwidth_gbps: float
+    intra_host_latency_us: float
+    def __init__(self, bandwidth_gbps: _Optional[float] = ..., latency_us: _Optional[float] = ..., intra_host_bandwidth_gbps: _Optional[float] = ..., intra_host_latency_us: _Optional[float] = ...) -> None: ...
 
 class Workload(_message.Message):
     __slots__ = ("batch_size", "prompt_length", "generation_length")
@@ -96,7 +120,7 @@ class Workload(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., prompt_length: _Optional[int] = ..., generation_length: _Optional[int] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds")
+    __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds", "allowed_bits")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +130,7 @@ class PlanRequest(_message.Message):
     QUALITY_BOUND_FIELD_NUMBER: _ClassVar[int]
     INDICATOR_JSON_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_BITS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_config_json: str
     devices: _containers.RepeatedCompositeFieldContainer[ClusterDevice]
@@ -115,7 +140,8 @@ class PlanRequest(_message.Message):
     quality_bound: float
     indicator_json: str
     time_limit_seconds: float
-    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., theta: _Optional[float] = ..., quality_bound: _Optional[float] = ..., indicator_json: _Optional[str] = ..., time_limit_seconds: _Optional[float] = ...) -> None: ...
+    allowed_bits: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Bits]
+    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., theta: _Optional[float] = ..., quality_bound: _Optional[float] = ..., indicator_json: _Optional[str] = ..., time_limit_seconds: _Optional[float] = ..., allowed_bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ...) -> None: ...
 
 class Stage(_message.Message):
     __slots__ = ("device", "layers", "bits")
@@ -128,38 +154,44 @@ class Stage(_message.Message):
     def __init__(self, device: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("plan_id", "stages", "prefill_micro_batch", "decode_micro_batch")
+    __slots__ = ("plan_id", "stages", "prefill_micro_batch", "decode_micro_batch", "version")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     DECODE_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     stages: _containers.RepeatedCompositeFieldContainer[Stage]
     prefill_micro_batch: int
     decode_micro_batch: int
-    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("throughput_tokens_per_s", "prefill_s", "decode_s", "memory_bytes")
+    __slots__ = ("throughput_tokens_per_s", "prefill_s", "decode_s", "memory_bytes", "quality")
     THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     throughput_tokens_per_s: float
     prefill_s: float
     decode_s: float
     memory_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, throughput_tokens_per_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., memory_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    quality: float
+    def __init__(self, throughput_tokens_per_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., memory_bytes: _Optional[_Iterable[int]] = ..., quality: _Optional[float] = ...) -> None: ...
 
 class Baseline(_message.Message):
-    __slots__ = ("feasible", "predicted", "reason")
+    __slots__ = ("feasible", "predicted", "reason", "plan")
     FEASIBLE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     feasible: bool
     predicted: Prediction
     reason: str
-    def __init__(self, feasible: _Optional[bool] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    plan: Plan
+    def __init__(self, feasible: _Optional[bool] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
     __slots__ = ("plan", "predicted", "baselines", "solve_seconds", "optimality_gap")

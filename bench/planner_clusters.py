@@ -1,0 +1,123 @@
+"""Planner benchmark over the 11 heterogeneous clusters of the LLM-PQ evaluation.
+
+For each cluster: predicted throughput of our plan and of every baseline (same cost model), the ratio
+to PipeEdge, the summed quality indicator of ours and PipeEdge's (default indicator: uniform int4 =
+1.0, which is also the default bound), our throughput again when held to PipeEdge's own summed
+indicator (same quality), and the larger optimality gap and solve time of the two solves. Global batch 32, prompt 512, generation 100 (the
+second OPT-13B case: prompt 128, generation 200). Each [[device]] group is one host; hosts talk over
+the default network (10 Gbit/s, 100 us). Latency models are the built-in, uncalibrated rooflines.
+
+Run: ``python bench/planner_clusters.py [--time-limit S] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, replace
+
+from pqmesh.log import configure
+from planner.cluster import Cluster, ClusterEntry, Workload
+from planner.indicator import Quality
+from planner.plans import BASELINE_NAMES
+from planner.request import PlanInputs
+from planner.search import plan
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    devices: tuple[tuple[str, int], ...]
+    prompt: int = 512
+    generation: int = 100
+    batch: int = 32
+
+
+CASES = (
+    Case("1", "opt-13b", (("V100-32G", 1),)),
+    Case("2", "opt-13b", (("V100-32G", 1),), prompt=128, generation=200),
+    Case("3", "opt-30b", (("T4", 3), ("V100-32G", 1))),
+    Case("4", "opt-30b", (("P100-12G", 3), ("V100-32G", 1))),
+    Case("5", "opt-66b", (("T4", 4), ("V100-32G", 2))),
+    Case("6", "opt-66b", (("V100-32G", 2), ("A100-40G", 2))),
+    Case("7", "bloom-176b", (("V100-32G", 4), ("A100-40G", 4))),
+    Case("8", "bloom-176b", (("V100-32G", 4), ("A800-80G", 2))),
+    Case("9", "opt-30b", (("T4", 4),)),
+    Case("10", "opt-66b", (("V100-32G", 4),)),
+    Case("11", "bloom-176b", (("A800-80G", 4),)),
+)
+
+
+def run_case(case: Case, time_limit: float) -> dict:
+    cluster = Cluster(tuple(ClusterEntry(t, n, host=f"{t.lower()}-host") for t, n in case.devices))
+    inputs = PlanInputs(case.model, cluster, Workload(case.batch, case.prompt, case.generation), time_limit_s=time_limit)
+    result = plan(inputs.to_problem(), time_limit)
+    ours = result.predicted.throughput_tokens_per_s
+    row = {"case": case.name, "model": case.model, "cluster": "+".join(f"{n}x{t}" for t, n in case.devices),
+           "workload": f"{case.batch}x{case.prompt}+{case.generation}", "ours": ours,
+           "solve_s": result.solve_seconds, "gap": result.optimality_gap,
+           "bits": sorted({int(b) for b in result.plan.bits_per_layer}, reverse=True),
+           "quality": result.predicted.quality,
+           "pipeedge_quality": result.baselines["pipeedge"].predicted.quality if result.baselines["pipeedge"].feasible else None,
+           "micro_batches": [result.plan.prefill_micro_batch, result.plan.decode_micro_batch]}
+    for name in BASELINE_NAMES:
+        b = result.baselines[name]
+        row[name] = b.predicted.throughput_tokens_per_s if b.feasible else None
+    row["vs_pipeedge"] = ours / row["pipeedge"] if row["pipeedge"] else None
+    row["same_quality"] = row["same_quality_vs_pipeedge"] = None
+    if row["pipeedge"]:  # ours again, held to PipeEdge's own summed indicator
+        strict = plan(replace(inputs, quality=Quality(bound=row["pipeedge_quality"])).to_problem(), time_limit)
+        row["same_quality"] = strict.predicted.throughput_tokens_per_s
+        row["same_quality_vs_pipeedge"] = row["same_quality"] / row["pipeedge"]
+        row["solve_s"] = max(row["solve_s"], strict.solve_seconds)
+        row["gap"] = max(row["gap"], strict.optimality_gap)
+    best_baseline = max((row[n] for n in BASELINE_NAMES if row[n]), default=None)
+    row["vs_best_baseline"] = ours / best_baseline if best_baseline else None
+    return row
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "OOM" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| # | model | cluster | workload | ours tok/s | pipeedge | uniform_int8 | uniform_int4 | adabits "
+            "| ours/pipeedge | ours/best baseline | bits used | mb (prefill, decode) | quality ours / pipeedge "
+            "| ours at pipeedge's quality | (ratio) | gap | solve s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['model']} | {r['cluster']} | {r['workload']} | {_fmt(r['ours'])} | "
+                     + " | ".join(_fmt(r[n]) for n in BASELINE_NAMES)
+                     + f" | {_fmt(r['vs_pipeedge'], '.2f')} | {_fmt(r['vs_best_baseline'], '.2f')} | {r['bits']} | "
+                     f"{tuple(r['micro_batches'])} | {r['quality']:.3f} / {_fmt(r['pipeedge_quality'], '.3f')} | "
+                     f"{_fmt(r['same_quality'])} | {_fmt(r['same_quality_vs_pipeedge'], '.2f')} | {r['gap']:.3f} | {r['solve_s']:.2f} |")
+    ratios = [r["vs_pipeedge"] for r in rows if r["vs_pipeedge"]]
+    if ratios:
+        same = [r["same_quality_vs_pipeedge"] for r in rows if r["same_quality_vs_pipeedge"]]
+        lines.append(f"\nours/pipeedge over {len(ratios)} clusters where PipeEdge fits: mean {statistics.mean(ratios):.2f}x, "
+                     f"max {max(ratios):.2f}x (default bound); at PipeEdge's quality: mean {statistics.mean(same):.2f}x, "
+                     f"max {max(same):.2f}x; slowest solve {max(r['solve_s'] for r in rows):.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time-limit", type=float, default=10.0, help="solver limit per cluster, seconds")
+    parser.add_argument("--json", action="store_true", help="one JSON object per cluster instead of the table")
+    args = parser.parse_args(argv)
+    configure("warning")
+    rows = []
+    for case in CASES:
+        rows.append(run_case(case, args.time_limit))
+        if args.json:
+            sys.stdout.write(json.dumps(rows[-1]) + "\n")
+    if not args.json:
+        sys.stdout.write(table(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Reference methods evaluated with the same cost model, so a plan shows what it gains.
+
+- ``pipeedge``: PipeEdge-style. One bitwidth for every layer, the highest (16, 8, 4, 3, 2) for which
+  some partition fits; the partition minimizes the busiest device's total time (its layers' prefill
+  and decode work over the whole job), over the device orders, with memory caps.
+- ``uniform_int8`` / ``uniform_int4``: even partition (sizes differ by at most one layer) in the
+  cluster file's device order, every layer at that bitwidth.
+- ``adabits``: memory-only mixed precision. Layers split in proportion to device memory (file
+  order); each device then runs its share at the highest bitwidth that fits its memory.
+
+None of them is phase-aware: each uses one micro-batch size for both phases (the best one, by
+predicted throughput, among the divisors of the batch). Quality bounds do not apply to baselines;
+their summed indicator is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from planner.bits import ALL_BITS, Bits, Phase
+from planner.cluster import Device
+from planner.memory import GIB
+from planner.orders import representative_orders
+from planner.plans import Baseline, PipelinePlan
+from planner.problem import Evaluation, Problem, evaluate, head_cost, layer_bytes, layer_cost
+from planner.tables import budgets, micro_batch_candidates, plan_from_bits
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def shortfall_reason(ev: Evaluation, plan: PipelinePlan, what: str) -> str:
+    """'device X needs A but has B (short by C)' for the device furthest over its memory."""
+    short = ev.shortfalls()
+    i = max(range(len(short)), key=short.__getitem__)
+    return (f"{what}: device {plan.stages[i].device!r} needs {_gib(ev.memory[i].total)} but has {_gib(ev.capacity[i])} "
+            f"(short by {_gib(short[i])}) at micro-batch {plan.prefill_micro_batch}")
+
+
+def best_over_sizes(problem: Problem, make: Callable[[int], PipelinePlan | None], what: str) -> Baseline:
+    """The best fitting plan over micro-batch sizes (same size in both phases)."""
+    best, nearest = None, None
+    for size in micro_batch_candidates(problem.workload.batch_size):
+        plan = make(size)
+        if plan is None:
+            continue
+        ev = evaluate(problem, plan)
+        if ev.fits:
+            if best is None or ev.prediction.throughput_tokens_per_s > best[0].prediction.throughput_tokens_per_s:
+                best = (ev, plan)
+        elif nearest is None or max(ev.shortfalls()) < max(nearest[0].shortfalls()):
+            nearest = (ev, plan)
+    if best is not None:
+        return Baseline(True, best[0].prediction, best[1])
+    if nearest is not None:
+        return Baseline(False, reason=shortfall_reason(nearest[0], nearest[1], what))
+    return Baseline(False, reason=f"{what}: no partition gives every device a layer within its memory")
+
+
+def even_sizes(layers: int, parts: int) -> list[int]:
+    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def proportional_sizes(layers: int, weights: list[float]) -> list[int]:
+    """Largest-remainder split of `layers` in proportion to `weights`, at least one each."""
+    spare = layers - len(weights)
+    exact = [spare * w / sum(weights) for w in weights]
+    sizes = [1 + math.floor(e) for e in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)[: layers - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def uniform(problem: Problem, bits: Bits) -> Baseline:
+    order = list(problem.devices)
+    sizes = even_sizes(problem.shape.num_layers, len(order))
+    return best_over_sizes(problem, lambda k: plan_from_bits(order, [[bits] * n for n in sizes], k, k),
+                           f"even partition at {int(bits)} bits")
+
+
+def layer_caps(problem: Problem, order: list[Device], size: int, bits: Bits) -> list[int]:
+    per_layer = layer_bytes(problem, bits)
+    pre = budgets(problem, order, (size,), Phase.PREFILL)
+    dec = budgets(problem, order, (size,), Phase.DECODE)
+    return [max(0, min(p[0], d[0]) // per_layer) for p, d in zip(pre, dec)]
+
+
+def adabits(problem: Problem) -> Baseline:
+    order = list(problem.devices)
+    sizes = proportional_sizes(problem.shape.num_layers, [problem.capacity(d) for d in order])
+
+    def make(size: int) -> PipelinePlan | None:
+        per_stage = []
+        for i, n in enumerate(sizes):
+            fit = next((b for b in ALL_BITS if layer_caps(problem, order, size, b)[i] >= n), None)
+            if fit is None:
+                return None
+            per_stage.append([fit] * n)
+        return plan_from_bits(order, per_stage, size, size)
+
+    return best_over_sizes(problem, make, "memory-proportional partition at the highest bits per device")
+
+
+def balanced_sizes(work: list[float], fixed: list[float], caps: list[int], layers: int) -> list[int] | None:
+    """Layers per stage (>= 1, <= cap, summing to `layers`) minimizing max(n_i * work_i + fixed_i)."""
+    if any(c < 1 for c in caps) or sum(caps) < layers:
+        return None
+    levels = sorted({n * w + f for w, f, c in zip(work, fixed, caps) for n in range(1, min(c, layers) + 1)})
+
+    def take(level: float) -> list[int]:
+        return [min(c, int((level - f) / w + 1e-9) if w > 0 else c) for w, f, c in zip(work, fixed, caps)]
+
+    lo, hi = 0, len(levels) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = take(levels[mid])
+        if min(got) >= 1 and sum(got) >= layers:
+            hi = mid
+        else:
+            lo = mid + 1
+    sizes = take(levels[lo])
+    if min(sizes) < 1 or sum(sizes) < layers:
+        return None
+    while sum(sizes) > layers:  # drop surplus layers from the busiest stages
+        i = max((i for i in range(len(sizes)) if sizes[i] > 1), key=lambda i: sizes[i] * work[i] + fixed[i])
+        sizes[i] -= 1
+    return sizes
+
+
+def busy_seconds(problem: Problem, device: Device, bits: Bits, size: int, last: bool) -> tuple[float, float]:
+    """(per-layer, fixed) busy seconds of a device over the whole job at micro-batch `size`."""
+    shape, s, m = problem.shape, problem.workload.prompt_length, problem.micro_batches(size)
+    per_layer = m * layer_cost(device.profile, shape, bits, Phase.PREFILL, size, s, s)
+    per_layer += sum(r * m * layer_cost(device.profile, shape, bits, Phase.DECODE, size, s, ctx) for r, ctx in problem.segments())
+    rounds = 1 + sum(r for r, _ in problem.segments())
+    return per_layer, (rounds * m * head_cost(device.profile, shape, size) if last else 0.0)
+
+
+def pipeedge(problem: Problem) -> Baseline:
+    orders = representative_orders(problem.devices, problem.network)
+    for bits in ALL_BITS:
+        candidates = []
+        for order in orders:
+            def make(size: int, order=order) -> PipelinePlan | None:
+                busy = [busy_seconds(problem, d, bits, size, i == len(order) - 1) for i, d in enumerate(order)]
+                sizes = balanced_sizes([b[0] for b in busy], [b[1] for b in busy],
+                                       layer_caps(problem, order, size, bits), problem.shape.num_layers)
+                return None if sizes is None else plan_from_bits(order, [[bits] * n for n in sizes], size, size)
+            candidates.append(best_over_sizes(problem, make, f"balanced partition at {int(bits)} bits"))
+        fitting = [c for c in candidates if c.feasible]
+        if fitting:
+            return max(fitting, key=lambda c: c.predicted.throughput_tokens_per_s)
+    return Baseline(False, reason=f"no single bitwidth down to {int(ALL_BITS[-1])} bits fits: " + candidates[0].reason)
+
+
+def all_baselines(problem: Problem) -> dict[str, Baseline]:
+    return {"pipeedge": pipeedge(problem), "uniform_int8": uniform(problem, Bits.B8),
+            "uniform_int4": uniform(problem, Bits.B4), "adabits": adabits(problem)}

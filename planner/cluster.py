@@ -1,0 +1,208 @@
+"""Clusters and workloads as data: the TOML cluster file, its proto form, and the job to plan for.
+
+Cluster file::
+
+    [[device]]            # one table per group of identical devices
+    type = "V100-32G"     # a built-in type, or the device_type of a registered profile
+    count = 2             # default 1
+    name = "v100-node1"   # optional: registered profile name, and the stage label prefix
+    host = "node1"        # optional: default one host per [[device]] table
+    [network]             # optional
+    bandwidth_gbps = 10   # between hosts (default 10)
+    latency_us = 100      # (default 100)
+    intra_host_bandwidth_gbps = 100   # between devices of one host (default 100, PCIe-class)
+    intra_host_latency_us = 10        # (default 10)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.planner.v1 import planner_pb2
+from planner.devices import DeviceProfile, builtin_profile, normalize_type
+
+CLUSTER_VERSION = 1
+WORKLOAD_VERSION = 1
+DEFAULT_NETWORK = {"bandwidth_gbps": 10.0, "latency_us": 100.0, "intra_host_bandwidth_gbps": 100.0, "intra_host_latency_us": 10.0}
+
+
+@dataclass(frozen=True)
+class ClusterEntry:
+    device_type: str
+    count: int = 1
+    name: str = ""
+    host: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.device_type.strip():
+            raise InvalidArgument("every [[device]] needs a type, e.g. type = \"V100-32G\"")
+        if self.count < 1:
+            raise InvalidArgument(f"device {self.label!r}: count must be >= 1, got {self.count}")
+
+    @property
+    def label(self) -> str:
+        return self.name or normalize_type(self.device_type)
+
+    def to_proto(self) -> planner_pb2.ClusterDevice:
+        return planner_pb2.ClusterDevice(device_type=self.device_type, count=self.count, name=self.name, host=self.host)
+
+    @classmethod
+    def from_proto(cls, msg: planner_pb2.ClusterDevice) -> ClusterEntry:
+        return cls(msg.device_type, msg.count, msg.name, msg.host)
+
+
+@dataclass(frozen=True)
+class Network:
+    bandwidth_gbps: float = DEFAULT_NETWORK["bandwidth_gbps"]
+    latency_us: float = DEFAULT_NETWORK["latency_us"]
+    intra_host_bandwidth_gbps: float = DEFAULT_NETWORK["intra_host_bandwidth_gbps"]
+    intra_host_latency_us: float = DEFAULT_NETWORK["intra_host_latency_us"]
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_gbps <= 0 or self.intra_host_bandwidth_gbps <= 0:
+            raise InvalidArgument("[network] bandwidths must be positive Gbit/s")
+        if self.latency_us < 0 or self.intra_host_latency_us < 0:
+            raise InvalidArgument("[network] latencies must be >= 0 microseconds")
+
+    def link_seconds(self, nbytes: float, same_host: bool) -> float:
+        """One message of `nbytes` over the link: latency + bytes / bandwidth."""
+        if same_host:
+            return self.intra_host_latency_us * 1e-6 + nbytes * 8 / (self.intra_host_bandwidth_gbps * 1e9)
+        return self.latency_us * 1e-6 + nbytes * 8 / (self.bandwidth_gbps * 1e9)
+
+    def to_proto(self) -> planner_pb2.Network:
+        return planner_pb2.Network(**self.__dict__)
+
+    @classmethod
+    def from_proto(cls, msg: planner_pb2.Network) -> Network:
+        return cls(**{k: getattr(msg, k) or default for k, default in DEFAULT_NETWORK.items()})
+
+
+@dataclass(frozen=True)
+class Cluster:
+    entries: tuple[ClusterEntry, ...]
+    network: Network = Network()
+    version: int = CLUSTER_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != CLUSTER_VERSION:
+            raise InvalidArgument(f"cluster version {self.version} is not supported; use {CLUSTER_VERSION}")
+        if not self.entries:
+            raise InvalidArgument("the cluster has no devices; add at least one [[device]] table")
+
+    def to_proto_fields(self) -> dict:
+        return {"devices": [e.to_proto() for e in self.entries], "network": self.network.to_proto()}
+
+    @classmethod
+    def from_proto_fields(cls, devices, network: planner_pb2.Network | None) -> Cluster:
+        return cls(tuple(ClusterEntry.from_proto(d) for d in devices), Network.from_proto(network) if network else Network())
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "cluster file") -> Cluster:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidArgument(f"{source} is not valid TOML: {err}") from None
+        unknown = sorted(set(data) - {"device", "network"})
+        if unknown:
+            raise InvalidArgument(f"{source}: unknown tables {unknown}; use [[device]] and [network]")
+        entries = []
+        for i, table in enumerate(data.get("device", [])):
+            extra = sorted(set(table) - {"type", "count", "name", "host"})
+            if extra:
+                raise InvalidArgument(f"{source}: [[device]] #{i + 1} has unknown keys {extra}; use type, count, name, host")
+            entries.append(ClusterEntry(str(table.get("type", "")), int(table.get("count", 1)), str(table.get("name", "")), str(table.get("host", ""))))
+        net = data.get("network", {})
+        extra = sorted(set(net) - set(DEFAULT_NETWORK))
+        if extra:
+            raise InvalidArgument(f"{source}: [network] has unknown keys {extra}; use {sorted(DEFAULT_NETWORK)}")
+        return cls(tuple(entries), Network(**{k: float(v) for k, v in net.items()}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Cluster:
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound(f"cluster file {path} does not exist")
+        return cls.from_toml(path.read_text(), source=str(path))
+
+    def with_extra(self, device_type: str) -> Cluster:
+        """This cluster plus one device of `device_type` on its own host (for infeasibility hints)."""
+        return replace(self, entries=self.entries + (ClusterEntry(device_type, 1, host="extra-host"),))
+
+
+@dataclass(frozen=True)
+class Device:
+    """One physical device of the cluster, with its resolved profile."""
+
+    label: str  # stage label, e.g. "v100-32g:1"
+    profile: DeviceProfile
+    host: str
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        """Devices with the same kind are interchangeable in a pipeline."""
+        return (self.profile.name, self.host)
+
+
+ProfileLookup = Callable[[str], "DeviceProfile | None"]
+
+
+def resolve_profile(entry: ClusterEntry, lookup: ProfileLookup | None) -> DeviceProfile:
+    """Registered profile named `name`, else registered under the type's name, else the built-in type."""
+    lookup = lookup or (lambda _name: None)
+    for key in (entry.name, entry.device_type, normalize_type(entry.device_type)):
+        found = lookup(key) if key else None
+        if found is not None:
+            return found
+    try:
+        return builtin_profile(entry.device_type)
+    except NotFound:
+        raise NotFound(f"device {entry.label!r}: no registered profile named {entry.name or entry.device_type!r} "
+                       f"and no built-in type {entry.device_type!r}; register one or use a built-in type") from None
+
+
+def expand(cluster: Cluster, lookup: ProfileLookup | None = None) -> tuple[Device, ...]:
+    """Individual devices, in file order, labelled `label` or `label:k` when count > 1."""
+    devices = []
+    for i, entry in enumerate(cluster.entries):
+        profile = resolve_profile(entry, lookup)
+        host = entry.host or f"host{i}-{entry.label}"
+        for k in range(entry.count):
+            devices.append(Device(f"{entry.label}:{k}" if entry.count > 1 else entry.label, profile, host))
+    labels = [d.label for d in devices]
+    if len(set(labels)) != len(labels):
+        raise InvalidArgument(f"device labels {labels} are not unique; give [[device]] tables distinct names")
+    return tuple(devices)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The offline job: `batch_size` sequences of `prompt_length` tokens, `generation_length` new each."""
+
+    batch_size: int
+    prompt_length: int
+    generation_length: int
+    version: int = WORKLOAD_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != WORKLOAD_VERSION:
+            raise InvalidArgument(f"workload version {self.version} is not supported; use {WORKLOAD_VERSION}")
+        for name in ("batch_size", "prompt_length", "generation_length"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"workload {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def max_context(self) -> int:
+        return self.prompt_length + self.generation_length
+
+    def to_proto(self) -> planner_pb2.Workload:
+        return planner_pb2.Workload(batch_size=self.batch_size, prompt_length=self.prompt_length,
+                                    generation_length=self.generation_length)
+
+    @classmethod
+    def from_proto(cls, msg: planner_pb2.Workload) -> Workload:
+        return cls(msg.batch_size, msg.prompt_length, msg.generation_length)

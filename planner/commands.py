@@ -1,0 +1,120 @@
+"""`pqmesh plan`: solve for a plan from a cluster file and print it (a table, or JSON with --json).
+
+The solver and gRPC modules are imported inside `run`, so `pqmesh --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from pqmesh.errors import InvalidArgument, NotFound
+from planner.memory import GIB
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="choose device order, layer ranges, bits and micro-batch sizes (LLM-PQ)")
+    p.add_argument("--cluster", required=True, type=Path, help="cluster TOML ([[device]] tables, [network])")
+    p.add_argument("--model", required=True, help="built-in model name (e.g. opt-30b), config.json or checkpoint dir")
+    p.add_argument("--batch", required=True, type=int, help="global batch: sequences in the job")
+    p.add_argument("--prompt-len", required=True, type=int, help="tokens per prompt")
+    p.add_argument("--gen-len", required=True, type=int, help="new tokens per sequence")
+    quality = p.add_mutually_exclusive_group()
+    quality.add_argument("--theta", type=float, help="weight of the summed quality indicator (seconds per unit)")
+    quality.add_argument("--quality-bound", type=float, help="upper bound on the summed indicator (default: uniform int4's)")
+    p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: 2^-2b per layer)")
+    p.add_argument("--bits", default="", help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2)")
+    p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds (default: 10)")
+    p.add_argument("--profile", type=Path, action="append", default=[], help="device profile JSON (repeatable)")
+    p.add_argument("--state-dir", type=Path, help="read profiles registered with a planner using this state dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _model_text(model: str) -> str:
+    """Built-in names stay names; a config.json (or a directory holding one) becomes its JSON text."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        if path.suffix == ".json" or model.endswith("/"):
+            raise NotFound(f"model config {path} does not exist; pass a config.json or a built-in name")
+        return model
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidArgument(f"{path} is not valid JSON: {err}") from None
+    config.setdefault("_name_or_path", path.parent.name if path.name == "config.json" else path.stem)
+    return json.dumps(config)
+
+
+def _lookup(args: argparse.Namespace):
+    from planner.devices import DeviceProfile
+    from planner.registry import ProfileRegistry
+
+    profiles = {}
+    for path in args.profile:
+        if not path.is_file():
+            raise NotFound(f"profile file {path} does not exist")
+        prof = DeviceProfile.from_json(path.read_text())
+        profiles[prof.name] = prof
+    registry = ProfileRegistry(args.state_dir) if args.state_dir else None
+    return lambda name: profiles.get(name) or (registry.get(name) if registry else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.cluster import Cluster, Workload
+    from planner.indicator import Quality
+    from planner.request import PlanInputs
+    from planner.search import plan
+
+    indicator = ""
+    if args.indicator:
+        if not args.indicator.is_file():
+            raise NotFound(f"indicator file {args.indicator} does not exist")
+        indicator = args.indicator.read_text()
+    inputs = PlanInputs(_model_text(args.model), Cluster.load(args.cluster),
+                        Workload(args.batch, args.prompt_len, args.gen_len),
+                        Quality(theta=args.theta, bound=args.quality_bound), indicator,
+                        tuple(b for b in args.bits.split(",") if b.strip()), args.time_limit)
+    problem = inputs.to_problem(_lookup(args))
+    result = plan(problem, inputs.time_limit_s)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_report()) + "\n")
+    else:
+        sys.stdout.write(render(result, problem))
+    return 0
+
+
+def _bits_summary(bits) -> str:
+    counts = Counter(int(b) for b in bits)
+    return " ".join(f"{n}x{b}b" for b, n in sorted(counts.items(), reverse=True))
+
+
+def render(result, problem) -> str:
+    """The human-readable plan: stages, predictions and baselines."""
+    p, pred = result.plan, result.predicted
+    w = problem.workload
+    lines = [f"plan {p.plan_id}: {problem.shape.name} on {len(problem.devices)} devices, "
+             f"batch {w.batch_size}, prompt {w.prompt_length}, generation {w.generation_length}",
+             f"predicted {pred.throughput_tokens_per_s:.1f} tokens/s (prefill {pred.prefill_s:.2f} s + decode "
+             f"{pred.decode_s:.2f} s), quality {pred.quality:.4g}; solved in {result.solve_seconds:.2f} s, "
+             f"gap {result.optimality_gap:.3%}",
+             f"micro-batches: prefill {p.prefill_micro_batch}, decode {p.decode_micro_batch}", "",
+             f"{'stage':<6}{'device':<20}{'layers':<12}{'bits':<22}memory"]
+    for i, (stage, mem) in enumerate(zip(p.stages, pred.memory_bytes)):
+        cap = problem.device(stage.device).profile.memory_bytes
+        lines.append(f"{i:<6}{stage.device:<20}{f'{stage.start}-{stage.end}':<12}{_bits_summary(stage.bits):<22}"
+                     f"{mem / GIB:.2f} / {cap / GIB:.2f} GiB")
+    lines += ["", f"{'baseline':<14}{'tokens/s':>10}{'ours/it':>10}  notes"]
+    for name, b in sorted(result.baselines.items()):
+        if b.feasible:
+            tput = b.predicted.throughput_tokens_per_s
+            bits = _bits_summary(b.plan.bits_per_layer) if b.plan else ""
+            lines.append(f"{name:<14}{tput:>10.1f}{pred.throughput_tokens_per_s / tput:>9.2f}x  {bits}")
+        else:
+            lines.append(f"{name:<14}{'-':>10}{'-':>10}  infeasible: {b.reason}")
+    return "\n".join(lines) + "\n"

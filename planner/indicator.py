@@ -1,0 +1,140 @@
+"""Per-layer quantization sensitivity indicators and the quality setting of a plan.
+
+File format (written by `pqmesh.quant`)::
+
+    {"version": 1, "model": "opt-30b", "kind": "variance" | "direct", "group_size": 128,
+     "layers": [{"layer": 0, "bits": {"16": 0.0, "8": 1e-4, "4": 0.02, "3": 0.09, "2": 0.4}}, ...]}
+
+"16" may be absent (0). Without a file the planner uses `default_indicator`: the expected noise
+of b-bit uniform quantization is proportional to its step squared, 2^(-2b), equal for every layer,
+normalized so that all layers at 4 bits sum to 1.0. A plan's quality is the sum of its layers'
+indicators at their chosen bits; lower is better.
+
+Quality setting: either a hard bound on that sum, or a weight theta that adds theta x sum
+(in seconds per unit of indicator) to the minimized job time. With neither, the bound defaults to
+the sum of the indicator at 4 bits over all layers: "no more total noise than uniform int4".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from pqmesh.errors import InvalidArgument, NotFound
+from planner.bits import ALL_BITS, Bits
+
+log = structlog.get_logger(__name__)
+INDICATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Indicator:
+    """values[layer] = ((bits, added noise of that layer at those bits), ...); 0 at 16 bits.
+    Dicts are accepted and stored as sorted tuples, so an indicator is hashable."""
+
+    values: tuple
+    model: str = ""
+    kind: str = "default"
+    group_size: int = 128
+    version: int = INDICATOR_VERSION
+    _rows: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rows = tuple(dict(row) for row in self.values)
+        object.__setattr__(self, "values", tuple(tuple(sorted(row.items(), reverse=True)) for row in rows))
+        object.__setattr__(self, "_rows", rows)
+        if self.version != INDICATOR_VERSION:
+            raise InvalidArgument(f"indicator version {self.version} is not supported; write version {INDICATOR_VERSION}")
+        if not self.values:
+            raise InvalidArgument("indicator has no layers")
+        for i, row in enumerate(self._rows):
+            if any(v < 0 for v in row.values()):
+                raise InvalidArgument(f"indicator layer {i} has a negative value; indicators are >= 0")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.values)
+
+    def row(self, layer: int) -> dict:
+        return self._rows[layer]
+
+    def value(self, layer: int, bits: Bits) -> float:
+        row = self._rows[layer]
+        if bits not in row:
+            raise InvalidArgument(f"indicator lacks {bits.value}-bit values for layer {layer}; add them or leave "
+                                  f"{bits.value} out of the allowed bits")
+        return row[bits]
+
+    def check(self, num_layers: int, allowed: tuple[Bits, ...], model_name: str) -> None:
+        """InvalidArgument unless it covers `num_layers` layers at every allowed bitwidth."""
+        if self.num_layers != num_layers:
+            raise InvalidArgument(f"indicator has {self.num_layers} layers but model {model_name!r} has {num_layers}; "
+                                  "use an indicator computed for this model")
+        for layer in range(num_layers):
+            for bits in allowed:
+                self.value(layer, bits)
+        if self.model and self.model != model_name:
+            log.warning("indicator_model_mismatch", indicator_model=self.model, model=model_name)
+
+    def is_uniform(self) -> bool:
+        """True when every layer has the same row (then only counts per bitwidth matter)."""
+        return all(row == self.values[0] for row in self.values)
+
+    def total(self, bits_per_layer) -> float:
+        return sum(self.value(i, b) for i, b in enumerate(bits_per_layer))
+
+    def to_json(self) -> str:
+        layers = [{"layer": i, "bits": {str(int(b)): v for b, v in row.items()}} for i, row in enumerate(self._rows)]
+        return json.dumps({"version": self.version, "model": self.model, "kind": self.kind,
+                           "group_size": self.group_size, "layers": layers})
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "indicator") -> Indicator:
+        try:
+            data = json.loads(text)
+            layers = sorted(data["layers"], key=lambda entry: entry["layer"])
+            if [entry["layer"] for entry in layers] != list(range(len(layers))):
+                raise InvalidArgument(f"{source}: layers must be numbered 0..{len(layers) - 1}, each once")
+            rows = tuple({Bits.B16: 0.0} | {Bits.parse(k): float(v) for k, v in entry["bits"].items()} for entry in layers)
+            return cls(rows, str(data.get("model", "")), str(data.get("kind", "")), int(data.get("group_size", 128)),
+                       int(data.get("version", 0)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise InvalidArgument(f"{source} is not an indicator file ({type(err).__name__}: {err}); "
+                                  'expected {"version": 1, "layers": [{"layer": 0, "bits": {"8": ...}}]}') from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Indicator:
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound(f"indicator file {path} does not exist")
+        return cls.from_json(path.read_text(), source=str(path))
+
+
+def default_indicator(num_layers: int) -> Indicator:
+    """2^(-2b) per layer, normalized so all layers at 4 bits sum to 1."""
+    scale = num_layers * 2.0 ** -8
+    row = {b: (0.0 if b == Bits.B16 else 2.0 ** (-2 * int(b)) / scale) for b in ALL_BITS}
+    return Indicator(tuple(dict(row) for _ in range(num_layers)))
+
+
+@dataclass(frozen=True)
+class Quality:
+    """At most one of `theta` (objective weight) and `bound` (hard limit on the summed indicator)."""
+
+    theta: float | None = None
+    bound: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.theta is not None and self.bound is not None:
+            raise InvalidArgument("give either theta or a quality bound, not both")
+        if (self.theta is not None and self.theta < 0) or (self.bound is not None and self.bound < 0):
+            raise InvalidArgument("theta and the quality bound must be >= 0")
+
+    def resolved(self, indicator: Indicator) -> Quality:
+        """The default (neither given) becomes the bound of uniform 4-bit."""
+        if self.theta is None and self.bound is None:
+            return Quality(bound=sum(indicator.value(i, Bits.B4) for i in range(indicator.num_layers)))
+        return self

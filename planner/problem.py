@@ -1,0 +1,158 @@
+"""One planning problem as plain data, and the cost model applied to a whole plan.
+
+`Problem` fixes everything but the decisions (model, devices, network, workload, indicator,
+quality, allowed bits, cost settings). `evaluate` predicts any `PipelinePlan` on it: memory per
+stage, prefill and decode time (see `planner.latency` for the pipeline formulas), throughput =
+batch x generation length / (prefill + decode), quality and the objective the solver minimizes:
+prefill + decode seconds (+ theta x quality when a theta is given).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from pqmesh.errors import InvalidArgument
+from planner import latency as lat
+from planner.bits import ALL_BITS, Bits, Phase
+from planner.cluster import Device, Network, Workload
+from planner.devices import DeviceProfile
+from planner.indicator import Indicator, Quality
+from planner.memory import DEFAULT_RESERVE_BYTES, StageMemory, kv_cache_bytes_per_layer, layer_weight_bytes, stage_memory
+from planner.model_shapes import ModelShape
+from planner.plans import PipelinePlan, Prediction
+
+QUALITY_TOLERANCE = 1e-6  # relative; the solver's integer scaling rounds indicators
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    decode_segments: int = lat.DEFAULT_DECODE_SEGMENTS
+
+
+@dataclass(frozen=True)
+class Problem:
+    shape: ModelShape
+    devices: tuple[Device, ...]
+    network: Network
+    workload: Workload
+    indicator: Indicator
+    quality: Quality  # resolved: theta or bound set
+    allowed_bits: tuple[Bits, ...] = ALL_BITS
+    cost: CostConfig = CostConfig()
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise InvalidArgument("the cluster has no devices")
+        if len(self.devices) > self.shape.num_layers:
+            raise InvalidArgument(f"{len(self.devices)} devices but only {self.shape.num_layers} layers; "
+                                  "every device holds at least one layer, so remove devices")
+        self.indicator.check(self.shape.num_layers, self.allowed_bits, self.shape.name)
+
+    def device(self, label: str) -> Device:
+        for d in self.devices:
+            if d.label == label:
+                return d
+        raise InvalidArgument(f"plan names device {label!r}, which is not in the cluster")
+
+    def segments(self) -> list[tuple[int, float]]:
+        w = self.workload
+        return lat.decode_segments(w.prompt_length, w.generation_length, self.cost.decode_segments)
+
+    def micro_batches(self, size: int) -> int:
+        return math.ceil(self.workload.batch_size / size)
+
+    def capacity(self, device: Device) -> int:
+        return device.profile.memory_bytes
+
+
+@functools.lru_cache(maxsize=65536)
+def layer_cost(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: Phase, micro_batch: int,
+               prompt_length: int, context: float) -> float:
+    return lat.layer_seconds(profile, shape, bits, phase, micro_batch, prompt_length, context)
+
+
+@functools.lru_cache(maxsize=4096)
+def head_cost(profile: DeviceProfile, shape: ModelShape, micro_batch: int) -> float:
+    return lat.head_seconds(profile, shape, micro_batch)
+
+
+def stage_seconds(problem: Problem, device: Device, counts: dict, last: bool, phase: Phase,
+                  micro_batch: int, context: float) -> float:
+    """One micro-batch through a stage holding counts[bits] layers at each bitwidth (+ head if last)."""
+    s = problem.workload.prompt_length
+    total = sum(n * layer_cost(device.profile, problem.shape, b, phase, micro_batch, s, context) for b, n in counts.items())
+    return total + (head_cost(device.profile, problem.shape, micro_batch) if last else 0.0)
+
+
+def link_times(problem: Problem, order: list[Device], phase: Phase, micro_batch: int) -> list[float]:
+    """Forward links between consecutive stages, plus (decode, > 1 stage) the token return link."""
+    new_tokens = problem.workload.prompt_length if phase == Phase.PREFILL else 1
+    nbytes = lat.activation_bytes(problem.shape, micro_batch, new_tokens)
+    net: Network = problem.network
+    links = [net.link_seconds(nbytes, a.host == b.host) for a, b in zip(order, order[1:])]
+    if phase == Phase.DECODE and len(order) > 1:
+        links.append(net.link_seconds(lat.return_bytes(micro_batch), order[-1].host == order[0].host))
+    return links
+
+
+def phase_seconds(problem: Problem, order: list[Device], counts: list[dict], prefill_mb: int, decode_mb: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of the whole job."""
+    last = len(order) - 1
+    s = problem.workload.prompt_length
+    stages = [stage_seconds(problem, d, c, i == last, Phase.PREFILL, prefill_mb, s) for i, (d, c) in enumerate(zip(order, counts))]
+    prefill = lat.prefill_seconds(stages + link_times(problem, order, Phase.PREFILL, prefill_mb), problem.micro_batches(prefill_mb))
+    links = link_times(problem, order, Phase.DECODE, decode_mb)
+    decode = 0.0
+    for rounds, context in problem.segments():
+        stages = [stage_seconds(problem, d, c, i == last, Phase.DECODE, decode_mb, context) for i, (d, c) in enumerate(zip(order, counts))]
+        decode += rounds * lat.decode_round_seconds(stages + links, problem.micro_batches(decode_mb))
+    return prefill, decode
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    prediction: Prediction
+    memory: tuple[StageMemory, ...]
+    capacity: tuple[int, ...]
+    objective: float
+    quality_ok: bool
+
+    @property
+    def fits(self) -> bool:
+        return all(m.total <= c for m, c in zip(self.memory, self.capacity))
+
+    @property
+    def feasible(self) -> bool:
+        return self.fits and self.quality_ok
+
+    def shortfalls(self) -> list[int]:
+        return [m.total - c for m, c in zip(self.memory, self.capacity)]
+
+
+def evaluate(problem: Problem, plan: PipelinePlan) -> Evaluation:
+    """The cost model applied to `plan`."""
+    if plan.num_layers != problem.shape.num_layers:
+        raise InvalidArgument(f"plan covers {plan.num_layers} layers; the model has {problem.shape.num_layers}")
+    order = [problem.device(s.device) for s in plan.stages]
+    counts = [dict(Counter(s.bits)) for s in plan.stages]
+    prefill, decode = phase_seconds(problem, order, counts, plan.prefill_micro_batch, plan.decode_micro_batch)
+    w = problem.workload
+    memory = tuple(stage_memory(problem.shape, w, list(s.bits), i == 0, i == len(order) - 1, plan.prefill_micro_batch,
+                                plan.decode_micro_batch, problem.cost.reserve_bytes) for i, s in enumerate(plan.stages))
+    quality = problem.indicator.total(plan.bits_per_layer)
+    throughput = w.batch_size * w.generation_length / (prefill + decode)
+    prediction = Prediction(throughput, prefill, decode, tuple(m.total for m in memory), quality)
+    q = problem.quality
+    objective = prefill + decode + (q.theta * quality if q.theta is not None else 0.0)
+    quality_ok = q.bound is None or quality <= q.bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE
+    return Evaluation(prediction, memory, tuple(problem.capacity(d) for d in order), objective, quality_ok)
+
+
+def layer_bytes(problem: Problem, bits: Bits) -> int:
+    """Weights + KV cache of one decoder layer at `bits` for this workload."""
+    w = problem.workload
+    return layer_weight_bytes(problem.shape, bits) + kv_cache_bytes_per_layer(problem.shape, w.batch_size, w.max_context)

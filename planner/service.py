@@ -1,0 +1,51 @@
+"""PlannerService: a thin gRPC servicer over the registry and the planner library."""
+
+from __future__ import annotations
+
+import structlog
+
+from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.grpc_server import rpc_errors
+from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
+from planner.devices import DeviceProfile
+from planner.registry import ProfileRegistry
+from planner.request import PlanInputs
+from planner.search import plan
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
+MAX_TIME_LIMIT_S = 300.0
+
+
+class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
+    def __init__(self, registry: ProfileRegistry) -> None:
+        self.registry = registry
+
+    @rpc_errors
+    def RegisterDevice(self, request, context):
+        if not request.HasField("profile"):
+            raise InvalidArgument("RegisterDevice needs a profile")
+        profile = DeviceProfile.from_proto(request.profile)
+        replaced = self.registry.put(profile)
+        return planner_pb2.RegisterDeviceResponse(profile=profile.to_proto(), replaced=replaced)
+
+    @rpc_errors
+    def ListDevices(self, request, context):
+        return planner_pb2.ListDevicesResponse(devices=[p.to_proto() for p in self.registry.list()])
+
+    @rpc_errors
+    def GetDevice(self, request, context):
+        found = self.registry.get(request.name)
+        if found is None:
+            raise NotFound(f"no device profile named {request.name!r}; registered: {self.registry.names()} "
+                           "(built-in GPU types need no registration)")
+        return found.to_proto()
+
+    @rpc_errors
+    def Plan(self, request, context):
+        inputs = PlanInputs.from_proto(request)
+        if inputs.time_limit_s > MAX_TIME_LIMIT_S:
+            raise InvalidArgument(f"time_limit_seconds {inputs.time_limit_s} exceeds {MAX_TIME_LIMIT_S}; ask for less")
+        result = plan(inputs.to_problem(self.registry.get), inputs.time_limit_s)
+        log.info("plan_served", plan_id=result.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
+        return result.to_proto()
