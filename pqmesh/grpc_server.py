@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +24,30 @@ MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class _MethodAwarePool:
+    """The default descriptor pool, plus lookups of method symbols (``pkg.Service.Method``), which
+    the C++-backed pool does not resolve (grpc/grpc#34743); `grpcurl describe` of a method needs them."""
+
+    def __init__(self, pool=None) -> None:
+        self._pool = pool or descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str):  # noqa: N802 - the DescriptorPool API
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                found = self._pool.FindServiceByName(service)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in found.methods_by_name:
+                raise KeyError(symbol) from None
+            return found.file
+
+    def __getattr__(self, name: str):
+        return getattr(self._pool, name)
 
 
 def create_server(
@@ -42,7 +67,7 @@ def create_server(
     for add, servicer, name in services:
         add(servicer, server)
         names.append(name)
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection(names, server, pool=_MethodAwarePool())
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}: address in use or not valid")

@@ -125,8 +125,6 @@ def test_grpcurl_lists_describes_and_plans(planner):
     assert set(reply["baselines"]) == {"pipeedge", "uniform_int8", "uniform_int4", "adabits"}
 
 
-@pytest.mark.xfail(strict=True, reason="grpc/grpc#34743: Python reflection cannot resolve method symbols; "
-                   "needs a method-aware descriptor pool in pqmesh.grpc_server")
 def test_grpcurl_describes_a_method(planner):
     described = _grpcurl(planner.port, "describe", "pqmesh.planner.v1.PlannerService.Plan")
     assert "rpc Plan ( .pqmesh.planner.v1.PlanRequest ) returns ( .pqmesh.planner.v1.PlanResponse )" in described
