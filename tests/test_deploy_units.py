@@ -68,3 +68,12 @@ def test_every_env_file_is_used_by_a_unit():
     referenced = " ".join(u.read_text() for u in UNITS)
     for env in (DEPLOY / "env").glob("*.env"):
         assert f"/etc/pqmesh/{env.name}" in referenced
+
+
+def test_planner_exec_start_parses_with_the_cli():
+    from planner.main import parse_args
+
+    argv = exec_argv(DEPLOY / "systemd" / "pqmesh-planner.service")
+    assert argv[0].endswith("/pqmesh-planner")
+    config = parse_args(argv[1:])
+    assert str(config.state_dir) == "/var/lib/pqmesh/planner"
