@@ -7,12 +7,11 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import LocalPipeline, ModelShard
 from pqmesh.model.loading import load_config
-from pqmesh.quant import Bits, QuantLinear, measure_layer_bytes, plan_hook, predict_layer_bytes, uniform_hook
+from pqmesh.quant import Bits, QuantLinear, Workspace, measure_layer_bytes, plan_hook, predict_layer_bytes, uniform_hook, workspace_bytes
 from pqmesh.quant.layer import linear_children
 from quant_tiny import WIDE_FAMILIES, build_wide_checkpoint
 from tiny_models import build_checkpoint, reference_greedy
@@ -54,6 +53,16 @@ def test_predicted_bytes_match_measured_wide(wide_dir, dtype):
     assert sizes[16] > sizes[8] > sizes[4] > sizes[3] > sizes[2]
     params = sum(s.linear.weight.numel() for s in linear_children(ModelShard.load(wide_dir, 0, 1, max_slots=1, max_len=4).layers[0]))
     assert sizes[4] < params * (4 + 0.5) / 8 + 4 * 256 * 4  # ~4 bits + fp16 scale/offset per 128 + norms
+
+
+def test_workspace_is_one_buffer_per_stage(wide_dir):
+    config = load_config(wide_dir)
+    for bits in (8, 3):
+        workspace = Workspace()
+        shard = ModelShard.load(wide_dir, 0, 2, max_slots=1, max_len=8, layer_hook=uniform_hook(bits, 128, workspace))
+        shard.prefill([0], torch.tensor([[5, 6, 7]]), [3])
+        assert workspace.nbytes == workspace_bytes(config, torch.float32, bits) > 0
+    assert workspace_bytes(config, torch.float32, 16) == 0
 
 
 # -- output error ----------------------------------------------------------------------------------

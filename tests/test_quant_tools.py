@@ -13,7 +13,7 @@ import torch
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.quant import Bits, commands, quantize_weight
 from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
-from pqmesh.quant.indicator import SecondMoments, compute_indicator, load_indicator, variance_indicator
+from pqmesh.quant.indicator import NoiseMeter, column_noise, compute_indicator, load_indicator
 from tiny_models import build_checkpoint
 
 TEXT = Path(__file__).parent / "data" / "quant_text.txt"
@@ -55,35 +55,46 @@ def test_indicator_file_shape_and_monotone(tiny, tmp_path):
     assert table.value(2, "16") == 0.0
 
 
-def test_direct_indicator_is_monotone(tmp_path):
+@pytest.mark.parametrize("kind", ["direct", "variance-abs"])
+def test_other_indicator_kinds_are_monotone(tmp_path, kind):
     build_checkpoint("opt", tmp_path, layers=2)
     windows = token_windows(load_tokens(tmp_path, TEXT), 40, 4)
-    table = compute_indicator(LayerwiseRunner(tmp_path, windows, micro_batch=3), kind="direct", group_size=32)
-    assert table.kind == "direct" and table.num_layers == 2
+    table = compute_indicator(LayerwiseRunner(tmp_path, windows, micro_batch=3), kind=kind, group_size=32)
+    assert table.kind == kind and table.num_layers == 2
     for layer in range(2):
         v = [table.value(layer, b) for b in (2, 3, 4, 8)]
         assert v[0] > v[1] > v[2] > v[3] > 0
 
 
-def test_second_moments_are_means_over_all_tokens(tmp_path):
+def test_noise_means_are_over_all_tokens(tmp_path):
     build_checkpoint("llama", tmp_path, layers=1)
     windows = token_windows(load_tokens(tmp_path, TEXT), 32, 5)
+    widths = [Bits.B8, Bits.B4]
 
-    def moments(micro_batch):
+    def meter(micro_batch):
         runner = LayerwiseRunner(tmp_path, windows, micro_batch=micro_batch)
         layer = runner.load_layer(0)
-        m = SecondMoments(layer)
+        m = NoiseMeter(layer, widths, 32)
+        inputs = {}
+        grab = layer.self_attn.q_proj.register_forward_pre_hook(lambda mod, a: inputs.setdefault("q", []).append(a[0]))
         for part in runner.batches():
             runner.forward(layer, runner.hidden[part])
+            m.close_batch(runner.hidden[part])
         m.remove()
-        return layer, m
+        grab.remove()
+        return layer, m, torch.cat(inputs["q"]).reshape(-1, 64)
 
-    layer, uneven = moments(3)  # batches of 3 and 2 windows
-    _, whole = moments(5)
-    assert uneven.counts["self_attn.q_proj"] == 5 * 32
-    for name in whole.sums:
-        torch.testing.assert_close(uneven.mean(name), whole.mean(name), rtol=1e-6, atol=0)
-    assert variance_indicator(layer, uneven, Bits.B4, 32) == pytest.approx(variance_indicator(layer, whole, Bits.B4, 32), rel=1e-9)
+    layer, uneven, x = meter(3)  # micro-batches of 3 and 2 windows
+    _, whole, _ = meter(5)
+    assert uneven.tokens == whole.tokens == 5 * 32
+    for b in widths:
+        assert uneven.absolute(b) == pytest.approx(whole.absolute(b), rel=1e-9)
+        assert uneven.relative(b) == pytest.approx(whole.relative(b), rel=1e-9)
+    # the q/k/v inputs are the same tensor: their share is sum_j c_j * E[x_j^2] with one global mean
+    second_moment = x.double().square().mean(dim=0)
+    qkv = sum(float(column_noise(getattr(layer.self_attn, n).weight, Bits.B4, 32).double() @ second_moment) for n in ("q_proj", "k_proj", "v_proj"))
+    assert qkv < uneven.absolute(Bits.B4)
+    assert uneven.absolute(Bits.B4) > uneven.absolute(Bits.B8) > 0
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3])

@@ -6,6 +6,7 @@ quantized right after it is read; `predict_layer_bytes` is what the planner budg
 """
 
 from pqmesh.quant.bits import Bits, describe_plan, parse_bits_list, parse_bits_spec
+from pqmesh.quant.indicator import IndicatorTable, load_indicator
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, plan_hook, quantize_layer, uniform_hook
 from pqmesh.quant.memory import layer_shape, measure_layer_bytes, predict_layer_bytes, workspace_bytes
 from pqmesh.quant.qlinear import QuantLinear, Workspace, effective_group_size, quantize_weight
@@ -13,11 +14,13 @@ from pqmesh.quant.qlinear import QuantLinear, Workspace, effective_group_size, q
 __all__ = [
     "Bits",
     "DEFAULT_GROUP_SIZE",
+    "IndicatorTable",
     "QuantLinear",
     "Workspace",
     "describe_plan",
     "effective_group_size",
     "layer_shape",
+    "load_indicator",
     "measure_layer_bytes",
     "parse_bits_list",
     "parse_bits_spec",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import structlog
 import torch
@@ -80,7 +81,4 @@ def run_ppl(args) -> int:
 
 
 def _model_name(model_dir: str) -> str:
-    from pathlib import Path
-
-    config = load_config(Path(model_dir))
-    return getattr(config, "name_or_path", "") or Path(model_dir).name
+    return getattr(load_config(Path(model_dir)), "name_or_path", "") or Path(model_dir).name

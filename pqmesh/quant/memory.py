@@ -116,14 +116,16 @@ def measure_layer_bytes(layer: nn.Module) -> int:
 
 
 def workspace_bytes(config: PretrainedConfig, dtype: torch.dtype | str = torch.float16, bits: Bits | int | str = 4) -> int:
-    """Peak bytes of the per-stage dequantization `Workspace` for ``config`` at ``bits``: the largest
-    linear's weight in ``dtype`` plus its unpacked codes (twice for 3-bit); 0 at 16 bits."""
+    """Bytes of the per-stage dequantization `Workspace` for ``config`` at ``bits`` (0 at 16): its
+    buffers grow to the largest linear's weight in ``dtype`` and, below 8 bits, its unpacked codes
+    (a second code buffer at 3 bits). Counted once per stage, not per layer."""
     bits = Bits.parse(bits)
     if not bits.quantized:
         return 0
     element = torch.empty((), dtype=_dtype(dtype)).element_size()
-    total = 0
-    for s in layer_shape(config).linears:
-        codes = 0 if bits.count == 8 else s.out_features * padded_width(s.in_features, bits.count) * (2 if bits.count == 3 else 1)
-        total = max(total, s.out_features * s.in_features * element + codes)
-    return total
+    linears = layer_shape(config).linears
+    weight = max(s.out_features * s.in_features for s in linears) * element
+    if bits.count == 8:
+        return weight
+    codes = max(s.out_features * padded_width(s.in_features, bits.count) for s in linears)
+    return weight + codes * (2 if bits.count == 3 else 1)

@@ -17,11 +17,16 @@ whole, no padding is stored, and the memory stays predictable from the config (`
 
 Execution: `QuantLinear.forward` unpacks and dequantizes its weight into a work buffer shared by all
 quantized linears of a stage (`Workspace`), then calls ``F.linear``: one plain GEMM at the model's
-dtype after a few vectorized passes over the weight. On this repo's 2-core AVX2 CPU that measured
-1.1-1.2x the fp32 time for prefill-sized batches and 1.5-2.3x for decode-sized ones, against
-3.6x (decode) for eager optimum-quanto qint4 and 1.8-2x for torch's ``_weight_int4pack_mm_for_cpu``
-(which also needs bf16 activations and is 2x slower at prefill); numbers in docs/BENCHMARKS.md.
-The same code runs on CUDA, where the dequantize passes are cheap elementwise kernels.
+dtype after four vectorized passes over the weight. Measured on this repo's 2-core AVX2 CPU against
+fp32 ``F.linear`` (bench/quant_kernels.py, docs/BENCHMARKS.md): 1.1-1.3x at 512 tokens and 1.7-2.9x
+at 16 tokens. The alternatives: eager optimum-quanto (qint4 1.3-1.9x at 512 tokens, 2.7-13x at 16;
+its qbits weights also raise "Cannot set version_counter for inference tensor" under the
+``torch.inference_mode`` that `ModelShard` runs in, and its qint8 is per-channel, not group-wise);
+torch's ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` (0.9-1.7x at 16 tokens but
+2.1-3.1x at 512, bf16 activations only, int8 per-channel only). Only the dequantize path avoids a
+2-3x loss in one of the two phases: a whole SmolLM2 layer (attention and KV cache included) costs
+1.06-1.21x the fp32 layer in prefill and 1.25-1.74x in decode. The same code runs on CUDA, where 4-bit bf16 linears use torch's
+fused tinygemm kernel instead when it is available (`pqmesh.quant.cuda`).
 """
 
 from __future__ import annotations
