@@ -18,6 +18,7 @@ COMMANDS = (
     "pqmesh.model.commands",  # model prepare, demo
     "pqmesh.quant.commands",
     "planner.commands",
+    "coordinator.commands",
 )
 
 

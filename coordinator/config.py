@@ -1,0 +1,87 @@
+"""The coordinator's one frozen configuration, filled from CLI flags (which systemd passes)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pqmesh.errors import PqmeshError
+from coordinator.plan import MeshPlan
+
+
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    listen: str
+    state_dir: Path
+    plan: MeshPlan  # with every stage's address
+    model_id: str
+    max_sequences: int = 32
+    max_tokens_per_sequence: int = 1024
+    model_root: Path | None = None
+    tokenizer: Path | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    max_in_flight: int = 0  # 0: one micro-batch per stage
+    dtype: str = ""
+    connect_timeout: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or len(self.plan.stages)
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self.model_root / self.model_id if self.model_root else None
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "CoordinatorConfig":
+        parser = argparse.ArgumentParser(prog="pqmesh-coordinator",
+                                         description="Run batch generation jobs on a mesh of stage servers.")
+        parser.add_argument("--listen", type=_address, default="0.0.0.0:50051", help="HOST:PORT (port 0 picks a free one)")
+        parser.add_argument("--state-dir", type=Path, required=True, help="directory of the job database")
+        parser.add_argument("--plan", type=Path, required=True,
+                            help="plan JSON: `pqmesh plan --json` output or its \"plan\" object")
+        parser.add_argument("--stage", type=_address, action="append", default=[], metavar="HOST:PORT",
+                            help="stage address, once per stage in pipeline order (default: \"address\" in the plan)")
+        parser.add_argument("--model-id", required=True, help="checkpoint directory name under each stage's --model-root")
+        parser.add_argument("--max-sequences", type=_positive, default=32, help="KV-cache slots per stage (default 32)")
+        parser.add_argument("--max-tokens-per-sequence", type=_positive, default=1024,
+                            help="prompt + generated tokens per sequence (default 1024)")
+        parser.add_argument("--model-root", type=Path, default=None,
+                            help="local copy of the stages' model root: layer count, vocabulary and EOS checks")
+        parser.add_argument("--tokenizer", type=Path, default=None,
+                            help="tokenizer directory for text prompts (default: the model directory, if visible)")
+        parser.add_argument("--eos-token-id", type=int, action="append", default=[],
+                            help="end-of-sequence id (repeatable; default: from the model or tokenizer)")
+        parser.add_argument("--max-in-flight", type=int, default=0,
+                            help="micro-batches in the pipeline at once (default: the number of stages)")
+        parser.add_argument("--dtype", default="", help="activation dtype on the stages (default: the stage's choice)")
+        parser.add_argument("--connect-timeout", type=float, default=30.0,
+                            help="seconds to wait for every stage to answer at bring-up (default 30)")
+        parser.add_argument("--log-level", default="info")
+        args = parser.parse_args(argv)
+        try:
+            plan = MeshPlan.from_file(args.plan)
+            if args.stage:
+                plan = plan.with_addresses(args.stage)
+            plan.require_addresses()
+        except PqmeshError as err:
+            parser.error(str(err))
+        return cls(args.listen, args.state_dir, plan, args.model_id, args.max_sequences, args.max_tokens_per_sequence,
+                   args.model_root, args.tokenizer, tuple(args.eos_token_id), args.max_in_flight, args.dtype,
+                   args.connect_timeout, args.log_level)

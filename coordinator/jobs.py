@@ -1,0 +1,172 @@
+"""The job API core, without gRPC: validate and tokenize a submission, store it, hand it to the engine;
+report progress, page through results, list and cancel jobs.
+
+A submission is checked whole before anything is stored: every prompt non-empty, token ids inside the
+vocabulary, prompt plus max_new_tokens within the KV cache per sequence. A job with more prompts than
+KV slots is accepted and queued (slots are reused as sequences finish), never truncated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import structlog
+
+from pqmesh.errors import FailedPrecondition, InvalidArgument
+from coordinator.engine import Engine
+from coordinator.progress import Progress, ProgressBoard
+from coordinator.scheduler import capacity_error
+from coordinator.store import JobRecord, JobState, JobStore, ResultRecord
+from coordinator.text import TextCodec
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Applied to every prompt of a job; prompt i samples with a seed derived from (seed, i)."""
+
+    max_new_tokens: int
+    stop_on_eos: bool = True
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument("params.max_new_tokens must be at least 1")
+        if not self.temperature >= 0:
+            raise InvalidArgument(f"params.sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise InvalidArgument(f"params.sampling.top_p must be within [0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.seed < 0:
+            raise InvalidArgument("params.sampling.top_k and seed must be >= 0")
+
+
+Prompt = str | Sequence[int]
+
+
+def _digest(prompts: Sequence[Prompt], settings: GenerationSettings) -> str:
+    body = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    return hashlib.sha256(json.dumps([body, asdict(settings)]).encode()).hexdigest()
+
+
+class JobService:
+    def __init__(self, store: JobStore, engine: Engine, board: ProgressBoard, max_tokens: int,
+                 vocab_size: int | None = None, codec: TextCodec | None = None,
+                 eos_ids: frozenset[int] = frozenset()) -> None:
+        self.store, self.engine, self.board = store, engine, board
+        self.max_tokens, self.vocab_size, self.codec, self.eos_ids = max_tokens, vocab_size, codec, eos_ids
+
+    # -- submit -------------------------------------------------------------------------------------
+    def submit(self, prompts: Sequence[Prompt], settings: GenerationSettings, idempotency_key: str = "") -> JobRecord:
+        if not prompts:
+            raise InvalidArgument("a job needs at least one prompt")
+        digest = _digest(prompts, settings)
+        ids = self._token_ids(prompts)
+        if settings.stop_on_eos and not self.eos_ids:
+            raise FailedPrecondition("stop_on_eos is set but this coordinator knows no end-of-sequence id; start it "
+                                     "with --eos-token-id or --model-root/--tokenizer, or submit with stop_on_eos off")
+        problems = [p for i, row in enumerate(ids) if (p := capacity_error(i, len(row), settings.max_new_tokens,
+                                                                           self.max_tokens))]
+        if problems:
+            more = f" (and {len(problems) - 1} more prompts)" if len(problems) > 1 else ""
+            raise InvalidArgument(problems[0] + more)
+        job_id = "job-" + uuid.uuid4().hex[:16]
+        record, created = self.store.create_job(job_id, idempotency_key, digest, asdict(settings), ids)
+        if created:
+            log.info("job_accepted", job_id=record.id, prompts=len(ids), key=idempotency_key,
+                     prompt_tokens=sum(map(len, ids)))
+            self.engine.enqueue(record.id)
+        else:
+            log.info("job_resubmitted", job_id=record.id, key=idempotency_key)
+        return record
+
+    def _token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise InvalidArgument(f"prompt {i} is empty; every prompt needs text or at least one token id")
+                if self.codec is None:
+                    raise FailedPrecondition(f"prompt {i} is text but this coordinator has no tokenizer; start it with "
+                                             "--tokenizer DIR (or --model-root) or send token_ids")
+                row = self.codec.encode(prompt)
+                if not row:
+                    raise InvalidArgument(f"prompt {i} tokenizes to no tokens")
+            else:
+                row = [int(t) for t in prompt]
+                if not row:
+                    raise InvalidArgument(f"prompt {i} is empty; every prompt needs text or at least one token id")
+                bad = [t for t in row if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
+                if bad:
+                    limit = f"0..{self.vocab_size - 1}" if self.vocab_size is not None else ">= 0"
+                    raise InvalidArgument(f"prompt {i} has token ids {bad[:5]} outside the vocabulary ({limit})")
+            out.append(row)
+        return out
+
+    # -- progress -----------------------------------------------------------------------------------
+    def progress(self, job_id: str) -> Progress:
+        live = self.board.snapshot(job_id)
+        return live if live is not None else Progress.from_record(self.store.job(job_id))
+
+    def watch(self, job_id: str, min_interval: float = 0.1, heartbeat: float = 5.0) -> Iterator[Progress]:
+        """Progress now, then on every change (at most every ``min_interval``), until a final state."""
+        progress = self.progress(job_id)
+        while True:
+            yield progress
+            if progress.state.final:
+                return
+            version = self.board.version
+            time.sleep(min_interval)
+            self.board.wait(version, heartbeat)
+            progress = self.progress(job_id)
+
+    def jobs(self) -> list[tuple[JobRecord, Progress]]:
+        return [(record, self.board.snapshot(record.id) or Progress.from_record(record)) for record in self.store.jobs()]
+
+    def cancel(self, job_id: str) -> Progress:
+        record = self.store.job(job_id)
+        if record.state.final:
+            return self.progress(job_id)
+        self.store.set_state(job_id, JobState.CANCELLED, "cancelled by a client")
+        self.board.final(job_id, JobState.CANCELLED, "cancelled by a client")
+        self.engine.cancel(job_id)
+        log.info("job_cancel_requested", job_id=job_id)
+        return self.progress(job_id)
+
+    # -- results ------------------------------------------------------------------------------------
+    def results(self, job_id: str, page_size: int = 0, page_token: str = "") -> tuple[list[ResultRecord], str]:
+        """One page of finished sequences by index, and the token of the next page ('' when none)."""
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _read_token(job_id, page_token) if page_token else -1
+        page = self.store.results(job_id, after, size + 1)
+        more = len(page) > size
+        page = page[:size]
+        return page, (_make_token(job_id, page[-1].index) if more else "")
+
+
+def _make_token(job_id: str, last_index: int) -> str:
+    return base64.urlsafe_b64encode(f"{job_id}:{last_index}".encode()).decode()
+
+
+def _read_token(job_id: str, token: str) -> int:
+    try:
+        owner, _, index = base64.urlsafe_b64decode(token.encode()).decode().rpartition(":")
+        if owner == job_id:
+            return int(index)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidArgument(f"page_token {token!r} is not a next_page_token of job {job_id}; "
+                          "start with an empty page_token")

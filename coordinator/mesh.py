@@ -1,0 +1,205 @@
+"""Mesh bring-up and slot release: the coordinator's unary calls to its stage servers.
+
+`Mesh.bring_up` waits for every stage to answer, loads each shard in pipeline order with its role,
+bits and next hop (or, when a stage already holds this exact plan, only frees its KV slots), then
+checks with GetInfo that every stage reports this plan end to end. Any refusal names the stage,
+its address and layers, and the stage's own reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import queue
+
+import grpc
+import structlog
+import torch
+
+from pqmesh import codec
+from pqmesh.common.v1 import tensor_pb2
+from pqmesh.errors import FailedPrecondition, Unavailable
+from pqmesh.grpc_server import channel
+from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
+from coordinator.plan import MeshPlan, StageSpec
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """What the stages are asked to hold: the plan, the checkpoint and the KV capacity."""
+
+    plan: MeshPlan
+    model_id: str
+    max_sequences: int
+    max_tokens: int
+    dtype: str = ""
+    group_size: int = 0
+
+    @property
+    def plan_id(self) -> str:
+        """Content hash: the same plan, model, capacity and addresses always get the same id."""
+        text = json.dumps([self.plan.to_json(), self.model_id, self.max_sequences, self.max_tokens, self.dtype,
+                           self.group_size])
+        return "mesh-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def role(self, stage: StageSpec) -> int:
+        first, last = stage.start == 0, stage.end == self.plan.num_layers
+        return {(True, True): stage_pb2.ROLE_ONLY, (True, False): stage_pb2.ROLE_FIRST,
+                (False, True): stage_pb2.ROLE_LAST}.get((first, last), stage_pb2.ROLE_MIDDLE)
+
+    def load_request(self, index: int) -> stage_pb2.LoadShardRequest:
+        stages = self.plan.stages
+        stage = stages[index]
+        return stage_pb2.LoadShardRequest(
+            plan_id=self.plan_id, model_id=self.model_id, layers=tensor_pb2.LayerRange(start=stage.start, end=stage.end),
+            bits=list(stage.bits), role=self.role(stage), max_sequences=self.max_sequences,
+            max_tokens_per_sequence=self.max_tokens, prefill_micro_batch=self.plan.prefill_micro_batch,
+            decode_micro_batch=self.plan.decode_micro_batch,
+            next_hop=stages[index + 1].address if index + 1 < len(stages) else "", dtype=self.dtype,
+            group_size=self.group_size,
+        )
+
+
+class StageLink:
+    """Unary calls to one stage (LoadShard, Release, GetInfo) over its own channel."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = channel(address)
+        self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
+
+    def load_shard(self, request: stage_pb2.LoadShardRequest, timeout: float | None = None) -> stage_pb2.LoadShardResponse:
+        return self.stub.LoadShard(request, timeout=timeout)
+
+    def release(self, plan_id: str, slots: Sequence[int]) -> int:
+        return self.stub.Release(stage_pb2.ReleaseRequest(plan_id=plan_id, slots=list(slots))).released
+
+    def info(self) -> stage_pb2.GetInfoResponse:
+        return self.stub.GetInfo(stage_pb2.GetInfoRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+_CLOSE = object()
+
+
+class ForwardLink:
+    """One Forward stream into the first stage: `send` token-id micro-batches, iterate `responses`
+    (one ForwardResponse per micro-batch, in the order sent)."""
+
+    def __init__(self, stub: stage_pb2_grpc.StageServiceStub) -> None:
+        self._outgoing: queue.Queue = queue.Queue()
+        self.responses = stub.Forward(iter(self._outgoing.get, _CLOSE))
+
+    def send(self, header: stage_pb2.MicroBatchHeader, token_ids: torch.Tensor) -> None:
+        chunks = list(codec.chunk(token_ids, "input_ids"))
+        header.chunk_count = len(chunks)
+        self._outgoing.put(stage_pb2.ForwardRequest(header=header))
+        for piece in chunks:
+            self._outgoing.put(stage_pb2.ForwardRequest(chunk=piece))
+
+    def close(self) -> None:
+        self._outgoing.put(_CLOSE)
+
+    def cancel(self) -> None:
+        self.responses.cancel()
+
+
+class Mesh:
+    """Clients of every stage in pipeline order; the first one takes the Forward stream."""
+
+    def __init__(self, spec: MeshSpec) -> None:
+        spec.plan.require_addresses()
+        self.spec = spec
+        self.plan_id = spec.plan_id
+        self.clients = [StageLink(s.address) for s in spec.plan.stages]
+
+    def _name(self, index: int) -> str:
+        stage = self.spec.plan.stages[index]
+        return f"stage {index} ({stage.address}, layers [{stage.start}, {stage.end}))"
+
+    # -- bring-up -----------------------------------------------------------------------------------
+    def bring_up(self, connect_timeout: float = 30.0, load_timeout: float | None = None) -> None:
+        started = time.perf_counter()
+        infos = [self._wait_for(i, connect_timeout) for i in range(len(self.clients))]
+        for index, (client, info) in enumerate(zip(self.clients, infos)):
+            if info.plan_id == self.plan_id and info.kv_slots_total == self.spec.max_sequences:
+                self._call(index, "Release", lambda: client.release(self.plan_id, range(self.spec.max_sequences)))
+                log.info("stage_reused", stage=index, address=client.address, plan_id=self.plan_id)
+                continue
+            reply = self._call(index, "LoadShard", lambda: client.load_shard(self.spec.load_request(index), load_timeout))
+            log.info("stage_loaded", stage=index, address=client.address, plan_id=self.plan_id,
+                     total_bytes=reply.total_bytes, seconds=round(reply.load_seconds, 3))
+        for index, client in enumerate(self.clients):
+            self._verify(index, self._settled_info(index))
+        log.info("mesh_ready", plan_id=self.plan_id, stages=len(self.clients),
+                 seconds=round(time.perf_counter() - started, 3))
+
+    def _wait_for(self, index: int, timeout: float) -> stage_pb2.GetInfoResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.clients[index].stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5.0)
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise self._refused(index, "GetInfo", err) from None
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"{self._name(index)} did not answer within {timeout:.0f} s ({err.details()}); "
+                                      "start it, or fix its address in the plan or --stage") from None
+                time.sleep(0.2)
+
+    def _call(self, index: int, what: str, call):
+        try:
+            return call()
+        except grpc.RpcError as err:
+            raise self._refused(index, what, err) from None
+
+    def _refused(self, index: int, what: str, err: grpc.RpcError) -> Exception:
+        message = f"{self._name(index)} refused {what}: {err.code().name}: {err.details()}"
+        return Unavailable(message) if err.code() == grpc.StatusCode.UNAVAILABLE else FailedPrecondition(message)
+
+    def _settled_info(self, index: int, tries: int = 10, pause: float = 0.2) -> stage_pb2.GetInfoResponse:
+        """GetInfo once no KV slot is in use. After a broken Forward stream, micro-batches already queued on
+        a stage may still run and fill slots after our Release: release again until the stage is quiet."""
+        client = self.clients[index]
+        for _ in range(tries):
+            info = self._call(index, "GetInfo", client.info)
+            if info.plan_id != self.plan_id or info.kv_slots_used == 0:
+                return info
+            time.sleep(pause)
+            self._call(index, "Release", lambda: client.release(self.plan_id, range(self.spec.max_sequences)))
+        return info
+
+    def _verify(self, index: int, info: stage_pb2.GetInfoResponse) -> None:
+        stage = self.spec.plan.stages[index]
+        expected = (self.plan_id, self.spec.model_id, stage.start, stage.end, self.spec.role(stage),
+                    self.spec.max_sequences, 0)
+        got = (info.plan_id, info.model_id, info.layers.start, info.layers.end, info.role, info.kv_slots_total,
+               info.kv_slots_used)
+        if got != expected:
+            raise FailedPrecondition(f"{self._name(index)} reports (plan, model, start, end, role, slots, used) = {got} "
+                                     f"after loading, expected {expected}; another coordinator may share this stage")
+
+    # -- running ------------------------------------------------------------------------------------
+    def forward(self) -> ForwardLink:
+        return ForwardLink(self.clients[0].stub)
+
+    def release(self, slots: Sequence[int], timeout: float = 30.0) -> None:
+        """Frees KV slots on every stage at once; returns when all stages have freed them."""
+        if not slots:
+            return
+        request = stage_pb2.ReleaseRequest(plan_id=self.plan_id, slots=list(slots))
+        calls = [client.stub.Release.future(request, timeout=timeout) for client in self.clients]
+        for index, call in enumerate(calls):
+            self._call(index, "Release", call.result)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()

@@ -1,0 +1,82 @@
+"""The CoordinatorService servicer: decode the request, call `JobService`, encode the reply."""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+
+from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.errors import InvalidArgument, PqmeshError
+from pqmesh.grpc_server import rpc_errors, status_code
+from coordinator.jobs import GenerationSettings, JobService
+from coordinator.progress import Progress
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+
+def decode_prompts(request: coordinator_pb2.SubmitJobRequest) -> list:
+    prompts = []
+    for i, prompt in enumerate(request.prompts):
+        kind = prompt.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument(f"prompt {i} has neither text nor token_ids")
+        prompts.append(prompt.text if kind == "text" else list(prompt.token_ids.ids))
+    return prompts
+
+
+def decode_settings(params: coordinator_pb2.GenerationParams) -> GenerationSettings:
+    s = params.sampling
+    return GenerationSettings(params.max_new_tokens, params.stop_on_eos, float(s.temperature), s.top_k,
+                              float(s.top_p), s.seed)
+
+
+def encode_progress(p: Progress) -> coordinator_pb2.JobProgress:
+    return coordinator_pb2.JobProgress(
+        job_id=p.job_id, state=int(p.state), sequences_total=p.sequences_total, sequences_done=p.sequences_done,
+        tokens_generated=p.tokens_generated, tokens_per_second=p.tokens_per_second, phase=p.phase,
+        eta_seconds=p.eta_seconds, message=p.message)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+
+    @rpc_errors
+    def SubmitJob(self, request, context):
+        record = self.jobs.submit(decode_prompts(request), decode_settings(request.params), request.idempotency_key)
+        return coordinator_pb2.SubmitJobResponse(job_id=record.id, state=int(record.state))
+
+    def WatchJob(self, request, context):
+        try:
+            for progress in self.jobs.watch(request.job_id):
+                if not context.is_active():
+                    return
+                yield encode_progress(progress)
+        except PqmeshError as err:
+            context.abort(status_code(err), str(err))
+        except Exception as err:  # noqa: BLE001 - the boundary: log it, tell the caller
+            log.exception("rpc_failed", method="WatchJob")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    @rpc_errors
+    def GetResults(self, request, context):
+        page, token = self.jobs.results(request.job_id, request.page_size, request.page_token)
+        return coordinator_pb2.GetResultsResponse(
+            results=[coordinator_pb2.SequenceResult(index=r.index, token_ids=r.token_ids, text=r.text,
+                                                    finish_reason=r.finish_reason) for r in page],
+            next_page_token=token)
+
+    @rpc_errors
+    def ListJobs(self, request, context):
+        return coordinator_pb2.ListJobsResponse(jobs=[
+            coordinator_pb2.JobSummary(job_id=record.id, state=int(progress.state), idempotency_key=record.idempotency_key,
+                                       sequences_total=progress.sequences_total, sequences_done=progress.sequences_done,
+                                       tokens_generated=progress.tokens_generated, submitted_at=record.created_at)
+            for record, progress in self.jobs.jobs()])
+
+    @rpc_errors
+    def CancelJob(self, request, context):
+        return encode_progress(self.jobs.cancel(request.job_id))
+

@@ -1,0 +1,146 @@
+"""The scheduler without gRPC: KV bookkeeping, phase-aware micro-batches, and a fake pipeline timeline
+showing that no stage idles between its first and last micro-batch while there is work for it."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+
+from pqmesh.errors import InvalidArgument
+from coordinator.scheduler import FinishReason, Phase, Scheduler, Sequence
+
+EOS = 2
+
+
+def fake_token(sequence: Sequence, eos_after: dict) -> int:
+    """Deterministic 'model': EOS after a per-sequence number of tokens, else some token."""
+    step = len(sequence.generated)
+    if eos_after.get(sequence.index) == step + 1:
+        return EOS
+    return 3 + (sequence.index * 7 + step) % 50
+
+
+def make_sequences(count, rng, max_new=(1, 9), prompt=(1, 12), job="job-a"):
+    return [Sequence(job, i, tuple(rng.randrange(3, 200) for _ in range(rng.randint(*prompt))),
+                     rng.randint(*max_new), frozenset({EOS})) for i in range(count)]
+
+
+def simulate(scheduler: Scheduler, stages: int, eos_after: dict, cost: float = 1.0):
+    """Runs the scheduler against k FIFO stages that each take ``cost`` per micro-batch.
+
+    Returns (busy intervals per stage, finished sequences in order, every micro-batch sent, the first
+    time the scheduler left the pipeline less than full, and the scheduler state at that time).
+    """
+    free_at = [0.0] * stages
+    busy = [[] for _ in range(stages)]
+    done_events, sent, finished = [], [], []
+    tail = None
+
+    def issue(now):
+        nonlocal tail
+        for batch in scheduler.schedule():
+            sent.append(batch)
+            arrival = now
+            for k in range(stages):
+                start = max(arrival, free_at[k])
+                free_at[k] = arrival = start + cost
+                busy[k].append((start, arrival))
+            tokens = [fake_token(s, eos_after) for s in batch.sequences]
+            heapq.heappush(done_events, (arrival, batch.id, batch.slots, tokens))
+        if tail is None and scheduler.has_work() and len(scheduler.in_flight) < scheduler.max_in_flight:
+            tail = (now, len(scheduler.waiting), scheduler.running)
+
+    issue(0.0)
+    while done_events:
+        now, batch_id, slots, tokens = heapq.heappop(done_events)
+        result = scheduler.update(batch_id, slots, tokens)
+        finished.extend(result.finished)
+        scheduler.released(result.release)
+        issue(now)
+    return busy, finished, sent, tail
+
+
+@pytest.mark.parametrize("stages,prefill,decode,slots", [(3, 2, 4, 12), (4, 1, 8, 32), (2, 4, 4, 8)])
+def test_pipeline_stays_full_until_the_tail(stages, prefill, decode, slots):
+    rng = random.Random(stages * 100 + decode)
+    sequences = make_sequences(60, rng)
+    eos_after = {s.index: rng.randint(1, 8) for s in sequences if rng.random() < 0.3}
+    scheduler = Scheduler(slots, 64, prefill, decode, max_in_flight=stages)
+    for s in sequences:
+        scheduler.add(s)
+    busy, finished, sent, tail = simulate(scheduler, stages, eos_after)
+
+    # every prompt finished exactly once, for the right reason and with the right number of tokens
+    assert sorted(f.sequence.index for f in finished) == list(range(60))
+    for f in finished:
+        s = f.sequence
+        expected_eos = eos_after.get(s.index)
+        if expected_eos is not None and expected_eos <= s.max_new_tokens:
+            assert (f.reason, len(s.generated), s.generated[-1]) == (FinishReason.EOS, expected_eos, EOS)
+        else:
+            assert (f.reason, len(s.generated)) == (FinishReason.LENGTH, s.max_new_tokens)
+    assert not scheduler.has_work() and scheduler.free_slots == slots
+
+    # phase-aware sizes; the KV cache (smaller than the job) was reused
+    assert all(len(b.sequences) <= (prefill if b.phase is Phase.PREFILL else decode) for b in sent)
+    assert sum(b.phase is Phase.PREFILL for b in sent) >= 60 / prefill
+    assert len(sent) >= stages
+
+    # the pipeline was never less than full before the tail, and the tail only starts once every prompt
+    # is admitted and fewer sequences run than k full decode micro-batches hold
+    tail_time, waiting_then, running_then = tail
+    assert waiting_then == 0 and running_then < stages * decode
+    for k, intervals in enumerate(busy):
+        gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(intervals, intervals[1:])
+                if b_start > a_end and b_start <= tail_time]
+        assert gaps == [], f"stage {k} idled before the tail at {tail_time}: {gaps}"
+        assert intervals[0][0] == k  # the only wait: the pipeline filling at the start
+
+
+def test_slots_are_reused_only_after_release_and_lengths_follow_the_cache():
+    scheduler = Scheduler(max_sequences=2, max_tokens=16, prefill_micro_batch=2, decode_micro_batch=2, max_in_flight=1)
+    seqs = [Sequence("j", i, (5,) * (i + 2), max_new_tokens=2) for i in range(3)]
+    for s in seqs:
+        scheduler.add(s)
+    (prefill,) = scheduler.schedule()
+    assert (prefill.phase, prefill.slots, prefill.lengths, prefill.rows()) == (Phase.PREFILL, (0, 1), (2, 3),
+                                                                               [[5, 5], [5, 5, 5]])
+    assert scheduler.schedule() == []  # one in flight at most
+    scheduler.update(prefill.id, (0, 1), [7, 8])
+    (decode,) = scheduler.schedule()
+    # decode lengths: what each slot's cache holds (prompt + generated - 1), input = the last token
+    assert (decode.phase, decode.slots, decode.lengths, decode.rows()) == (Phase.DECODE, (0, 1), (2, 3), [[7], [8]])
+    result = scheduler.update(decode.id, (0, 1), [9, 10])
+    assert [f.sequence.generated for f in result.finished] == [[7, 9], [8, 10]] and result.release == [0, 1]
+    assert scheduler.schedule() == []  # the third prompt waits until its slot is released everywhere
+    scheduler.released([1])
+    (third,) = scheduler.schedule()
+    assert (third.slots, third.lengths) == ((1,), (4,))
+
+
+def test_capacity_and_cancel_and_reset():
+    scheduler = Scheduler(max_sequences=4, max_tokens=10, prefill_micro_batch=2, decode_micro_batch=2, max_in_flight=2)
+    with pytest.raises(InvalidArgument, match="prompt 0 has 8 tokens; with max_new_tokens 3 it needs 11 .* holds 10 "
+                                              "per sequence .* at most 7 tokens"):
+        scheduler.add(Sequence("j", 0, (1,) * 8, max_new_tokens=3))
+    for i in range(6):
+        scheduler.add(Sequence("a" if i % 2 else "b", i, (1, 2), max_new_tokens=5))
+    first, second = scheduler.schedule()
+    scheduler.update(first.id, first.slots, [3, 3])
+    # cancelling "a" drops its waiting and ready sequences now and its in-flight ones when they return
+    result = scheduler.cancel("a")
+    assert result.cancelled == 2 and result.release == [1]
+    assert [s.index for s in scheduler.waiting] == [4]
+    back = scheduler.update(second.id, second.slots, [4, 4])
+    assert back.cancelled == 1 and back.release == [3]
+    # the mesh lost everything in flight: running sequences start again from their prompts, in order
+    scheduler.released([1, 3])
+    scheduler.schedule()
+    slots = scheduler.reset()
+    assert sorted(slots) == [0, 1, 2] and scheduler.running == 0
+    assert [s.index for s in scheduler.waiting] == [0, 2, 4]
+    assert all(not s.generated and s.slot is None for s in scheduler.waiting)
+    scheduler.all_released()
+    assert scheduler.free_slots == 4
