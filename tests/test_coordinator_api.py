@@ -147,8 +147,7 @@ def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
 
 
 def test_cli_submits_text_and_token_prompts_and_fetches_results(coordinator, tmp_path, capsys, monkeypatch):
-    # the CLI configures logging for its process; in-process that would point the servers' loggers at
-    # pytest's capture stream, which closes after this test
+    # the CLI configures process-wide logging for its process; leave the test session's logging alone
     monkeypatch.setattr("pqmesh.cli.configure", lambda *args, **kwargs: None)
     running, client, model = coordinator
     address = f"127.0.0.1:{running.port}"
