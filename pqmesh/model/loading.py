@@ -108,3 +108,14 @@ def fill_module(
     if left:
         raise FailedPrecondition(f"tensors {left} of {prefix} were not found in the checkpoint")
     return module.eval().requires_grad_(False)
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes of distinct parameter and buffer storage in ``module`` (shared tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total

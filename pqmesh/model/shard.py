@@ -18,7 +18,7 @@ from torch import nn
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.families import Family, family_for
 from pqmesh.model.kv_cache import AttentionStep, StaticKVCache
-from pqmesh.model.loading import CheckpointReader, fill_module, load_config
+from pqmesh.model.loading import CheckpointReader, fill_module, load_config, storage_bytes
 
 LayerHook = Callable[[int, nn.Module], nn.Module]
 
@@ -163,13 +163,7 @@ class ModelShard(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of distinct parameter and buffer storage (tied weights counted once), KV excluded."""
-        seen, total = set(), 0
-        for tensor in [*self.parameters(), *self.buffers()]:
-            key = (tensor.device, tensor.untyped_storage().data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += tensor.untyped_storage().nbytes()
-        return total
+        return storage_bytes(self)
 
     # -- compute ----------------------------------------------------------------------------------
     def _check_inputs(self, inputs: torch.Tensor, batch: int, width: int | None) -> None:

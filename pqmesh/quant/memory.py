@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.families import family_for
+from pqmesh.model.loading import storage_bytes
 from pqmesh.quant.bits import Bits
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children
 from pqmesh.quant.packing import padded_width, row_bytes
@@ -106,14 +107,7 @@ def predict_layer_bytes(
 
 def measure_layer_bytes(layer: nn.Module) -> int:
     """Bytes of distinct parameter and buffer storage ``layer`` holds."""
-    seen, total = set(), 0
-    for tensor in [*layer.parameters(), *layer.buffers()]:
-        key = (tensor.device, tensor.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-    return total
-
+    return storage_bytes(layer)
 
 def workspace_bytes(config: PretrainedConfig, dtype: torch.dtype | str = torch.float16, bits: Bits | int | str = 4) -> int:
     """Bytes of the per-stage dequantization `Workspace` for ``config`` at ``bits`` (0 at 16): its
