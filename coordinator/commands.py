@@ -20,6 +20,7 @@ from typing import TextIO
 import grpc
 
 from pqmesh.common.v1 import tensor_pb2
+from pqmesh import security
 from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.errors import InvalidArgument
 from pqmesh.grpc_server import channel
@@ -67,10 +68,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _coordinator_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=DEFAULT_COORDINATOR, metavar="HOST:PORT",
                         help=f"coordinator address (default {DEFAULT_COORDINATOR})")
+    security.add_flags(parser, server=False, peer="the coordinator")
 
 
 def _stub(args) -> coordinator_pb2_grpc.CoordinatorServiceStub:
-    return coordinator_pb2_grpc.CoordinatorServiceStub(channel(args.coordinator))
+    return coordinator_pb2_grpc.CoordinatorServiceStub(channel(args.coordinator, security.from_args(args)))
 
 
 def _rpc(name: str, call):

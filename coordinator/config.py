@@ -6,7 +6,9 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pqmesh import security
 from pqmesh.errors import PqmeshError
+from pqmesh.metrics import add_metrics_flag
 from coordinator.plan import MeshPlan
 
 
@@ -15,6 +17,13 @@ def _address(text: str) -> str:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return text
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -39,6 +48,16 @@ class CoordinatorConfig:
     dtype: str = ""
     connect_timeout: float = 30.0
     log_level: str = "info"
+    step_timeout: float = 120.0  # seconds the next micro-batch reply may take (longer prefills get more)
+    stage_recovery_timeout: float = 600.0  # seconds to get a failed stage back before unfinished jobs fail
+    health_interval: float = 5.0  # seconds between stage health checks; 0 = off
+    credentials: security.Credentials | None = None  # this server's TLS / mutual TLS / token
+    stage_credentials: security.Credentials | None = None  # towards the stages: CA, client certificate, token
+    max_pending_jobs: int = 64  # queued + running; past it SubmitJob answers RESOURCE_EXHAUSTED
+    max_prompts_per_job: int = 10_000
+    max_watchers: int = 32  # open WatchJob streams (each holds a server thread)
+    max_concurrent_rpcs: int = 256  # calls in progress or waiting for a thread; past it RESOURCE_EXHAUSTED
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
 
     @property
     def in_flight(self) -> int:
@@ -74,14 +93,40 @@ class CoordinatorConfig:
         parser.add_argument("--connect-timeout", type=float, default=30.0,
                             help="seconds to wait for every stage to answer at bring-up (default 30)")
         parser.add_argument("--log-level", default="info")
+        parser.add_argument("--step-timeout", type=_seconds, default=120.0,
+                            help="seconds the next micro-batch reply may take before its stage counts as hung "
+                                 "(a prefill of more than 4096 tokens gets proportionally more; default 120)")
+        parser.add_argument("--stage-recovery-timeout", type=_seconds, default=600.0,
+                            help="seconds to get a failed stage back (reconnecting with backoff) before the unfinished "
+                                 "jobs fail; finished results are kept (default 600)")
+        parser.add_argument("--health-interval", type=float, default=5.0,
+                            help="seconds between health checks of every stage; 0 turns them off (default 5)")
+        parser.add_argument("--max-pending-jobs", type=_positive, default=64,
+                            help="queued + running jobs; past it SubmitJob answers RESOURCE_EXHAUSTED (default 64)")
+        parser.add_argument("--max-prompts-per-job", type=_positive, default=10_000,
+                            help="prompts in one SubmitJob (default 10000)")
+        parser.add_argument("--max-watchers", type=_positive, default=32,
+                            help="open WatchJob streams; past it WatchJob answers RESOURCE_EXHAUSTED (default 32)")
+        parser.add_argument("--max-concurrent-rpcs", type=_positive, default=256,
+                            help="calls in progress or queued for a thread; past it RESOURCE_EXHAUSTED (default 256)")
+        security.add_flags(parser)
+        security.add_flags(parser, prefix="stage-", server=False, peer="the stages")
+        add_metrics_flag(parser)
         args = parser.parse_args(argv)
         try:
             plan = MeshPlan.from_file(args.plan)
             if args.stage:
                 plan = plan.with_addresses(args.stage)
             plan.require_addresses()
+            credentials = security.from_args(args).require_server()
+            stage_credentials = security.from_args(args, "stage-")
         except PqmeshError as err:
             parser.error(str(err))
         return cls(args.listen, args.state_dir, plan, args.model_id, args.max_sequences, args.max_tokens_per_sequence,
                    args.model_root, args.tokenizer, tuple(args.eos_token_id), args.max_in_flight, args.dtype,
-                   args.connect_timeout, args.log_level)
+                   args.connect_timeout, args.log_level, step_timeout=args.step_timeout,
+                   stage_recovery_timeout=args.stage_recovery_timeout, health_interval=max(args.health_interval, 0.0),
+                   metrics_listen=args.metrics_listen,
+                   credentials=credentials, stage_credentials=stage_credentials,
+                   max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
+                   max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)

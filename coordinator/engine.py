@@ -6,17 +6,27 @@ sequences are committed to the store before they are counted and before their KV
 on every stage. On start the engine resumes every unfinished job from the store: only prompts
 without a stored result run again.
 
-When the Forward stream fails, every running sequence goes back to the queue (sampling is seeded by
-position, so it reproduces the same tokens), the mesh is brought up again and a new stream opened.
-A job fails when the mesh has lost a micro-batch carrying one of its sequences ``max_failures``
-times; while a stage is unreachable, jobs wait and the bring-up is retried.
+Stage failures (docs/RELIABILITY.md, "Stage failure"): the Forward stream breaking, the next reply
+not arriving within its step deadline (`recovery.StepClock`, ``--step-timeout``) or a stage failing
+its health checks (`recovery.HealthWatch`) pauses the pipeline: nothing new is sent, the lost
+micro-batches are logged, and every running sequence keeps the tokens it generated and waits to be
+prefilled again from prompt + generated tokens. The mesh is then brought up with exponential backoff
+and jitter (a restarted stage loads its shard again; the others free their stale KV slots) while a
+stage is unreachable, until ``--stage-recovery-timeout``; the first reply afterwards ends the outage.
+If the mesh does not come back in time (or a stage refuses for good), every job with unfinished
+sequences fails with the stage's name (stored results stay), new jobs are refused with UNAVAILABLE,
+and the bring-up is retried every ``backoff.maximum`` seconds until the mesh is back. A job fails
+early when stages *refused* (rather than lost) a micro-batch carrying one of its sequences
+``max_failures`` times in a row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import queue
+import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -26,15 +36,18 @@ import structlog
 import torch
 
 from pqmesh.common.v1 import tensor_pb2
+from pqmesh.errors import PqmeshError
 from pqmesh.stage.v1 import stage_pb2
-from coordinator.mesh import ForwardLink, Mesh
+from coordinator.mesh import ForwardLink, Mesh, StageUnavailable
 from coordinator.progress import ProgressBoard
+from coordinator.recovery import Backoff, HealthWatch, Outage, StepClock
 from coordinator.scheduler import MicroBatch, Phase, Scheduler, Sequence as Seq, StepResult, capacity_error
 from coordinator.store import JobState, JobStore, ResultRecord
 
 log = structlog.get_logger(__name__)
 
 _MASK64 = (1 << 64) - 1
+_GONE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", ""})  # stream ends that blame no micro-batch
 
 
 def sequence_seed(job_seed: int, index: int) -> int:
@@ -57,16 +70,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
 @dataclass(frozen=True)
 class EngineSettings:
     eos_ids: frozenset[int] = frozenset()
-    max_failures: int = 3  # a sequence whose micro-batch the mesh lost this often fails its job
-    retry_seconds: float = 2.0
+    max_failures: int = 3  # a sequence whose micro-batch stages refused this often in a row fails its job
     connect_timeout: float = 30.0
+    step_timeout: float = 120.0  # --step-timeout: seconds for the next reply (more for long prefills)
+    recovery_timeout: float = 600.0  # --stage-recovery-timeout: seconds to get the mesh back before jobs fail
+    health_interval: float = 5.0  # --health-interval: seconds between stage health checks (0: none)
+    backoff: Backoff = Backoff()
 
 
 class Engine:
     def __init__(self, store: JobStore, mesh: Mesh, scheduler: Scheduler, board: ProgressBoard,
-                 settings: EngineSettings, decode_text: Callable[[list[int]], str] | None = None) -> None:
+                 settings: EngineSettings, decode_text: Callable[[list[int]], str] | None = None,
+                 metrics=None) -> None:
         self.store, self.mesh, self.scheduler, self.board = store, mesh, scheduler, board
         self.settings = settings
+        self.metrics = metrics  # coordinator.metrics.CoordinatorMetrics, or None
         self.decode_text = decode_text
         self._events: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="coordinator-engine", daemon=True)
@@ -74,6 +92,16 @@ class Engine:
         self._generation = 0
         self._loaded: set[str] = set()
         self._mesh_ok = True
+        self._clock = StepClock(settings.step_timeout)
+        self._outage: Outage | None = None
+        self._down: str | None = None  # set when the mesh was given up on: why new jobs are refused
+        self._retry_token = 0
+        self._rng = random.Random()
+        self._stopping = threading.Event()
+        self.recoveries: list[Outage] = []  # outages the mesh came back from, oldest first
+        self._health = HealthWatch(mesh.health, len(mesh.clients), settings.health_interval,
+                                   lambda index, problem: self._events.put(("unhealthy", problem)),
+                                   lambda: self._mesh_ok) if settings.health_interval > 0 else None
 
     # -- called from other threads ------------------------------------------------------------------
     def start(self) -> None:
@@ -82,6 +110,13 @@ class Engine:
             self._events.put(("job", record.id))
         self._open_stream()
         self._thread.start()
+        threading.Thread(target=self._tick, name="coordinator-clock", daemon=True).start()
+        if self._health is not None:
+            self._health.start()
+
+    def unavailable(self) -> str | None:
+        """Why new jobs are refused now (the mesh was given up on and is not back yet), or None."""
+        return self._down
 
     def enqueue(self, job_id: str) -> None:
         self._events.put(("job", job_id))
@@ -90,8 +125,16 @@ class Engine:
         self._events.put(("cancel", job_id))
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._health is not None:
+            self._health.stop()
         self._events.put(("stop",))
         self._thread.join(timeout)
+
+    def _tick(self) -> None:
+        interval = min(1.0, self.settings.step_timeout / 4)
+        while not self._stopping.wait(interval):
+            self._events.put(("tick",))
 
     # -- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -110,7 +153,7 @@ class Engine:
                     self._recover(f"{type(err).__name__}: {err}")
                 except Exception:  # noqa: BLE001 - e.g. the store is unwritable: try again later
                     log.exception("engine_recovery_failed")
-                    self._retry_later()
+                    self._retry_later(self.settings.backoff.maximum)
         if self._link is not None:
             self._link.close()
         log.info("engine_stopped")
@@ -135,6 +178,9 @@ class Engine:
         if problems:  # accepted by a coordinator started with a larger KV cache
             self._fail(job_id, problems[0])
             return
+        if self._down is not None:  # accepted just before the mesh was given up on
+            self._fail(job_id, f"not run: {self._down}; submit it again once the mesh is back")
+            return
         for index, ids in pending:
             sampling = tensor_pb2.SamplingParams(temperature=params["temperature"], top_k=params["top_k"],
                                                  top_p=params["top_p"], seed=sequence_seed(params["seed"], index))
@@ -151,10 +197,16 @@ class Engine:
     def _on_reply(self, generation: int, reply: stage_pb2.ForwardResponse) -> None:
         if generation != self._generation:
             return
-        batch = self.scheduler.in_flight.get(reply.micro_batch_id)
-        sampled = Counter(s.job_id for s in batch.sequences if not s.cancelled) if batch else Counter()
+        self._clock.answered(reply.micro_batch_id, time.monotonic())
         result = self.scheduler.update(reply.micro_batch_id, reply.slots, reply.token_ids)
+        if result.ignored:  # appends are keyed by position: a repeated or late reply changes nothing
+            log.warning("reply_ignored", micro_batch_id=reply.micro_batch_id, tokens=result.ignored)
+        sampled = Counter(s.job_id for s in result.appended)
         self.board.tokens(dict(sampled))
+        if self.metrics is not None:
+            self.metrics.tokens.inc(sum(sampled.values()))
+        if self._outage is not None:
+            self._recovered()  # the first reply since the mesh came back
         self._store_finished(result)
         self._release(result)
 
@@ -198,6 +250,9 @@ class Engine:
             plan_id=self.mesh.plan_id, micro_batch_id=batch.id, phase=int(batch.phase), slots=list(batch.slots),
             lengths=list(batch.lengths), sampling=[s.sampling for s in batch.sequences])
         self._link.send(header, tensor)
+        self._clock.sent(batch, time.monotonic())
+        if self.metrics is not None:
+            self.metrics.micro_batches.labels(phase=batch.phase.name.lower()).inc()
 
     # -- the Forward stream and recovery ------------------------------------------------------------
     def _open_stream(self) -> None:
@@ -210,53 +265,131 @@ class Engine:
         try:
             for reply in link.responses:
                 self._events.put(("reply", generation, reply))
-            self._events.put(("stream_error", generation, "the first stage ended the Forward stream"))
+            self._events.put(("stream_error", generation, "the first stage ended the Forward stream", ""))
         except grpc.RpcError as err:
-            self._events.put(("stream_error", generation, f"{err.code().name}: {err.details()}"))
+            self._events.put(("stream_error", generation, f"{err.code().name}: {err.details()}", err.code().name))
 
-    def _on_stream_error(self, generation: int, reason: str) -> None:
-        if generation == self._generation:
-            self._recover(f"Forward stream failed: {reason}")
+    # -- detection ----------------------------------------------------------------------------------
+    def _on_stream_error(self, generation: int, reason: str, code: str) -> None:
+        if generation == self._generation:  # a stage that went away blames no micro-batch; one that refused does
+            self._recover(f"Forward stream failed: {reason}", blame=code not in _GONE)
 
-    def _on_retry(self) -> None:
-        if not self._mesh_ok:
-            self._recover("retrying the mesh bring-up")
+    def _on_tick(self) -> None:
+        late = self._clock.overdue(time.monotonic()) if self._mesh_ok else None
+        if late is not None:
+            batch_id, allowance = late
+            batch = self.scheduler.in_flight.get(batch_id)
+            what = f"{batch.phase.name.lower()} micro-batch {batch_id} ({len(batch.sequences)} sequences)" if batch \
+                else f"micro-batch {batch_id}"
+            self._recover(f"{what} got no reply within {allowance:.0f} s (--step-timeout): a stage hangs", blame=False)
 
-    def _recover(self, reason: str) -> None:
-        """The stream or a stage failed: requeue running sequences, bring the mesh up, open a new stream."""
-        running = list(self.scheduler.ready) + [s for b in self.scheduler.in_flight.values() for s in b.sequences]
-        discarded = Counter()
-        for sequence in running:
-            discarded[sequence.job_id] -= len(sequence.generated)
-        self.scheduler.reset()
-        self.board.tokens(dict(discarded))
+    def _on_unhealthy(self, problem: str) -> None:
+        if self._mesh_ok:
+            self._recover(problem, blame=False)
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def _recover(self, reason: str, blame: bool = True) -> None:
+        """Pauses the pipeline (keeping every generated token) and tries to bring the mesh up again."""
+        self._pause(reason, blame)
+        self._try_bring_up()
+
+    def _pause(self, reason: str, blame: bool) -> None:
+        lost = [(s.job_id, s.index, len(s.generated)) for b in self.scheduler.in_flight.values()
+                for s in b.sequences if not s.cancelled]
+        if self._outage is None:
+            self._outage = Outage(reason, time.monotonic(), self.settings.recovery_timeout, lost)
+        else:  # failed again before the first reply: the same outage, the same deadline
+            self._outage.last_error = reason
+        self._mesh_ok = False
+        running = self.scheduler.running
+        self.scheduler.reset(blame)  # every running sequence waits for a re-prefill from prompt + generated
+        self._clock.clear()
         if self._link is not None:
             self._link.cancel()
             self._link = None
-        doomed = sorted({s.job_id for s in running if s.attempts >= self.settings.max_failures})
+        doomed = sorted({s.job_id for s in self.scheduler.waiting if s.attempts >= self.settings.max_failures})
         for job_id in doomed:
             self._fail(job_id, f"the mesh lost this job's micro-batches {self.settings.max_failures} times; last: {reason}")
-        log.warning("mesh_recovering", reason=reason, requeued=len(running), failed_jobs=doomed)
+        log.warning("pipeline_paused", reason=reason, running=running, in_flight=len(lost), lost=lost[:64],
+                    failed_jobs=doomed)
+        if self.metrics is not None:
+            self.metrics.recoveries.inc()
+
+    def _try_bring_up(self) -> None:
+        """One bring-up attempt (a restarted stage loads its shard, the others free their stale KV slots);
+        on failure another one after a backoff."""
+        outage = self._outage
+        outage.attempts += 1
         try:
-            self.mesh.bring_up(self.settings.connect_timeout)  # frees every slot on every stage
-        except Exception as err:  # noqa: BLE001 - a stage is down or refuses: wait and try again
-            self._mesh_ok = False
-            for job_id in {s.job_id for s in self.scheduler.waiting}:
-                self.board.note(job_id, f"waiting for the mesh: {err}")
-            log.error("mesh_unavailable", error=str(err), retry_s=self.settings.retry_seconds)
-            self._retry_later()
+            self.mesh.bring_up(0.0, load_timeout=self.settings.recovery_timeout)
+        except StageUnavailable as err:  # down, hung or still busy: worth retrying
+            outage.stage, outage.last_error = err.stage, str(err)
+            self._wait_for_mesh(str(err), retryable=True)
+            return
+        except (PqmeshError, grpc.RpcError) as err:  # refused for good (e.g. the shard no longer fits)
+            outage.stage, outage.last_error = "", str(err)
+            self._wait_for_mesh(str(err), retryable=False)
             return
         self.scheduler.all_released()
-        self._mesh_ok = True
-        for job_id in {s.job_id for s in self.scheduler.waiting}:
+        self._mesh_ok, self._down = True, None
+        waiting = list(self.scheduler.waiting)
+        outage.resumed = sum(1 for s in waiting if s.generated)
+        outage.resumed_tokens = sum(len(s.generated) for s in waiting)
+        for job_id in {s.job_id for s in waiting}:
             self.board.note(job_id, "")
+        log.info("mesh_back", attempts=outage.attempts, seconds=round(time.monotonic() - outage.started, 3),
+                 resumed=outage.resumed, resumed_tokens=outage.resumed_tokens)
         self._open_stream()
+        if outage.given_up or not self.scheduler.has_work():
+            self._recovered()
 
-    def _retry_later(self) -> None:
+    def _wait_for_mesh(self, error: str, retryable: bool) -> None:
+        outage, now = self._outage, time.monotonic()
+        if not outage.given_up and (not retryable or outage.expired(now)):
+            self._give_up(outage.give_up_message(now) if retryable else f"a stage refused to come back: {error}")
+        if outage.given_up:
+            delay = self.settings.backoff.maximum
+            log.info("mesh_still_down", error=error, retry_s=delay)
+        else:
+            delay = min(self.settings.backoff.delay(outage.attempts - 1, self._rng), outage.left(now) + 0.05)
+            for job_id in {s.job_id for s in self.scheduler.waiting}:
+                self.board.note(job_id, f"paused, reconnecting ({outage.left(now):.0f} s left): {error}")
+            log.warning("mesh_unavailable", error=error, attempt=outage.attempts, retry_s=round(delay, 2),
+                        left_s=round(outage.left(now), 1))
+        self._retry_later(delay)
+
+    def _give_up(self, message: str) -> None:
+        """Fails every job with unfinished sequences (stored results stay) and refuses new jobs until the
+        mesh is back."""
+        self._outage.given_up = True
+        self._down = message
+        jobs = sorted({s.job_id for s in self.scheduler.waiting})
+        for job_id in jobs:
+            record = self.store.job(job_id)
+            self._fail(job_id, f"{message}; {record.num_results} of {record.num_prompts} results finished and kept "
+                               "(GetResults returns them)")
+        log.error("mesh_given_up", reason=message, failed_jobs=jobs)
+
+    def _recovered(self) -> None:
+        outage, self._outage = self._outage, None
+        outage.seconds = time.monotonic() - outage.started
+        self.recoveries.append(outage)
+        log.info("mesh_recovered", reason=outage.reason, seconds=round(outage.seconds, 3), attempts=outage.attempts,
+                 lost=len(outage.in_flight), resumed=outage.resumed, resumed_tokens=outage.resumed_tokens)
+
+    def _retry_later(self, delay: float) -> None:
         self._mesh_ok = False
-        timer = threading.Timer(self.settings.retry_seconds, self._events.put, args=(("retry",),))
+        self._retry_token += 1  # only the latest timer counts
+        timer = threading.Timer(delay, self._events.put, args=(("retry", self._retry_token),))
         timer.daemon = True
         timer.start()
+
+    def _on_retry(self, token: int) -> None:
+        if token != self._retry_token or self._mesh_ok:
+            return
+        if self._outage is None:  # a recovery that broke half-way
+            self._pause("retrying after a failed recovery", blame=False)
+        self._try_bring_up()
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.set_state(job_id, JobState.FAILED, message)

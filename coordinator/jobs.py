@@ -3,7 +3,9 @@ report progress, page through results, list and cancel jobs.
 
 A submission is checked whole before anything is stored: every prompt non-empty, token ids inside the
 vocabulary, prompt plus max_new_tokens within the KV cache per sequence. A job with more prompts than
-KV slots is accepted and queued (slots are reused as sequences finish), never truncated.
+KV slots is accepted and queued (slots are reused as sequences finish), never truncated. While the
+mesh is down for good (a stage stayed away past --stage-recovery-timeout) new jobs are refused with
+UNAVAILABLE until it is back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -19,7 +22,7 @@ from typing import Iterator, Sequence
 
 import structlog
 
-from pqmesh.errors import FailedPrecondition, InvalidArgument
+from pqmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from coordinator.engine import Engine
 from coordinator.progress import Progress, ProgressBoard
 from coordinator.scheduler import capacity_error
@@ -54,6 +57,15 @@ class GenerationSettings:
             raise InvalidArgument("params.sampling.top_k and seed must be >= 0")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one coordinator accepts at once; past a limit a call answers RESOURCE_EXHAUSTED."""
+
+    max_pending_jobs: int = 64  # queued + running
+    max_prompts_per_job: int = 10_000
+    max_watchers: int = 32  # open WatchJob streams
+
+
 Prompt = str | Sequence[int]
 
 
@@ -65,14 +77,20 @@ def _digest(prompts: Sequence[Prompt], settings: GenerationSettings) -> str:
 class JobService:
     def __init__(self, store: JobStore, engine: Engine, board: ProgressBoard, max_tokens: int,
                  vocab_size: int | None = None, codec: TextCodec | None = None,
-                 eos_ids: frozenset[int] = frozenset()) -> None:
+                 eos_ids: frozenset[int] = frozenset(), limits: Limits = Limits()) -> None:
         self.store, self.engine, self.board = store, engine, board
         self.max_tokens, self.vocab_size, self.codec, self.eos_ids = max_tokens, vocab_size, codec, eos_ids
+        self.limits = limits
+        self._admit = threading.Lock()  # count-then-insert of a new job is atomic
+        self._watchers = threading.BoundedSemaphore(limits.max_watchers)
 
     # -- submit -------------------------------------------------------------------------------------
     def submit(self, prompts: Sequence[Prompt], settings: GenerationSettings, idempotency_key: str = "") -> JobRecord:
         if not prompts:
             raise InvalidArgument("a job needs at least one prompt")
+        if len(prompts) > self.limits.max_prompts_per_job:
+            raise InvalidArgument(f"the job has {len(prompts)} prompts; this coordinator takes at most "
+                                  f"{self.limits.max_prompts_per_job} per job (--max-prompts-per-job): split it")
         digest = _digest(prompts, settings)
         ids = self._token_ids(prompts)
         if settings.stop_on_eos and not self.eos_ids:
@@ -83,8 +101,18 @@ class JobService:
         if problems:
             more = f" (and {len(problems) - 1} more prompts)" if len(problems) > 1 else ""
             raise InvalidArgument(problems[0] + more)
+        down = self.engine.unavailable()
+        if down is not None:
+            raise Unavailable(f"the mesh is down ({down}); the coordinator keeps reconnecting and accepts jobs again "
+                              "once every stage answers: retry later with the same idempotency key")
         job_id = "job-" + uuid.uuid4().hex[:16]
-        record, created = self.store.create_job(job_id, idempotency_key, digest, asdict(settings), ids)
+        with self._admit:
+            pending = self.store.count_unfinished()
+            if pending >= self.limits.max_pending_jobs and not (idempotency_key and self.store.has_key(idempotency_key)):
+                raise ResourceExhausted(f"{pending} jobs are queued or running and this coordinator holds at most "
+                                        f"{self.limits.max_pending_jobs} (--max-pending-jobs); wait for one to finish "
+                                        "and submit again")
+            record, created = self.store.create_job(job_id, idempotency_key, digest, asdict(settings), ids)
         if created:
             log.info("job_accepted", job_id=record.id, prompts=len(ids), key=idempotency_key,
                      prompt_tokens=sum(map(len, ids)))
@@ -122,16 +150,23 @@ class JobService:
         return live if live is not None else Progress.from_record(self.store.job(job_id))
 
     def watch(self, job_id: str, min_interval: float = 0.1, heartbeat: float = 5.0) -> Iterator[Progress]:
-        """Progress now, then on every change (at most every ``min_interval``), until a final state."""
+        """Progress now, then on every change (at most every ``min_interval``), until a final state.
+        At most ``limits.max_watchers`` watches run at once; one more raises ResourceExhausted."""
         progress = self.progress(job_id)
-        while True:
-            yield progress
-            if progress.state.final:
-                return
-            version = self.board.version
-            time.sleep(min_interval)
-            self.board.wait(version, heartbeat)
-            progress = self.progress(job_id)
+        if not self._watchers.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.limits.max_watchers} WatchJob streams are open, the most this coordinator "
+                                    "serves (--max-watchers); retry later, or poll with a short WatchJob deadline")
+        try:
+            while True:
+                yield progress
+                if progress.state.final:
+                    return
+                version = self.board.version
+                time.sleep(min_interval)
+                self.board.wait(version, heartbeat)
+                progress = self.progress(job_id)
+        finally:
+            self._watchers.release()
 
     def jobs(self) -> list[tuple[JobRecord, Progress]]:
         return [(record, self.board.snapshot(record.id) or Progress.from_record(record)) for record in self.store.jobs()]

@@ -18,9 +18,11 @@ from pqmesh.coordinator.v1 import coordinator_pb2_grpc
 from pqmesh.errors import PqmeshError
 from pqmesh.grpc_server import create_server
 from pqmesh.log import configure
+from pqmesh.security import server_interceptors
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Engine, EngineSettings
-from coordinator.jobs import JobService
+from coordinator.jobs import JobService, Limits
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.mesh import Mesh, MeshSpec
 from coordinator.progress import ProgressBoard
 from coordinator.scheduler import Scheduler
@@ -30,7 +32,7 @@ from coordinator.text import TextCodec, has_tokenizer, read_model_facts
 
 log = structlog.get_logger(__name__)
 GRACE_S = 5.0
-RPC_THREADS = 64  # every WatchJob stream holds one while it is open
+UNARY_THREADS = 32  # on top of one thread per allowed WatchJob stream (each holds one while it is open)
 
 
 @dataclass
@@ -44,11 +46,14 @@ class Coordinator:
     mesh: Mesh
     store: JobStore
     health: object
+    metrics: CoordinatorMetrics | None = None  # .port: the exporter's, with --metrics-listen
 
     def stop(self, grace: float | None = GRACE_S) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.mesh.close()
         self.store.close()
 
@@ -58,8 +63,10 @@ def _text_codec(config: CoordinatorConfig) -> TextCodec | None:
     return TextCodec(directory) if directory is not None else None
 
 
-def serve(config: CoordinatorConfig) -> Coordinator:
-    """Brings the mesh up, resumes stored jobs and starts serving; returns the running coordinator."""
+def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) -> Coordinator:
+    """Brings the mesh up, resumes stored jobs and starts serving (and the metrics exporter with
+    --metrics-listen); returns the running coordinator."""
+    metrics = metrics or CoordinatorMetrics()
     facts = read_model_facts(config.model_dir)
     if facts.num_layers is not None:
         config.plan.check_layers(facts.num_layers)
@@ -67,7 +74,7 @@ def serve(config: CoordinatorConfig) -> Coordinator:
     eos_ids = frozenset(config.eos_token_ids) or facts.eos_ids or (codec.eos_ids if codec else frozenset())
     spec = MeshSpec(config.plan, config.model_id, config.max_sequences, config.max_tokens_per_sequence, config.dtype)
     store = JobStore(config.state_dir)
-    mesh = Mesh(spec)
+    mesh = Mesh(spec, config.stage_credentials)
     try:
         mesh.bring_up(config.connect_timeout)
     except BaseException:
@@ -78,16 +85,24 @@ def serve(config: CoordinatorConfig) -> Coordinator:
     scheduler = Scheduler(config.max_sequences, config.max_tokens_per_sequence, plan.prefill_micro_batch,
                           plan.decode_micro_batch, config.in_flight)
     board = ProgressBoard()
-    engine = Engine(store, mesh, scheduler, board, EngineSettings(eos_ids, connect_timeout=config.connect_timeout),
-                    codec.decode if codec else None)
-    jobs = JobService(store, engine, board, config.max_tokens_per_sequence, facts.vocab_size, codec, eos_ids)
+    engine = Engine(store, mesh, scheduler, board, EngineSettings(
+        eos_ids, connect_timeout=config.connect_timeout, step_timeout=config.step_timeout,
+        recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval),
+                    codec.decode if codec else None, metrics=metrics)
+    metrics.watch(scheduler, store)
+    if config.metrics_listen:
+        metrics.export(config.metrics_listen)
+    jobs = JobService(store, engine, board, config.max_tokens_per_sequence, facts.vocab_size, codec, eos_ids,
+                      Limits(config.max_pending_jobs, config.max_prompts_per_job, config.max_watchers))
     engine.start()
     server, port, health = create_server(
         config.listen, [(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, CoordinatorServicer(jobs),
-                         SERVICE_NAME)], max_workers=RPC_THREADS)
+                         SERVICE_NAME)], max_workers=config.max_watchers + UNARY_THREADS,
+        credentials=config.credentials, interceptors=[metrics.interceptor(), *server_interceptors(config.credentials)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     log.info("coordinator_serving", port=port, plan_id=mesh.plan_id, stages=len(plan.stages),
              state_db=str(store.path), tokenizer=str(codec.directory) if codec else None, eos_ids=sorted(eos_ids))
-    return Coordinator(server, port, jobs, engine, mesh, store, health)
+    return Coordinator(server, port, jobs, engine, mesh, store, health, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

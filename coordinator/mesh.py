@@ -3,7 +3,9 @@
 `Mesh.bring_up` waits for every stage to answer, loads each shard in pipeline order with its role,
 bits and next hop (or, when a stage already holds this exact plan, only frees its KV slots), then
 checks with GetInfo that every stage reports this plan end to end. Any refusal names the stage,
-its address and layers, and the stage's own reason.
+its address and layers, and the stage's own reason. A stage that is down or does not answer in time
+(UNAVAILABLE, DEADLINE_EXCEEDED, or still busy with a lost stream's work) raises `StageUnavailable`,
+which the engine retries; any other refusal is final. `Mesh.health` is the engine's health probe.
 """
 
 from __future__ import annotations
@@ -19,15 +21,28 @@ import queue
 import grpc
 import structlog
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pqmesh import codec
 from pqmesh.common.v1 import tensor_pb2
 from pqmesh.errors import FailedPrecondition, Unavailable
 from pqmesh.grpc_server import channel
+from pqmesh.security import Credentials
 from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
 from coordinator.plan import MeshPlan, StageSpec
 
 log = structlog.get_logger(__name__)
+
+RPC_TIMEOUT_S = 30.0  # GetInfo and Release: a stage that takes longer counts as unreachable
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class StageUnavailable(Unavailable):
+    """A stage is down, hung or not done with earlier work: worth retrying. ``stage`` names it."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 @dataclass(frozen=True)
@@ -69,19 +84,30 @@ class MeshSpec:
 class StageLink:
     """Unary calls to one stage (LoadShard, Release, GetInfo) over its own channel."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        self.channel = channel(address)
+        self.channel = channel(address, credentials)
         self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
 
     def load_shard(self, request: stage_pb2.LoadShardRequest, timeout: float | None = None) -> stage_pb2.LoadShardResponse:
         return self.stub.LoadShard(request, timeout=timeout)
 
-    def release(self, plan_id: str, slots: Sequence[int]) -> int:
-        return self.stub.Release(stage_pb2.ReleaseRequest(plan_id=plan_id, slots=list(slots))).released
+    def release(self, plan_id: str, slots: Sequence[int], timeout: float = RPC_TIMEOUT_S) -> int:
+        return self.stub.Release(stage_pb2.ReleaseRequest(plan_id=plan_id, slots=list(slots)), timeout=timeout).released
 
-    def info(self) -> stage_pb2.GetInfoResponse:
-        return self.stub.GetInfo(stage_pb2.GetInfoRequest())
+    def info(self, timeout: float = RPC_TIMEOUT_S) -> stage_pb2.GetInfoResponse:
+        return self.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout)
+
+    def health(self, timeout: float) -> str | None:
+        """None when the stage's health service says SERVING, else why not."""
+        try:
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                   timeout=timeout)
+        except grpc.RpcError as err:
+            return f"{err.code().name}: {err.details()}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        return None
 
     def close(self) -> None:
         self.channel.close()
@@ -115,11 +141,11 @@ class ForwardLink:
 class Mesh:
     """Clients of every stage in pipeline order; the first one takes the Forward stream."""
 
-    def __init__(self, spec: MeshSpec) -> None:
+    def __init__(self, spec: MeshSpec, credentials: Credentials | None = None) -> None:
         spec.plan.require_addresses()
         self.spec = spec
         self.plan_id = spec.plan_id
-        self.clients = [StageLink(s.address) for s in spec.plan.stages]
+        self.clients = [StageLink(s.address, credentials) for s in spec.plan.stages]
 
     def _name(self, index: int) -> str:
         stage = self.spec.plan.stages[index]
@@ -129,13 +155,16 @@ class Mesh:
     def bring_up(self, connect_timeout: float = 30.0, load_timeout: float | None = None) -> None:
         started = time.perf_counter()
         infos = [self._wait_for(i, connect_timeout) for i in range(len(self.clients))]
+        loading = {}  # stages load their shards at the same time; refusals are reported in pipeline order
         for index, (client, info) in enumerate(zip(self.clients, infos)):
             if info.plan_id == self.plan_id and info.kv_slots_total == self.spec.max_sequences:
                 self._call(index, "Release", lambda: client.release(self.plan_id, range(self.spec.max_sequences)))
                 log.info("stage_reused", stage=index, address=client.address, plan_id=self.plan_id)
                 continue
-            reply = self._call(index, "LoadShard", lambda: client.load_shard(self.spec.load_request(index), load_timeout))
-            log.info("stage_loaded", stage=index, address=client.address, plan_id=self.plan_id,
+            loading[index] = client.stub.LoadShard.future(self.spec.load_request(index), timeout=load_timeout)
+        for index, call in loading.items():
+            reply = self._call(index, "LoadShard", call.result)
+            log.info("stage_loaded", stage=index, address=self.clients[index].address, plan_id=self.plan_id,
                      total_bytes=reply.total_bytes, seconds=round(reply.load_seconds, 3))
         for index, client in enumerate(self.clients):
             self._verify(index, self._settled_info(index))
@@ -143,16 +172,19 @@ class Mesh:
                  seconds=round(time.perf_counter() - started, 3))
 
     def _wait_for(self, index: int, timeout: float) -> stage_pb2.GetInfoResponse:
+        """GetInfo, retried every 0.2 s for ``timeout`` seconds while the stage is unreachable (0: one try)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 return self.clients[index].stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=5.0)
             except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if err.code() not in _RETRYABLE:
                     raise self._refused(index, "GetInfo", err) from None
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"{self._name(index)} did not answer within {timeout:.0f} s ({err.details()}); "
-                                      "start it, or fix its address in the plan or --stage") from None
+                    within = f" within {timeout:.0f} s" if timeout > 0 else ""
+                    raise StageUnavailable(self._name(index), f"{self._name(index)} did not answer{within} "
+                                           f"({err.code().name}: {err.details()}); start it, or fix its address in "
+                                           "the plan or --stage") from None
                 time.sleep(0.2)
 
     def _call(self, index: int, what: str, call):
@@ -163,7 +195,7 @@ class Mesh:
 
     def _refused(self, index: int, what: str, err: grpc.RpcError) -> Exception:
         message = f"{self._name(index)} refused {what}: {err.code().name}: {err.details()}"
-        return Unavailable(message) if err.code() == grpc.StatusCode.UNAVAILABLE else FailedPrecondition(message)
+        return StageUnavailable(self._name(index), message) if err.code() in _RETRYABLE else FailedPrecondition(message)
 
     def _settled_info(self, index: int, tries: int = 10, pause: float = 0.2) -> stage_pb2.GetInfoResponse:
         """GetInfo once no KV slot is in use. After a broken Forward stream, micro-batches already queued on
@@ -183,6 +215,9 @@ class Mesh:
                     self.spec.max_sequences, 0)
         got = (info.plan_id, info.model_id, info.layers.start, info.layers.end, info.role, info.kv_slots_total,
                info.kv_slots_used)
+        if got[:-1] == expected[:-1] and info.kv_slots_used:  # still running micro-batches of a lost stream: try again later
+            raise StageUnavailable(self._name(index), f"{self._name(index)} still holds {info.kv_slots_used} KV slots "
+                                   "after release (micro-batches of a lost stream still running)")
         if got != expected:
             raise FailedPrecondition(f"{self._name(index)} reports (plan, model, start, end, role, slots, used) = {got} "
                                      f"after loading, expected {expected}; another coordinator may share this stage")
@@ -190,6 +225,11 @@ class Mesh:
     # -- running ------------------------------------------------------------------------------------
     def forward(self) -> ForwardLink:
         return ForwardLink(self.clients[0].stub)
+
+    def health(self, index: int, timeout: float = 5.0) -> str | None:
+        """None when stage ``index`` answers its health check as SERVING, else the reason, naming the stage."""
+        problem = self.clients[index].health(timeout)
+        return None if problem is None else f"{self._name(index)}: {problem}"
 
     def release(self, slots: Sequence[int], timeout: float = 30.0) -> None:
         """Frees KV slots on every stage at once; returns when all stages have freed them."""

@@ -15,6 +15,12 @@ Policy, with at most ``max_in_flight`` micro-batches in the pipeline (the number
 A sequence holds one KV slot (the same index on every stage) from its prefill until it finishes
 (EOS or length) or is cancelled. A freed slot is handed back by `update` for release on every stage
 and is only reused after the engine reports it released (`released`).
+
+Tokens are appended by position: every micro-batch records, per sequence, the index in ``generated``
+its token fills, and `update` appends a token only at that position. A reply that comes twice (or
+late, for a micro-batch the mesh already lost) is ignored, so no token is ever appended twice. After
+the mesh loses its KV caches (`reset`), a running sequence keeps what it generated and is prefilled
+again from prompt + generated tokens, which rebuilds its cache and samples its next position.
 """
 
 from __future__ import annotations
@@ -57,12 +63,29 @@ class Sequence:
     slot: int | None = None
     cancelled: bool = False
     order: int = 0  # admission order; requeued sequences keep their place
-    attempts: int = 0  # times the mesh lost a micro-batch carrying it
+    attempts: int = 0  # micro-batches carrying it that a stage refused in a row (reset by every new token)
 
     @property
     def cached_length(self) -> int:
         """Tokens its KV slot holds before the next decode step (the last sampled token is not in it)."""
         return len(self.prompt) + len(self.generated) - 1
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """What a prefill feeds: the prompt and every token generated so far (after a mesh recovery)."""
+        return self.prompt + tuple(self.generated)
+
+    def accept(self, position: int, token: int) -> bool:
+        """Appends ``token`` as generated token number ``position``; False (and nothing appended) when that
+        position is filled already: a duplicate or late reply."""
+        if position < len(self.generated):
+            return False
+        if position > len(self.generated):
+            raise FailedPrecondition(f"prompt {self.index} of job {self.job_id}: a token for position {position} "
+                                     f"arrived but only {len(self.generated)} are generated")
+        self.generated.append(int(token))
+        self.attempts = 0
+        return True
 
 
 @dataclass(frozen=True)
@@ -71,12 +94,13 @@ class MicroBatch:
     phase: Phase
     sequences: tuple[Sequence, ...]
     slots: tuple[int, ...]
-    lengths: tuple[int, ...]  # prompt lengths (prefill) or cached lengths (decode)
+    lengths: tuple[int, ...]  # prefilled lengths (prompt + generated) or cached lengths (decode)
+    positions: tuple[int, ...] = ()  # per sequence: the index in ``generated`` this step's token fills
 
     def rows(self) -> list[list[int]]:
-        """Token rows for the first stage: whole prompts (prefill) or the last sampled token (decode)."""
+        """Token rows for the first stage: prompt + generated so far (prefill) or the last sampled token (decode)."""
         if self.phase is Phase.PREFILL:
-            return [list(s.prompt) for s in self.sequences]
+            return [list(s.context) for s in self.sequences]
         return [[s.generated[-1]] for s in self.sequences]
 
 
@@ -91,6 +115,8 @@ class StepResult:
     finished: list[Finished] = field(default_factory=list)
     release: list[int] = field(default_factory=list)  # release these slots on every stage, then call released()
     cancelled: int = 0  # sequences of cancelled jobs that left the pipeline
+    appended: list[Sequence] = field(default_factory=list)  # sequences that got a new token (finished ones too)
+    ignored: int = 0  # tokens of a duplicate or late reply, not appended
 
 
 def capacity_error(index: int, prompt_len: int, max_new_tokens: int, max_tokens: int) -> str | None:
@@ -159,30 +185,37 @@ class Scheduler:
             sequence.slot = heapq.heappop(self._free)
             group.append(sequence)
         return MicroBatch(next(self._ids), Phase.PREFILL, tuple(group), tuple(s.slot for s in group),
-                          tuple(len(s.prompt) for s in group))
+                          tuple(len(s.context) for s in group), tuple(len(s.generated) for s in group))
 
     def _decode(self, size: int) -> MicroBatch:
         group = tuple(self.ready.popleft() for _ in range(size))
         return MicroBatch(next(self._ids), Phase.DECODE, group, tuple(s.slot for s in group),
-                          tuple(s.cached_length for s in group))
+                          tuple(s.cached_length for s in group), tuple(len(s.generated) for s in group))
 
     # -- update ---------------------------------------------------------------------------------------
     def update(self, micro_batch_id: int, slots: Seq[int], token_ids: Seq[int]) -> StepResult:
-        """Takes one micro-batch's sampled tokens (one per sequence, in its slot order)."""
+        """Takes one micro-batch's sampled tokens (one per sequence, in its slot order).
+
+        A micro-batch that is not in flight (answered already, or lost in a reset) is ignored: its
+        tokens are counted in ``ignored`` and nothing changes."""
         batch = self.in_flight.get(micro_batch_id)
         if batch is None:
-            raise FailedPrecondition(f"the mesh answered micro-batch {micro_batch_id}, which is not in flight")
+            return StepResult(ignored=len(token_ids))
         if tuple(slots) != batch.slots or len(token_ids) != len(batch.slots):
             raise FailedPrecondition(f"micro-batch {micro_batch_id} went out for slots {list(batch.slots)} but came back "
                                      f"for {list(slots)} with {len(token_ids)} tokens")
         del self.in_flight[micro_batch_id]
         result = StepResult()
-        for sequence, token in zip(batch.sequences, token_ids):
+        for sequence, position, token in zip(batch.sequences, batch.positions, token_ids):
             if sequence.cancelled:
                 result.cancelled += 1
                 self._retire(sequence, result)
                 continue
-            sequence.generated.append(int(token))
+            if not sequence.accept(position, token):
+                result.ignored += 1
+                self.ready.append(sequence)
+                continue
+            result.appended.append(sequence)
             reason = self._finish_reason(sequence)
             if reason is None:
                 self.ready.append(sequence)
@@ -240,15 +273,18 @@ class Scheduler:
             self.waiting.append(sequence)
         self.waiting = deque(sorted(self.waiting, key=lambda s: s.order))
 
-    def reset(self) -> list[int]:
-        """The mesh lost the in-flight micro-batches: every running sequence starts again from its prompt.
+    def reset(self, blame: bool = True) -> list[int]:
+        """The mesh lost its KV caches and the in-flight micro-batches: every running sequence waits to be
+        prefilled again from prompt + the tokens it generated so far (nothing generated is lost).
 
-        Returns the slots to release on every stage (then call `released`). Sampling is seeded by
-        position, so a restarted sequence reproduces the same tokens.
+        With ``blame`` (a stage refused a micro-batch, rather than went away) the sequences in flight
+        count an attempt. Returns the slots to release on every stage (then call `released`). Sampling
+        is seeded by position, so the next token is the one the lost step would have sampled.
         """
         lost = [s for b in self.in_flight.values() for s in b.sequences]
-        for sequence in lost:
-            sequence.attempts += 1
+        if blame:
+            for sequence in lost:
+                sequence.attempts += 1
         running = list(self.ready) + lost
         self.ready.clear()
         self.in_flight.clear()
@@ -257,7 +293,6 @@ class Scheduler:
             slots.append(sequence.slot)
             self._releasing.add(sequence.slot)
             sequence.slot = None
-            sequence.generated.clear()
         requeued = [s for s in running if not s.cancelled]
         self.waiting = deque(sorted([*self.waiting, *requeued], key=lambda s: s.order))
         return slots

@@ -142,6 +142,16 @@ class JobStore:
                            ((job_id, i, json.dumps(list(p))) for i, p in enumerate(prompts)))
             return self._job(db, job_id), True
 
+    def count_unfinished(self) -> int:
+        """Queued and running jobs."""
+        with self._tx() as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)",
+                              (int(JobState.QUEUED), int(JobState.RUNNING))).fetchone()[0]
+
+    def has_key(self, idempotency_key: str) -> bool:
+        with self._tx() as db:
+            return db.execute("SELECT 1 FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone() is not None
+
     def job(self, job_id: str) -> JobRecord:
         with self._tx() as db:
             return self._job(db, job_id)
@@ -158,6 +168,11 @@ class JobStore:
             ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY created_at, rowid",
                                             (int(JobState.QUEUED), int(JobState.RUNNING)))]
             return [self._job(db, i) for i in ids]
+
+    def state_counts(self) -> dict[JobState, int]:
+        """Number of jobs in each state (states without jobs are absent)."""
+        with self._tx() as db:
+            return {JobState(s): n for s, n in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
 
     @staticmethod
     def _job(db: sqlite3.Connection, job_id: str) -> JobRecord:

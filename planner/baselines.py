@@ -133,10 +133,11 @@ def balanced_sizes(work: list[float], fixed: list[float], caps: list[int], layer
 def busy_seconds(problem: Problem, device: Device, bits: Bits, size: int, last: bool) -> tuple[float, float]:
     """(per-layer, fixed) busy seconds of a device over the whole job at micro-batch `size`."""
     shape, s, m = problem.shape, problem.workload.prompt_length, problem.micro_batches(size)
-    per_layer = m * layer_cost(device.profile, shape, bits, Phase.PREFILL, size, s, s)
-    per_layer += sum(r * m * layer_cost(device.profile, shape, bits, Phase.DECODE, size, s, ctx) for r, ctx in problem.segments())
+    e = problem.element
+    per_layer = m * layer_cost(device.profile, shape, bits, Phase.PREFILL, size, s, s, e)
+    per_layer += sum(r * m * layer_cost(device.profile, shape, bits, Phase.DECODE, size, s, ctx, e) for r, ctx in problem.segments())
     rounds = 1 + sum(r for r, _ in problem.segments())
-    return per_layer, (rounds * m * head_cost(device.profile, shape, size) if last else 0.0)
+    return per_layer, (rounds * m * head_cost(device.profile, shape, size, e) if last else 0.0)
 
 
 def pipeedge(problem: Problem) -> Baseline:

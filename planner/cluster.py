@@ -16,6 +16,7 @@ Cluster file::
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Callable
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.planner.v1 import planner_pb2
 from planner.devices import DeviceProfile, builtin_profile, normalize_type
+
+MAX_DEVICES = 4096  # per [[device]] entry; a plan needs at least one layer per device anyway
+MAX_WORKLOAD = 1 << 24  # sequences or tokens: far past any real job, small enough to plan quickly
 
 CLUSTER_VERSION = 1
 WORKLOAD_VERSION = 1
@@ -40,8 +44,8 @@ class ClusterEntry:
     def __post_init__(self) -> None:
         if not self.device_type.strip():
             raise InvalidArgument("every [[device]] needs a type, e.g. type = \"V100-32G\"")
-        if self.count < 1:
-            raise InvalidArgument(f"device {self.label!r}: count must be >= 1, got {self.count}")
+        if not 1 <= self.count <= MAX_DEVICES:
+            raise InvalidArgument(f"device {self.label!r}: count must be within 1..{MAX_DEVICES}, got {self.count}")
 
     @property
     def label(self) -> str:
@@ -63,10 +67,11 @@ class Network:
     intra_host_latency_us: float = DEFAULT_NETWORK["intra_host_latency_us"]
 
     def __post_init__(self) -> None:
-        if self.bandwidth_gbps <= 0 or self.intra_host_bandwidth_gbps <= 0:
-            raise InvalidArgument("[network] bandwidths must be positive Gbit/s")
-        if self.latency_us < 0 or self.intra_host_latency_us < 0:
-            raise InvalidArgument("[network] latencies must be >= 0 microseconds")
+        bandwidths, latencies = (self.bandwidth_gbps, self.intra_host_bandwidth_gbps), (self.latency_us, self.intra_host_latency_us)
+        if not all(0 < v < math.inf for v in bandwidths):  # `not` form: NaN fails too
+            raise InvalidArgument(f"[network] bandwidths must be positive, finite Gbit/s, got {bandwidths}")
+        if not all(0 <= v < math.inf for v in latencies):
+            raise InvalidArgument(f"[network] latencies must be finite and >= 0 microseconds, got {latencies}")
 
     def link_seconds(self, nbytes: float, same_host: bool) -> float:
         """One message of `nbytes` over the link: latency + bytes / bandwidth."""
@@ -192,8 +197,8 @@ class Workload:
         if self.version != WORKLOAD_VERSION:
             raise InvalidArgument(f"workload version {self.version} is not supported; use {WORKLOAD_VERSION}")
         for name in ("batch_size", "prompt_length", "generation_length"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"workload {name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_WORKLOAD:
+                raise InvalidArgument(f"workload {name} must be within 1..{MAX_WORKLOAD}, got {getattr(self, name)}")
 
     @property
     def max_context(self) -> int:

@@ -27,10 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     quality.add_argument("--quality-bound", type=float, help="upper bound on the summed indicator (default: uniform int4's)")
     p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: 2^-2b per layer)")
     p.add_argument("--bits", default="", help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="dtype the stages run in: bytes of unquantized weights, KV cache and activations "
+                        "(default: float16; float32 for stages on a CPU)")
     p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds (default: 10)")
     p.add_argument("--profile", type=Path, action="append", default=[], help="device profile JSON (repeatable)")
     p.add_argument("--state-dir", type=Path, help="read profiles registered with a planner using this state dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="also draw the plan (memory, layer bits, per-phase times vs the baselines) to this PNG")
     p.set_defaults(func=run)
 
 
@@ -71,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from planner.request import PlanInputs
     from planner.search import plan
 
+    if args.plot and not args.plot.resolve().parent.is_dir():
+        raise NotFound(f"--plot: directory {args.plot.resolve().parent} does not exist")
     indicator = ""
     if args.indicator:
         if not args.indicator.is_file():
@@ -79,13 +86,17 @@ def run(args: argparse.Namespace) -> int:
     inputs = PlanInputs(_model_text(args.model), Cluster.load(args.cluster),
                         Workload(args.batch, args.prompt_len, args.gen_len),
                         Quality(theta=args.theta, bound=args.quality_bound), indicator,
-                        tuple(b for b in args.bits.split(",") if b.strip()), args.time_limit)
+                        tuple(b for b in args.bits.split(",") if b.strip()), args.time_limit, dtype=args.dtype)
     problem = inputs.to_problem(_lookup(args))
     result = plan(problem, inputs.time_limit_s)
     if args.json:
         sys.stdout.write(json.dumps(result.to_report()) + "\n")
     else:
         sys.stdout.write(render(result, problem))
+    if args.plot:
+        from planner.plot import plot_plan
+
+        plot_plan(result, problem, args.plot)
     return 0
 
 
@@ -99,7 +110,7 @@ def render(result, problem) -> str:
     p, pred = result.plan, result.predicted
     w = problem.workload
     lines = [f"plan {p.plan_id}: {problem.shape.name} on {len(problem.devices)} devices, "
-             f"batch {w.batch_size}, prompt {w.prompt_length}, generation {w.generation_length}",
+             f"batch {w.batch_size}, prompt {w.prompt_length}, generation {w.generation_length}, {problem.dtype}",
              f"predicted {pred.throughput_tokens_per_s:.1f} tokens/s (prefill {pred.prefill_s:.2f} s + decode "
              f"{pred.decode_s:.2f} s), quality {pred.quality:.4g}; solved in {result.solve_seconds:.2f} s, "
              f"gap {result.optimality_gap:.3%}",

@@ -11,6 +11,11 @@ original field names, e.g.
 "roofline": {"peak_fp16_tflops": 65, "memory_bandwidth_gbs": 320},
 "model": "opt-30b", "latency": [{"bits": 4, "phase": "PHASE_DECODE",
 "features": ["const", "tokens", "tokens*context"], "coefficients": [2e-4, 1e-6, 3e-10], "calibrated": true}]}``.
+
+`reserve_bytes` (JSON key ``"reserve_bytes"``, a uint64 so a string or a number) is what the
+planner leaves unused of ``memory_bytes`` on that device. Absent: `DEFAULT_RESERVE_BYTES` (1 GiB, a
+CUDA context), as for the built-in GPUs. A CPU stage profile whose ``memory_bytes`` is the stage's
+``--memory-budget`` sets it explicitly, e.g. ``"reserve_bytes": "0"``.
 """
 
 from __future__ import annotations
@@ -49,12 +54,12 @@ class Roofline:
     layer_overhead_us: float = DEFAULT_LAYER_OVERHEAD_US
 
     def __post_init__(self) -> None:
-        if self.peak_fp16_tflops <= 0 or self.memory_bandwidth_gbs <= 0:
+        if not all(0 < v < float("inf") for v in (self.peak_fp16_tflops, self.memory_bandwidth_gbs)):  # NaN fails too
             raise InvalidArgument("roofline needs positive peak_fp16_tflops and memory_bandwidth_gbs (datasheet values)")
         for name in ("compute_efficiency", "memory_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise InvalidArgument(f"roofline {name} must be in (0, 1], got {getattr(self, name)}")
-        if self.dequant_overhead < 1 or self.layer_overhead_us < 0:
+        if not (1 <= self.dequant_overhead < float("inf") and 0 <= self.layer_overhead_us < float("inf")):
             raise InvalidArgument("roofline dequant_overhead must be >= 1 and layer_overhead_us >= 0")
 
     def seconds(self, flops: float, bytes_moved: float, quantized: bool) -> float:
@@ -93,6 +98,9 @@ class LatencyModel:
         unknown = sorted(set(self.features) - set(FEATURES))
         if unknown:
             raise InvalidArgument(f"latency model features {unknown} are unknown; use {list(FEATURES)}")
+        if not all(abs(c) < float("inf") for c in self.coefficients):  # NaN fails too
+            raise InvalidArgument(f"latency model {self.bits.value}-bit {self.phase.name.lower()}: coefficients must be "
+                                  f"finite, got {list(self.coefficients)}")
 
     def seconds(self, batch: int, tokens: int, context: int) -> float:
         values = {"const": 1.0, "batch": batch, "tokens": tokens, "tokens*context": tokens * context}
@@ -118,6 +126,7 @@ class DeviceProfile:
     latency: tuple[LatencyModel, ...] = ()
     model: str = ""
     version: int = PROFILE_VERSION
+    reserve_bytes: int | None = None  # None: the planner default (1 GiB)
     _fitted: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +136,9 @@ class DeviceProfile:
             raise InvalidArgument("device profile needs a non-empty name")
         if self.memory_bytes <= 0:
             raise InvalidArgument(f"device profile {self.name!r}: memory_bytes must be positive")
+        if self.reserve_bytes is not None and not 0 <= self.reserve_bytes < self.memory_bytes:
+            raise InvalidArgument(f"device profile {self.name!r}: reserve_bytes {self.reserve_bytes} must be at least 0 and "
+                                  f"below memory_bytes {self.memory_bytes}; leave it unset for the 1 GiB default")
         if not isinstance(self.roofline, Roofline):
             raise InvalidArgument(f"device profile {self.name!r} lacks a roofline; add peak_fp16_tflops and memory_bandwidth_gbs")
         keys = [(m.bits, m.phase) for m in self.latency]
@@ -147,7 +159,8 @@ class DeviceProfile:
     def to_proto(self) -> planner_pb2.DeviceProfile:
         return planner_pb2.DeviceProfile(
             name=self.name, device_type=self.device_type, memory_bytes=self.memory_bytes, version=self.version,
-            latency=[m.to_proto() for m in self.latency], roofline=self.roofline.to_proto(), model=self.model)
+            latency=[m.to_proto() for m in self.latency], roofline=self.roofline.to_proto(), model=self.model,
+            reserve_bytes=self.reserve_bytes)
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.DeviceProfile) -> DeviceProfile:
@@ -155,7 +168,8 @@ class DeviceProfile:
             raise InvalidArgument(f"device profile {msg.name!r} lacks a roofline; add peak_fp16_tflops and memory_bandwidth_gbs")
         return cls(name=msg.name, device_type=msg.device_type, memory_bytes=msg.memory_bytes,
                    roofline=Roofline.from_proto(msg.roofline), latency=tuple(LatencyModel.from_proto(m) for m in msg.latency),
-                   model=msg.model, version=msg.version)
+                   model=msg.model, version=msg.version,
+                   reserve_bytes=msg.reserve_bytes if msg.HasField("reserve_bytes") else None)
 
     def to_json(self) -> str:
         return json_format.MessageToJson(self.to_proto(), preserving_proto_field_name=True, indent=None)

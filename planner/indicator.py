@@ -51,8 +51,8 @@ class Indicator:
         if not self.values:
             raise InvalidArgument("indicator has no layers")
         for i, row in enumerate(self._rows):
-            if any(v < 0 for v in row.values()):
-                raise InvalidArgument(f"indicator layer {i} has a negative value; indicators are >= 0")
+            if not all(0 <= v < float("inf") for v in row.values()):  # NaN fails too
+                raise InvalidArgument(f"indicator layer {i} has a negative, infinite or NaN value; indicators are finite and >= 0")
 
     @property
     def num_layers(self) -> int:
@@ -130,8 +130,8 @@ class Quality:
     def __post_init__(self) -> None:
         if self.theta is not None and self.bound is not None:
             raise InvalidArgument("give either theta or a quality bound, not both")
-        if (self.theta is not None and self.theta < 0) or (self.bound is not None and self.bound < 0):
-            raise InvalidArgument("theta and the quality bound must be >= 0")
+        if any(v is not None and not 0 <= v < float("inf") for v in (self.theta, self.bound)):  # NaN fails too
+            raise InvalidArgument(f"theta and the quality bound must be finite and >= 0, got {self.theta}, {self.bound}")
 
     def resolved(self, indicator: Indicator) -> Quality:
         """The default (neither given) becomes the bound of uniform 4-bit."""

@@ -4,7 +4,8 @@ Per layer and micro-batch a device either has a fitted `LatencyModel` for (bits,
 model, or uses its roofline: max(flops / achieved compute x dequant factor, bytes / achieved
 bandwidth) + a fixed overhead. Prefill moves b x s tokens through the layer (compute-bound); decode
 moves b tokens and reads the whole quantized weight and the K/V of every cached position
-(memory-bound: weight bytes scale with the bits).
+(memory-bound: weight bytes scale with the bits). Unquantized values (16-bit weights, KV, hidden
+states, the head) move `element` bytes each: the stage dtype's size (2, or 4 for float32 stages).
 
 Pipeline (resources = stages and the links between them; a link is its own resource because a stage
 hands the activation to a sender and starts the next micro-batch, so compute and transfer overlap:
@@ -37,7 +38,7 @@ def layer_flops(shape: ModelShape, tokens: int, context: int) -> float:
 
 
 def layer_seconds(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: Phase,
-                  micro_batch: int, prompt_length: int, context: int) -> float:
+                  micro_batch: int, prompt_length: int, context: int, element: int = DTYPE_BYTES) -> float:
     """One decoder layer, one micro-batch. Prefill: `context` is ignored (= prompt length)."""
     new_tokens = prompt_length if phase == Phase.PREFILL else 1
     context = prompt_length if phase == Phase.PREFILL else context
@@ -46,21 +47,21 @@ def layer_seconds(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: 
     if fitted is not None:
         return fitted.seconds(micro_batch, tokens, context)
     kv_tokens = tokens if phase == Phase.PREFILL else micro_batch * context  # written vs read
-    moved = (layer_weight_bytes(shape, bits) + kv_cache_bytes_per_layer(shape, 1, kv_tokens)
-             + 2 * tokens * shape.hidden_size * DTYPE_BYTES)
+    moved = (layer_weight_bytes(shape, bits, element=element) + kv_cache_bytes_per_layer(shape, 1, kv_tokens, element)
+             + 2 * tokens * shape.hidden_size * element)
     return profile.roofline.seconds(layer_flops(shape, tokens, context), moved, quantized=bits != Bits.B16)
 
 
-def head_seconds(profile: DeviceProfile, shape: ModelShape, micro_batch: int) -> float:
+def head_seconds(profile: DeviceProfile, shape: ModelShape, micro_batch: int, element: int = DTYPE_BYTES) -> float:
     """Final norm + LM head on the last position of each sequence (both phases), always roofline."""
     flops = 2.0 * micro_batch * shape.vocab_size * shape.token_dim
-    moved = shape.head_params() * DTYPE_BYTES + micro_batch * shape.vocab_size * 4
+    moved = shape.head_params() * element + micro_batch * shape.vocab_size * 4
     return profile.roofline.seconds(flops, moved, quantized=False)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, new_tokens: int) -> int:
-    """Hidden states one stage sends the next for a micro-batch."""
-    return micro_batch * new_tokens * shape.hidden_size * DTYPE_BYTES
+def activation_bytes(shape: ModelShape, micro_batch: int, new_tokens: int, element: int = DTYPE_BYTES) -> int:
+    """Hidden states one stage sends the next for a micro-batch (in the stage dtype)."""
+    return micro_batch * new_tokens * shape.hidden_size * element
 
 
 def return_bytes(micro_batch: int) -> int:

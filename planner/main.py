@@ -15,9 +15,13 @@ from pathlib import Path
 
 import structlog
 
+from pqmesh import security
+from pqmesh.errors import PqmeshError
 from pqmesh.grpc_server import create_server
 from pqmesh.log import configure
+from pqmesh.metrics import add_metrics_flag
 from pqmesh.planner.v1 import planner_pb2_grpc
+from planner.metrics import PlannerMetrics
 from planner.registry import ProfileRegistry
 from planner.service import SERVICE_NAME, PlannerServicer
 
@@ -30,6 +34,8 @@ class PlannerConfig:
     listen: str
     state_dir: Path
     log_level: str = "info"
+    credentials: security.Credentials | None = None
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -42,18 +48,28 @@ def parse_args(argv: list[str] | None = None) -> PlannerConfig:
     parser.add_argument("--listen", required=True, help="HOST:PORT to serve on, e.g. 0.0.0.0:50070")
     parser.add_argument("--state-dir", required=True, type=Path, help="directory of the device-profile database")
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    add_metrics_flag(parser)
+    security.add_flags(parser)
     args = parser.parse_args(argv)
     try:
-        return PlannerConfig(args.listen, args.state_dir, args.log_level)
-    except ValueError as err:
+        return PlannerConfig(args.listen, args.state_dir, args.log_level,
+                             credentials=security.from_args(args).require_server(),
+                             metrics_listen=args.metrics_listen)
+    except (ValueError, PqmeshError) as err:
         parser.error(str(err))
 
 
-def start(config: PlannerConfig):
-    """Open the registry and start serving; returns (server, port, health servicer)."""
+def start(config: PlannerConfig, metrics: PlannerMetrics | None = None):
+    """Open the registry and start serving (and the metrics exporter with --metrics-listen); returns
+    (server, port, health servicer). Pass ``metrics`` to read them (``metrics.port``: the exporter's)."""
+    metrics = metrics or PlannerMetrics()
     registry = ProfileRegistry(config.state_dir)
-    servicer = PlannerServicer(registry)
-    return create_server(config.listen, [(planner_pb2_grpc.add_PlannerServiceServicer_to_server, servicer, SERVICE_NAME)])
+    servicer = PlannerServicer(registry, metrics)
+    if config.metrics_listen:
+        metrics.export(config.metrics_listen)
+    return create_server(config.listen, [(planner_pb2_grpc.add_PlannerServiceServicer_to_server, servicer, SERVICE_NAME)],
+                         credentials=config.credentials,
+                         interceptors=[metrics.interceptor(), *security.server_interceptors(config.credentials)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.set())
-    server, port, health = start(config)
+    metrics = PlannerMetrics()
+    server, port, health = start(config, metrics)
     log.info("planner_serving", listen=config.listen, port=port, state_dir=str(config.state_dir))
     stop.wait()
     log.info("planner_stopping", grace_s=GRACE_S)
     health.enter_graceful_shutdown()
     server.stop(GRACE_S).wait()
+    metrics.close()
     log.info("planner_stopped")
     return 0
 

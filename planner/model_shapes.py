@@ -17,6 +17,8 @@ from pqmesh.errors import InvalidArgument, UnsupportedModel
 SHAPE_VERSION = 1
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
+MAX_LAYERS = 1024  # decoder layers; the largest public models have under 200
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -51,6 +53,8 @@ class ModelShape:
         for field in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
             if getattr(self, field) <= 0:
                 raise InvalidArgument(f"model {self.name!r}: {field} must be positive, got {getattr(self, field)}")
+        if self.num_layers > MAX_LAYERS:
+            raise InvalidArgument(f"model {self.name!r}: {self.num_layers} layers; the planner takes at most {MAX_LAYERS}")
         if self.num_heads % self.num_kv_heads:
             raise InvalidArgument(f"model {self.name!r}: {self.num_heads} heads are not a multiple of {self.num_kv_heads} KV heads")
 

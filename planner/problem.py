@@ -5,6 +5,10 @@ quality, allowed bits, cost settings). `evaluate` predicts any `PipelinePlan` on
 stage, prefill and decode time (see `planner.latency` for the pipeline formulas), throughput =
 batch x generation length / (prefill + decode), quality and the objective the solver minimizes:
 prefill + decode seconds (+ theta x quality when a theta is given).
+
+`dtype` is the stages' dtype (float16, bfloat16 or float32): it sets the bytes of every unquantized
+value in the memory and latency models (`planner.memory.element_bytes`). Each device keeps its
+profile's `reserve_bytes`, or `CostConfig.reserve_bytes` when the profile sets none.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from planner.bits import ALL_BITS, Bits, Phase
 from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile
 from planner.indicator import Indicator, Quality
-from planner.memory import DEFAULT_RESERVE_BYTES, StageMemory, kv_cache_bytes_per_layer, layer_weight_bytes, stage_memory
+from planner.memory import (DEFAULT_DTYPE, DEFAULT_RESERVE_BYTES, StageMemory, element_bytes, kv_cache_bytes_per_layer,
+                            layer_weight_bytes, stage_memory)
 from planner.model_shapes import ModelShape
 from planner.plans import PipelinePlan, Prediction
 
@@ -29,7 +34,7 @@ QUALITY_TOLERANCE = 1e-6  # relative; the solver's integer scaling rounds indica
 
 @dataclass(frozen=True)
 class CostConfig:
-    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES  # for devices whose profile sets no reserve_bytes
     decode_segments: int = lat.DEFAULT_DECODE_SEGMENTS
 
 
@@ -43,8 +48,11 @@ class Problem:
     quality: Quality  # resolved: theta or bound set
     allowed_bits: tuple[Bits, ...] = ALL_BITS
     cost: CostConfig = CostConfig()
+    dtype: str = DEFAULT_DTYPE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", self.dtype or DEFAULT_DTYPE)
+        element_bytes(self.dtype)  # InvalidArgument names the supported dtypes
         if not self.devices:
             raise InvalidArgument("the cluster has no devices")
         if len(self.devices) > self.shape.num_layers:
@@ -68,30 +76,41 @@ class Problem:
     def capacity(self, device: Device) -> int:
         return device.profile.memory_bytes
 
+    def reserve(self, device: Device) -> int:
+        """Bytes kept free on `device`: its profile's reserve_bytes, else the cost config's default."""
+        own = device.profile.reserve_bytes
+        return self.cost.reserve_bytes if own is None else own
+
+    @property
+    def element(self) -> int:
+        """Bytes per unquantized value in the stage dtype."""
+        return element_bytes(self.dtype)
+
 
 @functools.lru_cache(maxsize=65536)
 def layer_cost(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: Phase, micro_batch: int,
-               prompt_length: int, context: float) -> float:
-    return lat.layer_seconds(profile, shape, bits, phase, micro_batch, prompt_length, context)
+               prompt_length: int, context: float, element: int = lat.DTYPE_BYTES) -> float:
+    return lat.layer_seconds(profile, shape, bits, phase, micro_batch, prompt_length, context, element)
 
 
 @functools.lru_cache(maxsize=4096)
-def head_cost(profile: DeviceProfile, shape: ModelShape, micro_batch: int) -> float:
-    return lat.head_seconds(profile, shape, micro_batch)
+def head_cost(profile: DeviceProfile, shape: ModelShape, micro_batch: int, element: int = lat.DTYPE_BYTES) -> float:
+    return lat.head_seconds(profile, shape, micro_batch, element)
 
 
 def stage_seconds(problem: Problem, device: Device, counts: dict, last: bool, phase: Phase,
                   micro_batch: int, context: float) -> float:
     """One micro-batch through a stage holding counts[bits] layers at each bitwidth (+ head if last)."""
     s = problem.workload.prompt_length
-    total = sum(n * layer_cost(device.profile, problem.shape, b, phase, micro_batch, s, context) for b, n in counts.items())
-    return total + (head_cost(device.profile, problem.shape, micro_batch) if last else 0.0)
+    e = problem.element
+    total = sum(n * layer_cost(device.profile, problem.shape, b, phase, micro_batch, s, context, e) for b, n in counts.items())
+    return total + (head_cost(device.profile, problem.shape, micro_batch, e) if last else 0.0)
 
 
 def link_times(problem: Problem, order: list[Device], phase: Phase, micro_batch: int) -> list[float]:
     """Forward links between consecutive stages, plus (decode, > 1 stage) the token return link."""
     new_tokens = problem.workload.prompt_length if phase == Phase.PREFILL else 1
-    nbytes = lat.activation_bytes(problem.shape, micro_batch, new_tokens)
+    nbytes = lat.activation_bytes(problem.shape, micro_batch, new_tokens, problem.element)
     net: Network = problem.network
     links = [net.link_seconds(nbytes, a.host == b.host) for a, b in zip(order, order[1:])]
     if phase == Phase.DECODE and len(order) > 1:
@@ -142,7 +161,8 @@ def evaluate(problem: Problem, plan: PipelinePlan) -> Evaluation:
     prefill, decode = phase_seconds(problem, order, counts, plan.prefill_micro_batch, plan.decode_micro_batch)
     w = problem.workload
     memory = tuple(stage_memory(problem.shape, w, list(s.bits), i == 0, i == len(order) - 1, plan.prefill_micro_batch,
-                                plan.decode_micro_batch, problem.cost.reserve_bytes) for i, s in enumerate(plan.stages))
+                                plan.decode_micro_batch, problem.reserve(d), problem.element)
+                   for i, (s, d) in enumerate(zip(plan.stages, order)))
     quality = problem.indicator.total(plan.bits_per_layer)
     throughput = w.batch_size * w.generation_length / (prefill + decode)
     prediction = Prediction(throughput, prefill, decode, tuple(m.total for m in memory), quality)
@@ -154,5 +174,5 @@ def evaluate(problem: Problem, plan: PipelinePlan) -> Evaluation:
 
 def layer_bytes(problem: Problem, bits: Bits) -> int:
     """Weights + KV cache of one decoder layer at `bits` for this workload."""
-    w = problem.workload
-    return layer_weight_bytes(problem.shape, bits) + kv_cache_bytes_per_layer(problem.shape, w.batch_size, w.max_context)
+    w, e = problem.workload, problem.element
+    return layer_weight_bytes(problem.shape, bits, element=e) + kv_cache_bytes_per_layer(problem.shape, w.batch_size, w.max_context, e)

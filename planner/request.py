@@ -12,6 +12,7 @@ from planner.bits import ALL_BITS, Bits, parse_bits_list
 from planner.catalog import builtin_model, model_from_config_json
 from planner.cluster import Cluster, ProfileLookup, Workload, expand
 from planner.indicator import Indicator, Quality, default_indicator
+from planner.memory import DEFAULT_DTYPE, element_bytes
 from planner.problem import Problem
 from planner.search import DEFAULT_TIME_LIMIT_S
 
@@ -20,7 +21,8 @@ REQUEST_VERSION = 1
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """`model` is a built-in model name or the text of a Hugging Face config.json."""
+    """`model` is a built-in model name or the text of a Hugging Face config.json; `dtype` the stages'
+    dtype ("float16", "bfloat16" or "float32"; "" means float16)."""
 
     model: str
     cluster: Cluster
@@ -30,15 +32,18 @@ class PlanInputs:
     allowed_bits: tuple[Bits, ...] = ALL_BITS
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     version: int = REQUEST_VERSION
+    dtype: str = DEFAULT_DTYPE
 
     def __post_init__(self) -> None:
         if self.version != REQUEST_VERSION:
             raise InvalidArgument(f"plan request version {self.version} is not supported; use {REQUEST_VERSION}")
         if not self.model.strip():
             raise InvalidArgument("the plan request names no model; set model_name or model_config_json")
-        if self.time_limit_s <= 0:
+        if not self.time_limit_s > 0:  # NaN fails too
             raise InvalidArgument(f"time limit must be positive seconds, got {self.time_limit_s}")
         object.__setattr__(self, "allowed_bits", parse_bits_list(self.allowed_bits))
+        object.__setattr__(self, "dtype", self.dtype or DEFAULT_DTYPE)
+        element_bytes(self.dtype)  # InvalidArgument names the supported dtypes
 
     @property
     def inline_config(self) -> bool:
@@ -49,11 +54,13 @@ class PlanInputs:
         indicator = Indicator.from_json(self.indicator_json) if self.indicator_json else default_indicator(shape.num_layers)
         indicator.check(shape.num_layers, self.allowed_bits, shape.name)
         return Problem(shape, expand(self.cluster, lookup), self.cluster.network, self.workload, indicator,
-                       self.quality.resolved(indicator), self.allowed_bits)
+                       self.quality.resolved(indicator), self.allowed_bits, dtype=self.dtype)
 
     def to_proto(self) -> planner_pb2.PlanRequest:
         msg = planner_pb2.PlanRequest(workload=self.workload.to_proto(), indicator_json=self.indicator_json,
                                       time_limit_seconds=self.time_limit_s, **self.cluster.to_proto_fields())
+        if self.dtype != DEFAULT_DTYPE:
+            msg.dtype = self.dtype
         if self.allowed_bits != ALL_BITS:
             msg.allowed_bits.extend(b.to_proto() for b in self.allowed_bits)
         if self.inline_config:
@@ -76,7 +83,7 @@ class PlanInputs:
         return cls(model, Cluster.from_proto_fields(msg.devices, msg.network if msg.HasField("network") else None),
                    Workload.from_proto(msg.workload), quality, msg.indicator_json,
                    tuple(Bits.from_proto(b) for b in msg.allowed_bits) or ALL_BITS,
-                   msg.time_limit_seconds or DEFAULT_TIME_LIMIT_S)
+                   msg.time_limit_seconds or DEFAULT_TIME_LIMIT_S, dtype=msg.dtype or DEFAULT_DTYPE)
 
     def to_json(self) -> str:
         return json_format.MessageToJson(self.to_proto(), preserving_proto_field_name=True, indent=None)

@@ -8,6 +8,7 @@ from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.grpc_server import rpc_errors
 from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
 from planner.devices import DeviceProfile
+from planner.metrics import PlannerMetrics
 from planner.registry import ProfileRegistry
 from planner.request import PlanInputs
 from planner.search import plan
@@ -18,8 +19,10 @@ MAX_TIME_LIMIT_S = 300.0
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
-    def __init__(self, registry: ProfileRegistry) -> None:
+    def __init__(self, registry: ProfileRegistry, metrics: PlannerMetrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics or PlannerMetrics()
+        self.metrics.watch(registry)
 
     @rpc_errors
     def RegisterDevice(self, request, context):
@@ -43,9 +46,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     @rpc_errors
     def Plan(self, request, context):
-        inputs = PlanInputs.from_proto(request)
-        if inputs.time_limit_s > MAX_TIME_LIMIT_S:
-            raise InvalidArgument(f"time_limit_seconds {inputs.time_limit_s} exceeds {MAX_TIME_LIMIT_S}; ask for less")
-        result = plan(inputs.to_problem(self.registry.get), inputs.time_limit_s)
+        outcome = "error"  # any PqmeshError or crash; its status is in pqmesh_rpc_errors_total
+        try:
+            inputs = PlanInputs.from_proto(request)
+            if inputs.time_limit_s > MAX_TIME_LIMIT_S:
+                raise InvalidArgument(f"time_limit_seconds {inputs.time_limit_s} exceeds {MAX_TIME_LIMIT_S}; ask for less")
+            result = plan(inputs.to_problem(self.registry.get), inputs.time_limit_s)
+            outcome = "ok"
+        finally:
+            self.metrics.plan_requests.labels(outcome=outcome).inc()
+        self.metrics.solve_seconds.observe(result.solve_seconds)
         log.info("plan_served", plan_id=result.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
         return result.to_proto()

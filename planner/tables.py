@@ -11,7 +11,7 @@ import math
 
 from planner.bits import Bits, Phase
 from planner.cluster import Device
-from planner.memory import embedding_bytes, head_bytes, logits_bytes, temp_activation_bytes
+from planner.memory import embedding_bytes, head_bytes, logits_bytes, stage_workspace_bytes, temp_activation_bytes
 from planner.plans import PipelinePlan, StagePlan
 from planner.problem import Problem, head_cost, layer_bytes, layer_cost, link_times
 from planner.solver_ortools import TIME_SCALE, OrderInput
@@ -22,7 +22,8 @@ MAX_UNITS = 24  # per-layer model: at most this many layer groups
 def micro_batch_candidates(batch: int, limit: int = 10) -> tuple[int, ...]:
     """Divisors of the global batch (so every micro-batch is full); thinned to powers of two and
     batch / k for small k when there are many."""
-    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    small = [d for d in range(1, math.isqrt(batch) + 1) if batch % d == 0]  # O(sqrt(batch)): batches may be huge
+    divisors = sorted({*small, *(batch // d for d in small)})
     if len(divisors) > limit:
         keep = {d for d in divisors if d & (d - 1) == 0} | {batch // k for k in range(1, 9) if batch % k == 0}
         divisors = sorted(keep)
@@ -58,17 +59,21 @@ class QualityScale:
 
 
 def budgets(problem: Problem, order: list[Device], sizes: tuple[int, ...], phase: Phase) -> tuple:
-    shape, w = problem.shape, problem.workload
+    """Bytes left for layers (weights + KV) per stage and micro-batch size: capacity minus the
+    device's reserve, embeddings/head, the phase's largest activation and the dequantization
+    workspace (that of the allowed bits needing the most: conservative for stages that use fewer)."""
+    shape, w, e = problem.shape, problem.workload, problem.element
+    workspace = stage_workspace_bytes(shape, problem.allowed_bits, e)
     out = []
     for i, device in enumerate(order):
         first, last = i == 0, i == len(order) - 1
-        fixed = (embedding_bytes(shape) if first else 0) + (head_bytes(shape, single_stage=first) if last else 0)
+        fixed = (embedding_bytes(shape, e) if first else 0) + (head_bytes(shape, first, e) if last else 0)
         row = []
         for b in sizes:
             new = w.prompt_length if phase == Phase.PREFILL else 1
             context = w.prompt_length if phase == Phase.PREFILL else w.max_context
-            temp = temp_activation_bytes(shape, b, new, context) + (logits_bytes(shape, b) if last else 0)
-            row.append(problem.capacity(device) - problem.cost.reserve_bytes - fixed - temp)
+            temp = temp_activation_bytes(shape, b, new, context, e) + (logits_bytes(shape, b) if last else 0)
+            row.append(problem.capacity(device) - problem.reserve(device) - fixed - temp - workspace)
         out.append(tuple(row))
     return tuple(out)
 
@@ -78,12 +83,12 @@ def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int,
     """The solver's tables for `order`. `relaxed_indicator`: count model in which each layer keeps its
     own indicator but is not tied to a stage (a lower bound when indicators differ by layer)."""
     shape, s, bits, last = problem.shape, problem.workload.prompt_length, problem.allowed_bits, len(order) - 1
-    segments = problem.segments()
-    pre_layer = tuple(tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.PREFILL, k, s, s)) for k in prefill_sizes) for b in bits) for d in order)
-    pre_fixed = tuple(tuple(_t(head_cost(d.profile, shape, k)) if i == last else 0 for k in prefill_sizes) for i, d in enumerate(order))
-    dec_layer = tuple(tuple(tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx)) for _, ctx in segments)
+    segments, e = problem.segments(), problem.element
+    pre_layer = tuple(tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.PREFILL, k, s, s, e)) for k in prefill_sizes) for b in bits) for d in order)
+    pre_fixed = tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for k in prefill_sizes) for i, d in enumerate(order))
+    dec_layer = tuple(tuple(tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
                                   for k in decode_sizes) for b in bits) for d in order)
-    dec_fixed = tuple(tuple(tuple(_t(head_cost(d.profile, shape, k)) if i == last else 0 for _ in segments)
+    dec_fixed = tuple(tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for _ in segments)
                             for k in decode_sizes) for i, d in enumerate(order))
     qs, ind, theta = QualityScale(problem), problem.indicator, problem.quality.theta
     common = dict(

@@ -17,6 +17,7 @@ from pqmesh.log import configure
 COMMANDS = (
     "pqmesh.model.commands",  # model prepare, demo
     "pqmesh.quant.commands",
+    "pqmesh.profiler.commands",  # profile, profile validate, profile link
     "planner.commands",
     "coordinator.commands",
 )

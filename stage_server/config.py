@@ -8,6 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pqmesh import security
+from pqmesh.errors import PqmeshError
+from pqmesh.metrics import add_metrics_flag
+
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
@@ -31,6 +35,26 @@ class StageConfig:
     model_root: Path
     queue_depth: int
     log_level: str
+    credentials: security.Credentials | None = None  # serves with it; also the identity towards the next stage
+    allowed_client_cns: tuple[str, ...] = ()  # LoadShard, Release and Forward (the coordinator)
+    allowed_forward_cns: tuple[str, ...] = ()  # Forward only (the previous stage)
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
+
+    def __post_init__(self) -> None:
+        if (self.allowed_client_cns or self.allowed_forward_cns) and not (self.credentials and self.credentials.mutual):
+            raise ValueError("--allowed-client-cn and --allowed-forward-cn check client certificates: "
+                             "they need mutual TLS (--tls-cert, --tls-key and --tls-ca)")
+        if self.allowed_forward_cns and not self.allowed_client_cns:
+            raise ValueError("--allowed-forward-cn needs --allowed-client-cn too (the coordinator's CN), "
+                             "or LoadShard and Release stay open to every certificate of the CA")
+
+    def allowed_methods(self) -> dict[str, tuple[str, ...]]:
+        """Full method name -> client CNs allowed to call it (empty: no identity check)."""
+        if not self.allowed_client_cns:
+            return {}
+        prefix = "/pqmesh.stage.v1.StageService/"
+        return {prefix + "LoadShard": self.allowed_client_cns, prefix + "Release": self.allowed_client_cns,
+                prefix + "Forward": self.allowed_client_cns + self.allowed_forward_cns}
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "StageConfig":
@@ -43,5 +67,19 @@ class StageConfig:
                             help="directory whose sub-directories are safetensors checkpoints (model ids)")
         parser.add_argument("--queue-depth", type=int, default=8, help="micro-batches buffered before backpressure")
         parser.add_argument("--log-level", default="info")
+        add_metrics_flag(parser)
+        security.add_flags(parser)
+        parser.add_argument("--allowed-client-cn", action="append", default=[], metavar="CN",
+                            help="with mutual TLS: only clients whose certificate CN is one of these (repeatable) may "
+                                 "call LoadShard, Release and Forward, e.g. coordinator")
+        parser.add_argument("--allowed-forward-cn", action="append", default=[], metavar="CN",
+                            help="with mutual TLS: CNs also allowed to call Forward: the previous stage, e.g. stage "
+                                 "(chained streams come from it, with its own certificate)")
         args = parser.parse_args(argv)
-        return cls(args.listen, args.device, args.memory_budget, args.model_root, args.queue_depth, args.log_level)
+        try:
+            return cls(args.listen, args.device, args.memory_budget, args.model_root, args.queue_depth, args.log_level,
+                       credentials=security.from_args(args).require_server(),
+                       allowed_client_cns=tuple(args.allowed_client_cn),
+                       allowed_forward_cns=tuple(args.allowed_forward_cn), metrics_listen=args.metrics_listen)
+        except (PqmeshError, ValueError) as err:
+            parser.error(str(err))

@@ -96,11 +96,16 @@ class StageRuntime:
 
     # -- loading ----------------------------------------------------------------------------------
     def model_dir(self, model_id: str) -> Path:
-        # one plain path component: nothing can climb out of the root (a symlink placed inside the
-        # root by the operator is the operator's choice and is followed)
-        if model_id in ("", ".", "..") or Path(model_id).name != model_id or "\\" in model_id:
+        # one plain path component, and its real path (symlinks followed) still inside the root:
+        # a model id from the wire can never make this stage read outside --model-root
+        if (model_id in ("", ".", "..") or Path(model_id).name != model_id or "\\" in model_id
+                or not model_id.isprintable()):
             raise InvalidArgument(f"model id {model_id!r} must name a directory directly under the model root {self.model_root}")
         candidate = self.model_root / model_id
+        if not candidate.resolve().is_relative_to(self.model_root):
+            raise InvalidArgument(f"model id {model_id!r} is a link to {candidate.resolve()}, outside the model root "
+                                  f"{self.model_root}; move or copy the checkpoint under the root, or point "
+                                  "--model-root at the directory that holds it")
         if not (candidate / "config.json").is_file():
             raise NotFound(f"no checkpoint {model_id!r} under {self.model_root} (expected {candidate}/config.json)")
         return candidate
@@ -199,7 +204,12 @@ class StageRuntime:
                 held = [shard.cache.lengths[s] for s in batch.slots]
                 if held != list(batch.lengths):
                     raise FailedPrecondition(f"slots {batch.slots} hold {held} tokens but the micro-batch says {batch.lengths}")
-                result = shard.decode(batch.slots, batch.tensor.view(len(batch.slots), 1, *batch.tensor.shape[2:]))
+                try:
+                    tokens_in = batch.tensor.view(len(batch.slots), 1, *batch.tensor.shape[2:])
+                except RuntimeError:
+                    raise InvalidArgument(f"a decode micro-batch carries one position per sequence ({len(batch.slots)} "
+                                          f"sequences); got a tensor of shape {tuple(batch.tensor.shape)}") from None
+                result = shard.decode(batch.slots, tokens_in)
                 positions, tokens = [n + 1 for n in batch.lengths], len(batch.slots)
             token_ids, hidden = [], None
             if shard.head is not None:
@@ -218,6 +228,11 @@ class StageRuntime:
         with self._lock:
             shard, _ = self._require(plan_id)
             return shard.release(slots)
+
+    def kv_slots(self) -> tuple[int, int]:
+        """(used, total) KV slots, read without the lock (for metrics scrapes during compute)."""
+        shard = self.shard
+        return (shard.cache.slots_used, shard.cache.num_slots) if shard is not None else (0, 0)
 
     def info(self) -> dict:
         with self._lock:

@@ -25,8 +25,8 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too
+            raise InvalidArgument(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0 <= self.top_p <= 1:
             raise InvalidArgument(f"top_p must be within [0, 1], got {self.top_p}")
         if self.top_k < 0:

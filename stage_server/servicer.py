@@ -6,7 +6,9 @@ from pqmesh.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument
 from pqmesh.grpc_server import rpc_errors
 from pqmesh.model import Role
+from pqmesh.security import Credentials
 from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
+from stage_server.metrics import StageMetrics
 from stage_server.runtime import ShardSpec, StageRuntime
 from stage_server.streaming import Session, Worker, abort_with
 
@@ -33,13 +35,19 @@ def shard_spec(request: stage_pb2.LoadShardRequest) -> ShardSpec:
 
 
 class StageServicer(stage_pb2_grpc.StageServiceServicer):
-    def __init__(self, runtime: StageRuntime, queue_depth: int = 8) -> None:
+    def __init__(self, runtime: StageRuntime, queue_depth: int = 8, credentials: Credentials | None = None,
+                 metrics: StageMetrics | None = None, worker_thread: bool = True) -> None:
         self.runtime = runtime
-        self.worker = Worker(runtime, queue_depth)
+        self.worker = Worker(runtime, queue_depth, metrics, start=worker_thread)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(runtime, self.worker)
+        self.credentials = credentials  # this stage's identity (and token) towards the next stage
 
     @rpc_errors
     def LoadShard(self, request, context):
-        result = self.runtime.load(shard_spec(request))
+        spec = shard_spec(request)
+        result = self.worker.call(lambda: self.runtime.load(spec))
         return stage_pb2.LoadShardResponse(
             plan_id=request.plan_id, weight_bytes=result.weight_bytes, kv_cache_bytes=result.kv_cache_bytes,
             total_bytes=result.total_bytes, load_seconds=result.load_seconds,
@@ -47,13 +55,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
 
     def Forward(self, request_iterator, context):
         try:
-            yield from Session(self.runtime, self.worker).run(request_iterator)
+            yield from Session(self.runtime, self.worker, self.credentials).run(request_iterator)
         except Exception as err:  # noqa: BLE001 - every failure ends this stream with a status
             abort_with(context, err)
 
     @rpc_errors
     def Release(self, request, context):
-        return stage_pb2.ReleaseResponse(released=self.runtime.release(request.plan_id, list(request.slots)))
+        plan_id, slots = request.plan_id, list(request.slots)
+        return stage_pb2.ReleaseResponse(released=self.worker.call(lambda: self.runtime.release(plan_id, slots)))
 
     @rpc_errors
     def GetInfo(self, request, context):

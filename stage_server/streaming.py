@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future
 from typing import Iterator
 
 import grpc
@@ -63,13 +64,30 @@ def read_micro_batches(requests: Iterator[stage_pb2.ForwardRequest], device) -> 
 
 
 class Worker:
-    """The stage's one compute thread: runs micro-batches in arrival order."""
+    """The stage's one compute thread: runs micro-batches in arrival order (recorded in ``metrics``).
 
-    def __init__(self, runtime: StageRuntime, depth: int) -> None:
-        self.runtime = runtime
+    Loading and releasing go through the same thread (`call`), so one thread does all of a stage's
+    device work: on an H100, decode steps launched from a thread other than the one that loaded the
+    shard and first touched CUDA ran 2.5-4x slower (docs/BENCHMARKS.md, stage overhead). With
+    ``start=False`` no thread is started and the owner calls `run` from the thread it wants the work
+    in (`pqmesh-stage`: the process's main thread).
+    """
+
+    def __init__(self, runtime: StageRuntime, depth: int, metrics=None, start: bool = True) -> None:
+        self.runtime, self.capacity, self.metrics = runtime, depth, metrics
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._loop, name="stage-compute", daemon=True)
-        self._thread.start()
+        if start:
+            threading.Thread(target=self._loop, name="stage-compute", daemon=True).start()
+
+    def run(self) -> None:
+        """Runs micro-batches in the calling thread until `stop`."""
+        self._loop()
+
+    def call(self, fn):
+        """``fn()`` on the compute thread, after the micro-batches queued before it; its result or error."""
+        done: Future = Future()
+        self._queue.put((None, done, fn))
+        return done.result()
 
     def submit(self, session: "Session", header, batch: MicroBatch | None) -> None:
         self._queue.put((session, header, batch))  # blocks when full: backpressure to the caller
@@ -77,23 +95,39 @@ class Worker:
     def stop(self) -> None:
         self._queue.put(None)
 
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             session, header, batch = item
-            if batch is None:
+            if session is None:  # a `call`: header is its Future, batch the function
+                try:
+                    header.set_result(batch())
+                except BaseException as err:  # noqa: BLE001 - handed to the caller
+                    header.set_exception(err)
+            elif batch is None:
                 session.inbound_done()
             elif not session.failed:
                 try:
-                    session.computed(header, self.runtime.execute(batch))
+                    out = self.runtime.execute(batch)
+                    self._record(batch, out)
+                    session.computed(header, out)
                 except Exception as err:  # noqa: BLE001 - reported on the session's stream
                     session.fail(err)
+
+    def _record(self, batch: MicroBatch, out: Output) -> None:
+        if self.metrics is not None:
+            tokens = sum(batch.lengths) if batch.phase is Phase.PREFILL else len(batch.slots)
+            self.metrics.micro_batch(batch.phase.name.lower(), tokens, len(out.token_ids), out.compute_ns, out.queue_ns)
 
 
 class Session:
     """One inbound Forward stream and, on a non-last stage, its outbound stream to the next hop."""
 
-    def __init__(self, runtime: StageRuntime, worker: Worker) -> None:
+    def __init__(self, runtime: StageRuntime, worker: Worker, credentials=None) -> None:
         self.runtime, self.worker = runtime, worker
+        self.credentials = credentials  # pqmesh.security.Credentials towards the next hop, or None
         self.responses: queue.Queue = queue.Queue()
         self.failed = False
         self._downstream: queue.Queue | None = None
@@ -164,7 +198,7 @@ class Session:
     def _open_downstream(self, address: str) -> None:
         self._downstream = queue.Queue()
         outgoing = iter(self._downstream.get, _END)
-        stub = stage_pb2_grpc.StageServiceStub(channel(address))
+        stub = stage_pb2_grpc.StageServiceStub(channel(address, self.credentials))
         replies = stub.Forward(outgoing)
         threading.Thread(target=self._relay, args=(replies, address), name="stage-relay", daemon=True).start()
 

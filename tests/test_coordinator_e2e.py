@@ -19,6 +19,7 @@ from coordinator.main import serve
 from coordinator.plan import MeshPlan
 from stage_server.config import StageConfig
 from stage_server.main import serve as serve_stage
+import tiny_models
 from tiny_models import build_checkpoint, reference_greedy
 
 FAMILIES = ("llama", "opt", "bloom")
@@ -28,7 +29,7 @@ CUTS = [(0, 1), (1, 3), (3, 4)]
 def start_stages(model_root: Path, count: int) -> list:
     stages = []
     for _ in range(count):
-        server, port, servicer = serve_stage(StageConfig("127.0.0.1:0", "cpu", 1 << 30, model_root, 4, "warning"))
+        server, port, servicer = serve_stage(StageConfig("127.0.0.1:0", tiny_models.DEVICE, 1 << 30, model_root, 4, "warning"))
         stages.append((server, f"127.0.0.1:{port}", servicer))
     return stages
 
@@ -47,6 +48,7 @@ def plan_for(addresses, prefill, decode, cuts=CUTS) -> MeshPlan:
 
 
 def start_coordinator(state_dir, addresses, model_id, prefill=3, decode=4, max_sequences=5, max_tokens=32, **kw):
+    kw.setdefault("dtype", "float32")  # the references are fp32 (a GPU stage would default to float16)
     config = CoordinatorConfig("127.0.0.1:0", Path(state_dir), plan_for(addresses, prefill, decode), model_id,
                                max_sequences, max_tokens, log_level="warning", **kw)
     return serve(config)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pqmesh.errors import InvalidArgument
+from pqmesh.errors import FailedPrecondition, InvalidArgument
 from coordinator.scheduler import FinishReason, Phase, Scheduler, Sequence
 
 EOS = 2
@@ -135,12 +135,72 @@ def test_capacity_and_cancel_and_reset():
     assert [s.index for s in scheduler.waiting] == [4]
     back = scheduler.update(second.id, second.slots, [4, 4])
     assert back.cancelled == 1 and back.release == [3]
-    # the mesh lost everything in flight: running sequences start again from their prompts, in order
+    # the mesh lost everything in flight: running sequences wait again, in order, keeping their tokens
     scheduler.released([1, 3])
     scheduler.schedule()
     slots = scheduler.reset()
     assert sorted(slots) == [0, 1, 2] and scheduler.running == 0
     assert [s.index for s in scheduler.waiting] == [0, 2, 4]
-    assert all(not s.generated and s.slot is None for s in scheduler.waiting)
+    assert [s.generated for s in scheduler.waiting] == [[3], [4], []]
+    assert all(s.slot is None for s in scheduler.waiting)
     scheduler.all_released()
     assert scheduler.free_slots == 4
+
+
+def test_reset_re_prefills_prompt_plus_generated_and_continues_at_the_next_position():
+    scheduler = Scheduler(max_sequences=2, max_tokens=16, prefill_micro_batch=2, decode_micro_batch=2, max_in_flight=1)
+    seqs = [Sequence("j", i, (5 + i,) * (i + 2), max_new_tokens=4) for i in range(2)]
+    for s in seqs:
+        scheduler.add(s)
+    (prefill,) = scheduler.schedule()
+    assert prefill.positions == (0, 0)
+    scheduler.update(prefill.id, prefill.slots, [7, 8])
+    (decode,) = scheduler.schedule()
+    assert decode.positions == (1, 1)
+    scheduler.update(decode.id, decode.slots, [9, 10])
+    (lost,) = scheduler.schedule()  # the third step goes out, then the mesh loses it
+    slots = scheduler.reset(blame=False)
+    assert sorted(slots) == [0, 1] and all(s.attempts == 0 for s in seqs)
+    scheduler.all_released()
+    (again,) = scheduler.schedule()
+    # the KV cache is rebuilt from prompt + generated; the token that comes back fills position 2
+    assert again.phase is Phase.PREFILL and again.rows() == [[5, 5, 7, 9], [6, 6, 6, 8, 10]]
+    assert again.lengths == (4, 5) and again.positions == (2, 2)
+    scheduler.update(again.id, again.slots, [11, 12])
+    (decode,) = scheduler.schedule()
+    assert decode.lengths == (4, 5) and decode.rows() == [[11], [12]] and decode.positions == (3, 3)
+    # the reply of the lost step arrives late: ignored, nothing appended twice
+    assert scheduler.update(lost.id, lost.slots, [99, 98]).ignored == 2
+    result = scheduler.update(decode.id, decode.slots, [13, 14])
+    assert [f.sequence.generated for f in result.finished] == [[7, 9, 11, 13], [8, 10, 12, 14]]
+
+
+def test_token_appends_are_keyed_by_position():
+    sequence = Sequence("j", 0, (1, 2), max_new_tokens=5)
+    assert sequence.accept(0, 7) and sequence.accept(1, 8)
+    assert not sequence.accept(1, 8) and not sequence.accept(0, 3)  # a duplicate changes nothing
+    assert sequence.generated == [7, 8]
+    with pytest.raises(FailedPrecondition, match="position 3 arrived but only 2 are generated"):
+        sequence.accept(3, 9)
+    # the same reply twice: the second is ignored, the sequence is not doubled nor rescheduled twice
+    scheduler = Scheduler(max_sequences=1, max_tokens=16, prefill_micro_batch=1, decode_micro_batch=1, max_in_flight=1)
+    scheduler.add(Sequence("j", 1, (4,), max_new_tokens=3))
+    (prefill,) = scheduler.schedule()
+    first = scheduler.update(prefill.id, prefill.slots, [6])
+    second = scheduler.update(prefill.id, prefill.slots, [6])
+    assert ([s.generated for s in first.appended], second.ignored, second.appended) == ([[6]], 1, [])
+    assert len(scheduler.ready) == 1
+
+
+def test_only_refused_micro_batches_count_attempts_and_a_new_token_clears_them():
+    scheduler = Scheduler(max_sequences=1, max_tokens=16, prefill_micro_batch=1, decode_micro_batch=1, max_in_flight=1)
+    sequence = Sequence("j", 0, (4,), max_new_tokens=3)
+    scheduler.add(sequence)
+    for blame, expected in [(True, 1), (False, 1), (True, 2)]:
+        scheduler.schedule()
+        scheduler.reset(blame=blame)
+        scheduler.all_released()
+        assert sequence.attempts == expected
+    (prefill,) = scheduler.schedule()
+    scheduler.update(prefill.id, prefill.slots, [6])
+    assert sequence.attempts == 0

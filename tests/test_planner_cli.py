@@ -76,3 +76,27 @@ def test_errors_exit_2_with_a_message(cluster, tmp_path, capsys):
     assert "quality bound" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: theta and quality bound exclude each other
         main(_args(cluster, "--theta", "1", "--quality-bound", "1"))
+
+
+def test_plot_writes_a_png_of_the_plan(cluster, tmp_path, capsys):
+    import struct
+
+    from planner.plot import DPI, FIGSIZE
+
+    out = tmp_path / "plan.png"
+    assert main(_args(cluster, "--json", "--plot", str(out))) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["stages"]  # the report is printed as before
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    assert len(data) > 50_000  # four panels of bars and text, not an empty canvas
+    assert main(_args(cluster, "--plot", str(tmp_path / "missing" / "plan.png"))) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_plot_is_imported_lazily():
+    import subprocess
+    import sys
+
+    code = "import sys, pqmesh.cli; pqmesh.cli.build_parser(); sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -38,7 +38,9 @@ def test_linear_weight_bytes_by_hand():
     # 65536 weights at 4 bits = 32768 bytes; 2 groups of 128 per row x 256 rows x 4 bytes = 2048
     assert linear_weight_bytes(256, 256, Bits.B4) == 32768 + 2048
     assert linear_weight_bytes(128, 10, Bits.B3) == 480 + 40
-    assert linear_weight_bytes(130, 10, Bits.B3) == 488 + 80  # a partial group still has a scale and zero
+    # as the stage stores it: 3-bit rows padded to 8 codes (136 x 3 / 8 = 51 bytes), and 130 inputs
+    # split into 2 groups of 65 (the largest divisor of 130 up to 128), each with a scale and offset
+    assert linear_weight_bytes(130, 10, Bits.B3) == 510 + 80
     assert linear_weight_bytes(256, 256, Bits.B8) == 65536 + 2048
 
 
@@ -75,7 +77,9 @@ def test_stage_memory_adds_up():
     assert first.kv_cache == 2 * kv_cache_bytes_per_layer(TINY, 4, 11)
     assert first.activations == max(temp_activation_bytes(TINY, 2, 8, 8), temp_activation_bytes(TINY, 4, 1, 11))
     assert first.embeddings_and_head == embedding_bytes(TINY)
-    assert first.total == first.weights + first.kv_cache + first.activations + embedding_bytes(TINY) + 100
+    # one shared dequantization buffer for the 4-bit layer: the largest matrix (fc1) in fp16 + its codes
+    assert first.workspace == 256 * 1024 * 2 + 256 * 1024
+    assert first.total == first.weights + first.kv_cache + first.activations + embedding_bytes(TINY) + 100 + first.workspace
     last = stage_memory(TINY, w, [Bits.B4], False, True, 2, 4, reserve=0)
     assert last.embeddings_and_head == head_bytes(TINY)
     # fp32 logits of each micro-batch's last positions: 2 x 1000 x 4 in prefill, 4 x 1000 x 4 in decode

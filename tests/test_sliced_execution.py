@@ -9,6 +9,7 @@ import torch
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from pqmesh.model import LocalPipeline, ModelShard, left_pad
+import tiny_models
 from tiny_models import build_checkpoint, reference_greedy
 
 FAMILIES = ["llama", "opt", "opt-350m-style", "bloom"]
@@ -27,7 +28,8 @@ def tiny(request, tmp_path_factory):
 
 def pipeline(directory, cuts, max_slots=8, max_len=64) -> LocalPipeline:
     return LocalPipeline(
-        [ModelShard.load(directory, a, b, max_slots=max_slots, max_len=max_len) for a, b in zip(cuts, cuts[1:])]
+        [ModelShard.load(directory, a, b, max_slots=max_slots, max_len=max_len, device=tiny_models.DEVICE)
+         for a, b in zip(cuts, cuts[1:])]
     )
 
 
@@ -54,8 +56,8 @@ def test_prefill_logits_match_full_model(tiny, stages):
     width = ids.shape[1]
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = model(torch.tensor([prompt])).logits[0]
-        got = logits[row, width - len(prompt):]
+            ref = model.to(tiny_models.DEVICE)(torch.tensor([prompt], device=tiny_models.DEVICE)).logits[0]
+        got = logits[row, width - len(prompt):].to(ref.device)
         rel = (got - ref).abs().max() / ref.abs().max()
         assert rel < 1e-5, f"prompt {row}: relative error {rel:.2e}"
 

@@ -16,6 +16,7 @@ from pqmesh.stage.v1 import stage_pb2
 from stage_server.client import StageClient
 from stage_server.config import StageConfig
 from stage_server.main import serve
+import tiny_models
 from tiny_models import build_checkpoint, reference_greedy
 
 PREFILL, DECODE = tensor_pb2.PHASE_PREFILL, tensor_pb2.PHASE_DECODE
@@ -26,7 +27,7 @@ ROLES = {(True, True): stage_pb2.ROLE_ONLY, (True, False): stage_pb2.ROLE_FIRST,
 def start_stages(model_root, count, budget=1 << 30):
     stages = []
     for _ in range(count):
-        config = StageConfig("127.0.0.1:0", "cpu", budget, model_root, queue_depth=4, log_level="warning")
+        config = StageConfig("127.0.0.1:0", tiny_models.DEVICE, budget, model_root, queue_depth=4, log_level="warning")
         server, port, servicer = serve(config)
         stages.append((server, StageClient(f"127.0.0.1:{port}"), servicer))
     return stages
@@ -41,6 +42,7 @@ def load_mesh(clients, model_id, cuts, plan_id="plan-a", max_sequences=8, max_to
             bits=(bits or [16] * (end - start)), role=ROLES[(start == 0, end == total)],
             max_sequences=max_sequences, max_tokens_per_sequence=max_tokens,
             next_hop=clients[i + 1].address if i + 1 < len(clients) else "",
+            dtype="float32",  # the references are fp32 (a GPU stage would default to float16)
         )
         replies.append(client.load_shard(request))
     return replies
@@ -196,7 +198,7 @@ def test_mixed_bits_shard_generates_and_matches_its_memory_prediction(model_root
         replies.append(client.load_shard(stage_pb2.LoadShardRequest(
             plan_id="plan-q", model_id="tiny-llama", layers=tensor_pb2.LayerRange(start=start, end=end),
             bits=bits[i], role=ROLES[(start == 0, end == 4)], max_sequences=2, max_tokens_per_sequence=16,
-            next_hop=mesh[i + 1].address if i + 1 < 3 else "", group_size=32)))
+            next_hop=mesh[i + 1].address if i + 1 < 3 else "", group_size=32, dtype="float32")))
     tokens = mesh_greedy(mesh[0], "plan-q", [[5, 6, 7, 8], [9, 10]], 6, 2, 2)
     assert [len(t) for t in tokens] == [6, 6]
     from pqmesh.model.loading import load_config

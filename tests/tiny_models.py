@@ -8,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConfig, PretrainedConfig
 
 VOCAB = 256
+#: Torch device of the mesh tests and their references; set from pytest's --device (tests/conftest.py).
+DEVICE = "cpu"
 
 
 def tiny_config(family: str, layers: int = 4) -> PretrainedConfig:
@@ -50,10 +52,11 @@ def build_checkpoint(family: str, directory: Path, layers: int = 4, seed: int = 
 
 
 def reference_greedy(model, prompts, max_new_tokens: int) -> list[list[int]]:
-    """Hugging Face generate, one prompt at a time (no padding involved)."""
+    """Hugging Face generate on `DEVICE`, one prompt at a time (no padding involved)."""
     out = []
+    model.to(DEVICE)
     for prompt in prompts:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=DEVICE)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
         out.append(gen[0, len(prompt):].tolist())

@@ -1,8 +1,8 @@
-"""`pqmesh model prepare` and `pqmesh demo`: the embedded model, and generation through chained slices.
+"""`pqmesh model prepare` and `pqmesh demo`: the embedded model, and the demo.
 
-The demo runs a few chat prompts through the model split into stages (in one process for now; the
-mesh replaces this later) and through Hugging Face `generate` on the same prompts, and prints both
-texts and their tokens per second.
+`pqmesh demo` runs the whole mesh on loopback (`pqmesh.demo.mesh_demo`). `pqmesh demo --in-process`
+runs a few chat prompts through the model split into slices in this process and through Hugging Face
+`generate` on the same prompts, and prints both texts and their tokens per second.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from pqmesh.demo.mesh_demo import DEFAULT_BUDGETS_MB
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
@@ -28,11 +30,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument("--force", action="store_true", help="convert again even if already prepared")
     prepare.set_defaults(func=_prepare)
 
-    demo = sub.add_parser("demo", help="generate with the embedded model through chained stage slices")
-    demo.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: embedded SmolLM2-135M)")
-    demo.add_argument("--stages", type=int, default=2, help="number of pipeline slices (default: 2)")
-    demo.add_argument("--max-new-tokens", type=int, default=40)
-    demo.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    demo = sub.add_parser("demo", help="planner + 3 stage servers + coordinator on loopback, plan vs PipeEdge baseline")
+    demo.add_argument("--prompts", type=int, default=64, help="prompts in the batch (default: 64)")
+    demo.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default: 32; 40 in-process)")
+    demo.add_argument("--budgets-mb", default=",".join(map(str, DEFAULT_BUDGETS_MB)),
+                      help="memory budget of each stage server in MiB (default: %(default)s)")
+    demo.add_argument("--quick-profile", action="store_true", help="profile on a small grid (faster, less accurate)")
+    demo.add_argument("--workdir", type=Path, default=None, help="logs, plans and databases (default: a new temp dir)")
+    demo.add_argument("--in-process", action="store_true",
+                      help="instead: chained slices in this process vs Hugging Face generate (token-exact check)")
+    demo.add_argument("--model", type=Path, default=None, help="--in-process: checkpoint directory (default: embedded)")
+    demo.add_argument("--stages", type=int, default=2, help="--in-process: number of slices (default: 2)")
+    demo.add_argument("--device", default="cpu", help="--in-process: cpu or cuda[:N]")
     demo.set_defaults(func=_demo)
 
 
@@ -51,6 +60,30 @@ def even_cuts(layers: int, stages: int) -> list[int]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.in_process:
+        args.max_new_tokens = args.max_new_tokens or 40
+        return _demo_in_process(args)
+    from pqmesh.demo.mesh_demo import DemoOptions, run_demo
+
+    try:
+        budgets = tuple(int(x) for x in args.budgets_mb.split(","))
+    except ValueError:
+        sys.stderr.write(f"--budgets-mb takes comma-separated integers (MiB), got {args.budgets_mb!r}\n")
+        return 2
+    if args.prompts < 1 or len(budgets) < 1:
+        sys.stderr.write("--prompts must be >= 1 and --budgets-mb must name at least one stage\n")
+        return 2
+    options = DemoOptions(prompts=args.prompts, max_new_tokens=args.max_new_tokens or 32, budgets_mb=budgets,
+                          quick_profile=args.quick_profile, workdir=args.workdir)
+    try:
+        run_demo(options)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted; every server was stopped\n")
+        return 130
+    return 0
+
+
+def _demo_in_process(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -179,6 +179,10 @@ class ModelShard(nn.Module):
                 f"stage [{self.start}, {self.end}) expects {expected} for {batch} sequences; "
                 f"got {inputs.dtype} of shape {tuple(inputs.shape)}"
             )
+        vocab = self.config.vocab_size
+        if self.embed is not None and inputs.numel() and not (0 <= int(inputs.min()) and int(inputs.max()) < vocab):
+            raise InvalidArgument(f"token ids must be within 0..{vocab - 1} (the model's vocabulary); "
+                                  f"got {int(inputs.min())}..{int(inputs.max())}")
 
     @torch.inference_mode()
     def _run(self, step: AttentionStep, inputs: torch.Tensor, last_only: bool) -> torch.Tensor:

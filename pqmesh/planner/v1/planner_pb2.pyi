@@ -22,7 +22,7 @@ class LatencyModel(_message.Message):
     def __init__(self, bits: _Optional[_Union[_tensor_pb2.Bits, str]] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., features: _Optional[_Iterable[str]] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model")
+    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model", "reserve_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class DeviceProfile(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROOFLINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_type: str
     memory_bytes: int
@@ -37,7 +38,8 @@ class DeviceProfile(_message.Message):
     version: int
     roofline: Roofline
     model: str
-    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    reserve_bytes: int
+    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ..., reserve_bytes: _Optional[int] = ...) -> None: ...
 
 class Roofline(_message.Message):
     __slots__ = ("peak_fp16_tflops", "memory_bandwidth_gbs", "compute_efficiency", "memory_efficiency", "dequant_overhead", "layer_overhead_us")
@@ -120,7 +122,7 @@ class Workload(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., prompt_length: _Optional[int] = ..., generation_length: _Optional[int] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds", "allowed_bits")
+    __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds", "allowed_bits", "dtype")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +133,7 @@ class PlanRequest(_message.Message):
     INDICATOR_JSON_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_BITS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_config_json: str
     devices: _containers.RepeatedCompositeFieldContainer[ClusterDevice]
@@ -141,7 +144,8 @@ class PlanRequest(_message.Message):
     indicator_json: str
     time_limit_seconds: float
     allowed_bits: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Bits]
-    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., theta: _Optional[float] = ..., quality_bound: _Optional[float] = ..., indicator_json: _Optional[str] = ..., time_limit_seconds: _Optional[float] = ..., allowed_bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., theta: _Optional[float] = ..., quality_bound: _Optional[float] = ..., indicator_json: _Optional[str] = ..., time_limit_seconds: _Optional[float] = ..., allowed_bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Stage(_message.Message):
     __slots__ = ("device", "layers", "bits")

@@ -1,0 +1,1 @@
+"""The one-machine demo: real planner, stage and coordinator processes on loopback."""

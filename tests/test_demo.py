@@ -1,0 +1,55 @@
+"""`pqmesh demo` end to end (real planner, stage and coordinator processes) and its clean Ctrl-C."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PQMESH = str(Path(sys.executable).with_name("pqmesh"))
+
+
+def _stage_logs(workdir: Path) -> list[str]:
+    return [p.read_text() for p in sorted(workdir.glob("stage-*.log"))]
+
+
+@pytest.mark.slow
+def test_demo_runs_plan_and_baseline_and_prints_the_ratio(tmp_path):
+    done = subprocess.run([PQMESH, "demo", "--prompts", "12", "--max-new-tokens", "6", "--quick-profile",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "LLM-PQ plan" in out and "stage 2" in out
+    plan_lines = out.split("LLM-PQ plan")[1].split("PipeEdge")[0]
+    assert len(set(re.findall(r"@ (\d+)-bit", plan_lines))) >= 2, f"the budgets should force mixed bits:\n{plan_lines}"
+    assert re.search(r"measured throughput, pqmesh plan / PipeEdge-style baseline: \d+\.\d\dx", out), out
+    assert re.search(r"cost model predicted the job at", out)
+    assert "sample outputs" in out
+    for log in _stage_logs(tmp_path):
+        assert '"stage_stopping"' in log, "every stage server is stopped at the end"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_server(tmp_path):
+    proc = subprocess.Popen([PQMESH, "demo", "--prompts", "8", "--max-new-tokens", "120", "--quick-profile",
+                             "--workdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:  # wait until the first batch is running
+        seen.append(line)
+        if "LLM-PQ plan" in line or time.monotonic() > deadline:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "every server was stopped" in rest
+    logs = _stage_logs(tmp_path)
+    assert len(logs) == 3 and all('"stage_stopping"' in log for log in logs)
+    coordinator = (tmp_path / "coordinator-0.log").read_text()
+    assert '"coordinator_stopping"' in coordinator or '"engine_stopped"' in coordinator
