@@ -7,7 +7,6 @@ request correctly. Runs derandomized (the same examples every run), in well unde
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import grpc
 import pytest

@@ -5,7 +5,6 @@ Observed statuses here are the ones docs/RELIABILITY.md lists."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.grpc_server import channel
 from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
-from pqmesh.security import Credentials
 from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.main import serve as serve_coordinator
@@ -204,6 +202,12 @@ def test_planner_serves_tls_with_token(pki, tmp_path):
         plain = planner_pb2_grpc.PlannerServiceStub(channel(address))
         code, _ = code_of(lambda: plain.ListDevices(planner_pb2.ListDevicesRequest(), timeout=5))
         assert code == grpc.StatusCode.UNAVAILABLE
+        # `pqmesh profile --register` is a planner client too
+        from planner.devices import builtin_profile
+        from pqmesh.profiler.commands import register
+        assert register(address, builtin_profile("t4", "t4-x"), pki.client(None)) is False
+        with pytest.raises(InvalidArgument, match="UNAUTHENTICATED"):
+            register(address, builtin_profile("t4", "t4-y"), pki.client(None, token=False))
     finally:
         server.stop(None)
 

@@ -6,7 +6,10 @@
     finishes the job with outputs identical to Hugging Face generate, every result exactly once.
 (b) The middle stage is killed and not started again: the job fails within --stage-recovery-timeout
     naming the stage, finished results stay readable, the coordinator keeps answering and refuses new
-    jobs with UNAVAILABLE until the stage is back, then runs them again.
+    jobs with UNAVAILABLE until the stage is back (here: a stage server in the test process on the
+    same port), then runs them again.
+(c) The middle stage is frozen (SIGSTOP): the missing reply trips --step-timeout, the coordinator
+    reconnects until the stage answers again (SIGCONT) and the job finishes identical.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import grpc
 import pytest
 
 from pqmesh.coordinator.v1 import coordinator_pb2
+from stage_server.config import StageConfig
+from stage_server.main import serve as serve_stage
 from test_coordinator_e2e import Client, mixed_prompts, start_coordinator
 from tiny_models import build_checkpoint, reference_greedy
 
@@ -174,8 +179,8 @@ def test_stage_that_never_returns_fails_the_job_cleanly_and_the_coordinator_keep
             client.submit(prompts[:2], 4)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "the mesh is down" in refused.value.details() and addresses[1] in refused.value.details()
-        stages[1] = StageProcess(root, int(addresses[1].rpartition(":")[2]))
-        stages[1].address()
+        # the stage comes back (in this process: a second stage process start would cost ~15 s on 2 cores)
+        back = serve_stage(StageConfig(addresses[1], "cpu", 1 << 30, root, 4, "warning"))
         deadline = time.monotonic() + 30
         while True:  # the coordinator keeps probing (every backoff maximum) and takes jobs again
             try:
@@ -186,9 +191,49 @@ def test_stage_that_never_returns_fails_the_job_cleanly_and_the_coordinator_keep
                 time.sleep(0.5)
         assert client.wait(again, timeout=30).state == coordinator_pb2.JOB_STATE_SUCCEEDED
         assert [list(r.token_ids) for r in client.results(again)] == [row[:6] for row in reference[:3]]
+        back[0].stop(None)
+        back[2].worker.stop()
         print(f"\njob failed {failed_after:.1f} s after the kill (--stage-recovery-timeout {timeout:g}) with "
               f"{final.sequences_done}/{len(prompts)} results kept: {final.message}")
     finally:
+        client.close()
+        coordinator.stop(grace=None)
+        for stage in stages:
+            stage.stop()
+
+
+def test_hung_stage_is_detected_by_the_step_deadline_and_the_job_resumes_when_it_wakes(tmp_path, checkpoint):
+    root, model = checkpoint
+    stages, addresses = start_mesh(root)
+    prompts = mixed_prompts(16, seed=23)
+    coordinator = start_coordinator(tmp_path / "state", addresses, "tiny-llama", prefill=2, decode=3, max_sequences=4,
+                                    max_tokens=48, step_timeout=3.0, stage_recovery_timeout=40.0, health_interval=0)
+    client = Client(coordinator.port)
+    try:
+        reference = undisturbed_run(client, model, prompts)
+        job = client.submit(prompts, MAX_NEW)
+        for progress in client.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=60):
+            if progress.tokens_generated >= 4 * MAX_NEW + 8:
+                stages[1].proc.send_signal(signal.SIGSTOP)  # alive, connections open, never answers
+                break
+        stopped_at = time.monotonic()
+        for progress in client.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=30):
+            if "reconnecting" in progress.message:
+                break
+        detected_in = time.monotonic() - stopped_at
+        time.sleep(1.0)
+        stages[1].proc.send_signal(signal.SIGCONT)
+        final = client.wait(job, timeout=60)
+        assert (final.state, final.sequences_done) == (coordinator_pb2.JOB_STATE_SUCCEEDED, len(prompts)), final
+        assert [list(r.token_ids) for r in client.results(job)] == reference
+        assert stored_counts(tmp_path / "state", job) == [(i, 1) for i in range(len(prompts))]
+        hung = [o for o in coordinator.engine.recoveries if "got no reply within 3 s (--step-timeout)" in o.reason]
+        assert hung and hung[-1].resumed_tokens > 0
+        print(f"\nhung stage detected {detected_in:.1f} s after SIGSTOP (--step-timeout 3); "
+              f"resumed after {hung[-1].seconds:.1f} s with {hung[-1].resumed} sequences re-prefilled")
+    finally:
+        if stages[1].proc.poll() is None:
+            stages[1].proc.send_signal(signal.SIGCONT)
         client.close()
         coordinator.stop(grace=None)
         for stage in stages:

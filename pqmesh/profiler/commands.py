@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from pqmesh import security
 from pqmesh.errors import InvalidArgument, NotFound
 
 
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, help="measurement cache (default: ~/.cache/pqmesh/profiles)")
     p.add_argument("--no-cache", action="store_true", help="measure everything again and store nothing")
     _grid_flags(p)
+    security.add_flags(p, server=False, peer="the planner of --register")
     p.set_defaults(func=run_profile)
     actions = p.add_subparsers(dest="action", metavar="ACTION")
 
@@ -101,7 +103,7 @@ def build_request(args):
                           args.name, args.memory_bytes)
 
 
-def register(address: str, device_profile) -> bool:
+def register(address: str, device_profile, credentials=None) -> bool:
     """RegisterDevice at the planner `address`; True when it replaced a profile of that name."""
     import grpc
 
@@ -109,7 +111,7 @@ def register(address: str, device_profile) -> bool:
     from pqmesh.grpc_server import channel
     from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
 
-    with channel(address) as ch:
+    with channel(address, credentials) as ch:
         stub = planner_pb2_grpc.PlannerServiceStub(ch)
         try:
             reply = stub.RegisterDevice(planner_pb2.RegisterDeviceRequest(profile=device_profile.to_proto()), timeout=30)
@@ -132,7 +134,7 @@ def run_profile(args) -> int:
                      f"bits {','.join(str(int(b)) for b in request.bits)}; cached bits {list(record.cache_hits)}, "
                      f"{record.seconds:.1f} s)\n")
     if args.register:
-        replaced = register(args.register, device_profile)
+        replaced = register(args.register, device_profile, security.from_args(args))
         sys.stdout.write(f"registered {device_profile.name} with the planner at {args.register}"
                          f"{' (replaced)' if replaced else ''}\n")
     return 0
