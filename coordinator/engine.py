@@ -305,11 +305,14 @@ class Engine:
         self.scheduler.reset(blame)  # every running sequence waits for a re-prefill from prompt + generated
         self._clock.clear()
         if self._link is not None:
+            self._generation += 1  # what the cancelled stream still reports is ignored
             self._link.cancel()
             self._link = None
         doomed = sorted({s.job_id for s in self.scheduler.waiting if s.attempts >= self.settings.max_failures})
         for job_id in doomed:
             self._fail(job_id, f"the mesh lost this job's micro-batches {self.settings.max_failures} times; last: {reason}")
+        for job_id in {s.job_id for s in self.scheduler.waiting}:
+            self.board.note(job_id, f"paused, reconnecting: {reason}")
         log.warning("pipeline_paused", reason=reason, running=running, in_flight=len(lost), lost=lost[:64],
                     failed_jobs=doomed)
         if self.metrics is not None:

@@ -30,7 +30,7 @@ class CoordinatorMetrics(ProcessMetrics):
     def __init__(self) -> None:
         super().__init__()
         self.tokens = self.counter("pqmesh_tokens_generated_total",
-                                   "Tokens sampled for jobs (tokens recomputed after a mesh recovery count again)")
+                                   "Tokens sampled for jobs (each (sequence, position) once, also across mesh recoveries)")
         self.micro_batches = self.counter("pqmesh_coordinator_micro_batches_total",
                                           "Micro-batches sent into the pipeline", ("phase",))
         self.recoveries = self.counter("pqmesh_coordinator_mesh_recoveries_total",

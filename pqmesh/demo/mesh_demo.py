@@ -238,14 +238,21 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = sys.s
                       f"(predicted job time {predicted.prefill_s + predicted.decode_s:.1f} s)\n")
     ours, ours_predicted = results[0]
     out.write("\nsample outputs (pqmesh plan):\n")
+    eos = tokenizer.eos_token_id
     for prompt, tokens in list(zip(prompts, ours.outputs))[:4]:
         question = tokenizer.decode(prompt, skip_special_tokens=True).split("user\n")[-1].split("\n")[0]
-        out.write(f"> {question}\n  {tokenizer.decode(tokens, skip_special_tokens=True).strip()}\n")
+        shown = tokens[:tokens.index(eos)] if eos in tokens else tokens  # the job ran on past EOS (equal work per plan)
+        out.write(f"> {question}\n  {tokenizer.decode(shown, skip_special_tokens=True).strip()}\n")
     figures["ours_tokens_per_s"] = ours.tokens_per_s
     predicted_s = ours_predicted.prefill_s + ours_predicted.decode_s
     figures["prediction_error"] = (predicted_s - ours.seconds) / ours.seconds
     out.write(f"\npqmesh plan: {ours.tokens_per_s:.1f} tokens/s measured; cost model predicted the job at "
               f"{predicted_s:.1f} s vs {ours.seconds:.1f} s measured ({figures['prediction_error']:+.0%})\n")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if len(options.budgets_mb) + 1 > cores:
+        out.write(f"  note: {len(options.budgets_mb)} stage processes and the coordinator share {cores} CPU cores here, so "
+                  "stages cannot overlap as the cost model assumes for separate devices; expect the measured time "
+                  "to exceed the prediction (one stage, --budgets-mb 2000, checks the cost model itself)\n")
     if len(results) > 1:
         base, _ = results[1]
         figures["baseline_tokens_per_s"] = base.tokens_per_s
