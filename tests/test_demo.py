@@ -37,8 +37,10 @@ def test_demo_runs_plan_and_baseline_and_prints_the_ratio(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_every_server(tmp_path):
     output = (tmp_path / "demo.out").open("w")
+    # as from a terminal: a shell running the tests in the background may have left SIGINT ignored
     proc = subprocess.Popen([PQMESH, "demo", "--prompts", "8", "--max-new-tokens", "120", "--quick-profile",
-                             "--workdir", str(tmp_path)], stdout=output, stderr=subprocess.STDOUT, text=True)
+                             "--workdir", str(tmp_path)], stdout=output, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     coordinator_log = tmp_path / "coordinator-0.log"
     deadline = time.monotonic() + 600
     while not (coordinator_log.exists() and '"coordinator_serving"' in coordinator_log.read_text()):
