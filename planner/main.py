@@ -45,7 +45,7 @@ class PlannerConfig:
 
 def parse_args(argv: list[str] | None = None) -> PlannerConfig:
     parser = argparse.ArgumentParser(prog="pqmesh-planner", description="Serve the LLM-PQ planner over gRPC.")
-    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on, e.g. 0.0.0.0:50070")
+    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on, e.g. 0.0.0.0:50050")
     parser.add_argument("--state-dir", required=True, type=Path, help="directory of the device-profile database")
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
     add_metrics_flag(parser)
