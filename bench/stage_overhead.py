@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pqmesh.common.v1 import tensor_pb2
-from pqmesh.demo.processes import Children
+from pqmesh.demo.processes import Child
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
 from pqmesh.model.embedded import prepare
@@ -52,9 +52,9 @@ def over_grpc(model_dir: Path, prompts: torch.Tensor, steps: int, args) -> tuple
     """Decode tokens/s over gRPC and the mean per-step round trip minus the server's compute, in ms."""
     batch, width = prompts.shape
     if args.process:  # a real `pqmesh-stage` process, compute on its main thread
-        children = Children(Path(tempfile.mkdtemp()))
-        child = children.start("stage", [sys.executable, "-m", "stage_server.main", "--listen", "127.0.0.1:0",
-                                         "--device", args.device, "--memory-budget", "8G", "--model-root", str(model_dir.parent)])
+        child = Child("stage", [sys.executable, "-m", "stage_server.main", "--listen", "127.0.0.1:0", "--device", args.device,
+                                "--memory-budget", "8G", "--model-root", str(model_dir.parent)],
+                      Path(tempfile.mkdtemp()) / "stage.log")
         port = child.wait_ready()
         server = servicer = None
     else:
@@ -80,7 +80,7 @@ def over_grpc(model_dir: Path, prompts: torch.Tensor, steps: int, args) -> tuple
     finally:
         client.close()
         if server is None:
-            children.__exit__(None, None, None)
+            child.stop()
         else:
             server.stop(None)
             servicer.worker.stop()

@@ -14,13 +14,10 @@
 
 from __future__ import annotations
 
-import json
-import os
+import itertools
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import grpc
 import pytest
 
 from pqmesh.coordinator.v1 import coordinator_pb2
+from pqmesh.demo.processes import Child
 from stage_server.config import StageConfig
 from stage_server.main import serve as serve_stage
 from test_coordinator_e2e import Client, mixed_prompts, start_coordinator
@@ -38,38 +36,26 @@ MAX_NEW = 24
 
 
 class StageProcess:
-    """One `pqmesh-stage` process on 127.0.0.1 (port 0: a free one); its JSON log is read on a thread."""
+    """One `pqmesh-stage` process on 127.0.0.1 (port 0: a free one); its JSON log goes next to the models."""
+
+    _numbers = itertools.count()
 
     def __init__(self, model_root: Path, port: int = 0) -> None:
-        self.proc = subprocess.Popen([STAGE, "--listen", f"127.0.0.1:{port}", "--model-root", str(model_root),
-                                      "--memory-budget", "1GiB"], stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # 3 processes share 2 cores
-        self._port: int | None = None
-        self._serving = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "stage_serving":
-                self._port = event["port"]
-                self._serving.set()
+        self.proc = Child("stage", [STAGE, "--listen", f"127.0.0.1:{port}", "--model-root", str(model_root),
+                                    "--memory-budget", "1GiB"],
+                          model_root.parent / f"stage-{next(self._numbers)}.log",
+                          env={"OMP_NUM_THREADS": "1"})  # 3 processes share 2 cores
 
     def address(self, timeout: float = 60) -> str:
-        assert self._serving.wait(timeout), f"pqmesh-stage did not start (exit code {self.proc.poll()})"
-        return f"127.0.0.1:{self._port}"
+        self.proc.wait_ready("stage_serving", timeout)
+        return self.proc.address
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        self.proc.kill()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import structlog
 from google.protobuf import json_format
 
 from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.demo import DEFAULT_BUDGETS_MB
 from pqmesh.demo.processes import Children
 from pqmesh.errors import FailedPrecondition
 from pqmesh.grpc_server import channel
@@ -32,9 +33,6 @@ from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-#: Memory budgets of the three stages: together they hold the model at mixed precision, but the
-#: small ones cannot hold an even share at 16 bits.
-DEFAULT_BUDGETS_MB = (260, 180, 160)
 TOPICS = ("the moon", "a hash table", "bread", "pipeline parallelism", "the ocean", "a bicycle", "GPUs",
           "volcanoes", "chess", "the French Revolution", "photosynthesis", "a compiler")
 TEMPLATES = ("Write one sentence about {}.", "Explain {} to a child.", "Give two facts about {}.",
@@ -211,7 +209,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = sys.s
             reply = stub.Plan(request, timeout=120)
         out.write(f"planner answered in {time.perf_counter() - started:.1f} s\n")
         budgets = {n: mb << 20 for n, mb in zip(names, options.budgets_mb)}
-        addresses = {n: s.address for n, s in zip(names, stages) if s.wait_ready() is not None}
+        for stage in stages:
+            stage.wait_ready()
+        addresses = {n: s.address for n, s in zip(names, stages)}
         out.write(describe_plan("LLM-PQ plan", reply.plan, reply.predicted, budgets) + "\n")
         baseline = reply.baselines.get("pipeedge")
         if baseline is not None and baseline.feasible:

@@ -75,6 +75,19 @@ class Child:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def poll(self) -> int | None:
+        """The exit code, or None while the process runs."""
+        return self._proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self._proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash, not a stop) and reap the process."""
+        self._proc.kill()
+        self._proc.wait(GRACE_S)
+        self._reader.join(timeout=5)
+
     def stop(self, grace: float = GRACE_S) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
         if self._proc.poll() is None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pqmesh.demo.mesh_demo import DEFAULT_BUDGETS_MB
+from pqmesh.demo import DEFAULT_BUDGETS_MB
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
