@@ -25,23 +25,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pqmesh.log import configure  # noqa: E402
-from pqmesh.profiler import validate  # noqa: E402
-from pqmesh.profiler.cache import ProfileCache, default_cache_dir  # noqa: E402
-from pqmesh.profiler.grid import PRESETS, default_grid  # noqa: E402
-from pqmesh.profiler.run import ProfileRequest, profile  # noqa: E402
-from pqmesh.profiler.target import parse_dtype, resolve_device, resolve_model  # noqa: E402
-from pqmesh.profiler.timing import TimingOptions  # noqa: E402
 from planner.bits import Bits, Phase  # noqa: E402
+from pqmesh.log import configure  # noqa: E402
+from profiler import validate  # noqa: E402
+from profiler.cache import ProfileCache, default_cache_dir  # noqa: E402
+from profiler.grid import PRESETS, default_grid  # noqa: E402
+from profiler.run import ProfileRequest, profile  # noqa: E402
+from profiler.target import parse_dtype, resolve_device, resolve_model  # noqa: E402
+from profiler.timing import TimingOptions  # noqa: E402
 
 CONFIGS = {
-    "smollm2": {"_name_or_path": "smollm2-135m-instruct", "model_type": "llama", "hidden_size": 576,
-                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-                "rope_theta": 100000.0, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False},
-    "opt-1.3b": {"_name_or_path": "opt-1.3b", "model_type": "opt", "hidden_size": 2048, "ffn_dim": 8192,
-                 "num_hidden_layers": 24, "num_attention_heads": 32, "vocab_size": 50272, "max_position_embeddings": 2048,
-                 "word_embed_proj_dim": 2048, "do_layer_norm_before": True, "enable_bias": True},
+    "smollm2": {
+        "_name_or_path": "smollm2-135m-instruct",
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+    "opt-1.3b": {
+        "_name_or_path": "opt-1.3b",
+        "model_type": "opt",
+        "hidden_size": 2048,
+        "ffn_dim": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 2048,
+        "do_layer_norm_before": True,
+        "enable_bias": True,
+    },
 }
 TARGET_MAPE = 5.0
 

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.grpc_server import channel
-from pqmesh.log import configure
-from pqmesh.model.embedded import prepare
 from coordinator.config import CoordinatorConfig
 from coordinator.main import serve
 from coordinator.plan import even_plan
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.grpc_server import channel
+from pqmesh.log import configure
+from pqmesh.model.embedded import prepare
 
 STAGE = str(Path(sys.executable).parent / "pqmesh-stage")
 
@@ -145,7 +145,10 @@ def main() -> None:
           f"HF with {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; best of {len(hf_rates)} HF runs "
           f"and {args.repeat} mesh runs")
     print(f"HF generate (one process): {hf:8.1f} tokens/s (runs: {', '.join(f'{r:.1f}' for r in hf_rates)})")
-    print("| stages | micro-batches (prefill, decode) | threads per stage | mesh tokens/s (runs) | HF tokens/s | mesh / HF |")
+    print(
+        "| stages | micro-batches (prefill, decode) | threads per stage | mesh tokens/s (runs) "
+        "| HF tokens/s | mesh / HF |"
+    )
     print("|---|---|---|---|---|---|")
     for stages in args.stages:
         prefill, decode, threads = sizes[stages]

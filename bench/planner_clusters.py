@@ -3,9 +3,10 @@
 For each cluster: predicted throughput of our plan and of every baseline (same cost model), the ratio
 to PipeEdge, the summed quality indicator of ours and PipeEdge's (default indicator: uniform int4 =
 1.0, which is also the default bound), our throughput again when held to PipeEdge's own summed
-indicator (same quality), and the larger optimality gap and solve time of the two solves. Global batch 32, prompt 512, generation 100 (the
-second OPT-13B case: prompt 128, generation 200). Each [[device]] group is one host; hosts talk over
-the default network (10 Gbit/s, 100 us). Latency models are the built-in, uncalibrated rooflines.
+indicator (same quality), and the larger optimality gap and solve time of the two solves.
+Global batch 32, prompt 512, generation 100 (the second OPT-13B case: prompt 128, generation 200).
+Each [[device]] group is one host; hosts talk over the default network
+(10 Gbit/s, 100 us). Latency models are the built-in, uncalibrated rooflines.
 
 Run: ``python bench/planner_clusters.py [--time-limit S] [--json]``.
 """
@@ -18,12 +19,12 @@ import statistics
 import sys
 from dataclasses import dataclass, replace
 
-from pqmesh.log import configure
 from planner.cluster import Cluster, ClusterEntry, Workload
 from planner.indicator import Quality
 from planner.plans import BASELINE_NAMES
 from planner.request import PlanInputs
 from planner.search import plan
+from pqmesh.log import configure
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,26 @@ CASES = (
 
 def run_case(case: Case, time_limit: float) -> dict:
     cluster = Cluster(tuple(ClusterEntry(t, n, host=f"{t.lower()}-host") for t, n in case.devices))
-    inputs = PlanInputs(case.model, cluster, Workload(case.batch, case.prompt, case.generation), time_limit_s=time_limit)
+    inputs = PlanInputs(
+        case.model, cluster, Workload(case.batch, case.prompt, case.generation), time_limit_s=time_limit
+    )
     result = plan(inputs.to_problem(), time_limit)
     ours = result.predicted.throughput_tokens_per_s
-    row = {"case": case.name, "model": case.model, "cluster": "+".join(f"{n}x{t}" for t, n in case.devices),
-           "workload": f"{case.batch}x{case.prompt}+{case.generation}", "ours": ours,
-           "solve_s": result.solve_seconds, "gap": result.optimality_gap,
-           "bits": sorted({int(b) for b in result.plan.bits_per_layer}, reverse=True),
-           "quality": result.predicted.quality,
-           "pipeedge_quality": result.baselines["pipeedge"].predicted.quality if result.baselines["pipeedge"].feasible else None,
-           "micro_batches": [result.plan.prefill_micro_batch, result.plan.decode_micro_batch]}
+    row = {
+        "case": case.name,
+        "model": case.model,
+        "cluster": "+".join(f"{n}x{t}" for t, n in case.devices),
+        "workload": f"{case.batch}x{case.prompt}+{case.generation}",
+        "ours": ours,
+        "solve_s": result.solve_seconds,
+        "gap": result.optimality_gap,
+        "bits": sorted({int(b) for b in result.plan.bits_per_layer}, reverse=True),
+        "quality": result.predicted.quality,
+        "pipeedge_quality": result.baselines["pipeedge"].predicted.quality
+        if result.baselines["pipeedge"].feasible
+        else None,
+        "micro_batches": [result.plan.prefill_micro_batch, result.plan.decode_micro_batch],
+    }
     for name in BASELINE_NAMES:
         b = result.baselines[name]
         row[name] = b.predicted.throughput_tokens_per_s if b.feasible else None
@@ -89,17 +100,22 @@ def table(rows: list[dict]) -> str:
             "| ours at pipeedge's quality | (ratio) | gap | solve s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['model']} | {r['cluster']} | {r['workload']} | {_fmt(r['ours'])} | "
-                     + " | ".join(_fmt(r[n]) for n in BASELINE_NAMES)
-                     + f" | {_fmt(r['vs_pipeedge'], '.2f')} | {_fmt(r['vs_best_baseline'], '.2f')} | {r['bits']} | "
-                     f"{tuple(r['micro_batches'])} | {r['quality']:.3f} / {_fmt(r['pipeedge_quality'], '.3f')} | "
-                     f"{_fmt(r['same_quality'])} | {_fmt(r['same_quality_vs_pipeedge'], '.2f')} | {r['gap']:.3f} | {r['solve_s']:.2f} |")
+        lines.append(
+            f"| {r['case']} | {r['model']} | {r['cluster']} | {r['workload']} | {_fmt(r['ours'])} | "
+            + " | ".join(_fmt(r[n]) for n in BASELINE_NAMES)
+            + f" | {_fmt(r['vs_pipeedge'], '.2f')} | {_fmt(r['vs_best_baseline'], '.2f')} | {r['bits']} | "
+            f"{tuple(r['micro_batches'])} | {r['quality']:.3f} / {_fmt(r['pipeedge_quality'], '.3f')} | "
+            f"{_fmt(r['same_quality'])} | {_fmt(r['same_quality_vs_pipeedge'], '.2f')} | "
+            f"{r['gap']:.3f} | {r['solve_s']:.2f} |"
+        )
     ratios = [r["vs_pipeedge"] for r in rows if r["vs_pipeedge"]]
     if ratios:
         same = [r["same_quality_vs_pipeedge"] for r in rows if r["same_quality_vs_pipeedge"]]
-        lines.append(f"\nours/pipeedge over {len(ratios)} clusters where PipeEdge fits: mean {statistics.mean(ratios):.2f}x, "
-                     f"max {max(ratios):.2f}x (default bound); at PipeEdge's quality: mean {statistics.mean(same):.2f}x, "
-                     f"max {max(same):.2f}x; slowest solve {max(r['solve_s'] for r in rows):.2f} s")
+        lines.append(
+            f"\nours/pipeedge over {len(ratios)} clusters where PipeEdge fits: mean {statistics.mean(ratios):.2f}x, "
+            f"max {max(ratios):.2f}x (default bound); at PipeEdge's quality: mean {statistics.mean(same):.2f}x, "
+            f"max {max(same):.2f}x; slowest solve {max(r['solve_s'] for r in rows):.2f} s"
+        )
     return "\n".join(lines)
 
 

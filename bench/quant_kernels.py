@@ -58,7 +58,9 @@ def options(linear: torch.nn.Linear, x: torch.Tensor) -> dict:
     group = 128 if in_f % 128 == 0 else 64
     packed = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (out_f, in_f), dtype=torch.int32), 2)
     scale_zero = torch.rand(in_f // group, out_f, 2, dtype=torch.bfloat16)
-    found[f"torch int4pack bf16 (g{group})"] = lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, group, scale_zero).float()
+    found[f"torch int4pack bf16 (g{group})"] = lambda: torch._weight_int4pack_mm_for_cpu(
+        xb, packed, group, scale_zero
+    ).float()
     q8, s8 = torch.randint(-128, 127, (out_f, in_f), dtype=torch.int8), torch.rand(out_f, dtype=torch.bfloat16)
     found["torch int8pack bf16 (per-channel)"] = lambda: torch._weight_int8pack_mm(xb, q8, s8).float()
     return found
@@ -71,7 +73,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     configure("warning")
     out = sys.stdout
-    out.write(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
+    out.write(
+        f"# {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
+    )
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))

@@ -8,9 +8,9 @@ stage server runs), and times one prefill micro-batch and one decode step per la
     python bench/quant_layer.py --shape smollm2 --layers 8   # weights no longer fit the CPU's L3
     python bench/quant_layer.py --shape llama-7b --device cuda:0   # bf16 on a GPU (4-bit: tinygemm)
 
-"16" is the unquantized layer in the stage dtype (float32 on CPU, bfloat16 on CUDA by default). All bitwidths are loaded at once
-and timed in interleaved rounds; the table shows the best round per layer (the machine is shared,
-so the best filters other load; medians are in the JSON line), ratios against 16 bits.
+"16" is the unquantized layer in the stage dtype (float32 on CPU, bfloat16 on CUDA by default).
+All bitwidths are loaded at once and timed in interleaved rounds; the table shows the best round per
+layer (the machine is shared, so the best filters other load; medians are in the JSON line), ratios against 16 bits.
 """
 
 from __future__ import annotations
@@ -58,9 +58,16 @@ class Stage:
         prefill_batch, self.prompt = _pair(args.prefill)
         decode_batch, self.context = _pair(args.decode)
         self.bits, self.layers = bits, layers
-        self.shard = ModelShard.load(directory, 1, 1 + layers, max_slots=prefill_batch + decode_batch,
-                                     max_len=max(self.prompt, self.context) + 1, layer_hook=uniform_hook(bits, args.group_size),
-                                     dtype=args.torch_dtype, device=args.device)
+        self.shard = ModelShard.load(
+            directory,
+            1,
+            1 + layers,
+            max_slots=prefill_batch + decode_batch,
+            max_len=max(self.prompt, self.context) + 1,
+            layer_hook=uniform_hook(bits, args.group_size),
+            dtype=args.torch_dtype,
+            device=args.device,
+        )
         hidden, self.device = self.shard.hidden_size, torch.device(args.device)
         self.dtype = args.torch_dtype
         gen = torch.Generator().manual_seed(0)
@@ -136,15 +143,22 @@ def main(argv=None) -> int:
         rows = measure(Path(tmp), args.layers, widths, args)
     base = next((r for r in rows if r["bits"] == 16), rows[0])
     out = sys.stdout
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"{torch.get_num_threads()} CPU threads"
+    )
     out.write(f"# {args.shape} layer x{args.layers}, prefill {args.prefill}, decode {args.decode}, {args.torch_dtype}, "
               f"{where}, torch {torch.__version__}\n")
     out.write("bits | layer MB (predicted) | prefill ms/layer | x16 | decode ms/layer | x16\n")
     for r in rows:
         r["prefill_x16"] = r["prefill_ms"] / base["prefill_ms"]
         r["decode_x16"] = r["decode_ms"] / base["decode_ms"]
-        out.write(f"{r['bits']:>4} | {r['layer_bytes'] / 2**20:6.2f} ({r['predicted_bytes'] / 2**20:.2f}) | {r['prefill_ms']:16.2f} | {r['prefill_x16']:4.2f} | "
-                  f"{r['decode_ms']:15.3f} | {r['decode_x16']:4.2f}\n")
+        out.write(
+            f"{r['bits']:>4} | {r['layer_bytes'] / 2**20:6.2f} ({r['predicted_bytes'] / 2**20:.2f}) | "
+            f"{r['prefill_ms']:16.2f} | {r['prefill_x16']:4.2f} | "
+            f"{r['decode_ms']:15.3f} | {r['decode_x16']:4.2f}\n"
+        )
     out.write(json.dumps({"shape": args.shape, "layers": args.layers, "device": args.device, "rows": rows}) + "\n")
     return 0
 

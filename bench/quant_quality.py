@@ -87,12 +87,19 @@ def layer_inputs(model: Path, windows: torch.Tensor, batch: int) -> list[torch.T
     return inputs
 
 
-def single_layer_nll(model: Path, index: int, num_layers: int, bits: int, inputs, windows, batch, group) -> list[tuple[float, int]]:
+def single_layer_nll(
+    model: Path, index: int, num_layers: int, bits: int, inputs, windows, batch, group
+) -> list[tuple[float, int]]:
     """(summed NLL, tokens) per micro-batch of windows, with only layer ``index`` at ``bits``."""
     plan = [bits] + [16] * (num_layers - index - 1)
     width = windows.shape[1]
-    shard = ModelShard.load(model, index, num_layers, max_slots=batch, max_len=width, layer_hook=plan_hook(plan, index, num_layers, group))
-    return [nll_sum(shard, inputs[first:first + batch], windows[first:first + batch]) for first in range(0, windows.shape[0], batch)]
+    shard = ModelShard.load(
+        model, index, num_layers, max_slots=batch, max_len=width, layer_hook=plan_hook(plan, index, num_layers, group)
+    )
+    return [
+        nll_sum(shard, inputs[first : first + batch], windows[first : first + batch])
+        for first in range(0, windows.shape[0], batch)
+    ]
 
 
 def ppl_of(parts: list[tuple[float, int]]) -> float:
@@ -107,8 +114,12 @@ def log(msg: str) -> None:
 def sweep(model: Path, eval_windows: torch.Tensor, base: float, num_layers: int, args) -> dict:
     """Perplexity increase with each layer alone at 3 bits, on the whole text and on its halves."""
     inputs = layer_inputs(model, eval_windows, args.batch)
-    base_parts = single_layer_nll(model, num_layers - 1, num_layers, 16, inputs[-1], eval_windows, args.batch, args.group_size)
-    assert abs(ppl_of(base_parts) - base) < 1e-3 * base, f"cached-input path disagrees with the full model: {ppl_of(base_parts)} vs {base}"
+    base_parts = single_layer_nll(
+        model, num_layers - 1, num_layers, 16, inputs[-1], eval_windows, args.batch, args.group_size
+    )
+    assert abs(ppl_of(base_parts) - base) < 1e-3 * base, (
+        f"cached-input path disagrees with the full model: {ppl_of(base_parts)} vs {base}"
+    )
     half = len(base_parts) // 2
     increase, halves = [], ([], [])
     for index in range(num_layers):
@@ -147,8 +158,15 @@ def main(argv=None) -> int:
     eval_windows = token_windows(load_tokens(model, corpus("eval")), args.seq_len, args.eval_windows)
     calib_windows = token_windows(load_tokens(model, corpus("calib")), args.seq_len, args.calib_windows)
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    results: dict = {"seq_len": args.seq_len, "eval_tokens": int(eval_windows.numel()), "calib_tokens": int(calib_windows.numel()),
-                     "group_size": args.group_size, "uniform": {}, "mixed": {}, "threads": torch.get_num_threads()}
+    results: dict = {
+        "seq_len": args.seq_len,
+        "eval_tokens": int(eval_windows.numel()),
+        "calib_tokens": int(calib_windows.numel()),
+        "group_size": args.group_size,
+        "uniform": {},
+        "mixed": {},
+        "threads": torch.get_num_threads(),
+    }
     for bits in (16, 8, 4, 3, 2):
         r = perplexity(model, [bits] * num_layers, eval_windows, args.group_size, args.batch)
         results["uniform"][bits] = {"ppl": r.ppl, "weight_bytes": r.weight_bytes, "seconds": r.seconds}
@@ -156,13 +174,17 @@ def main(argv=None) -> int:
     tables = {}
     for kind in ["variance", "variance-abs"] + (["direct"] if args.direct else []):
         start = time.perf_counter()
-        tables[kind] = compute_indicator(LayerwiseRunner(model, calib_windows, micro_batch=args.batch), (8, 4, 3, 2), kind, args.group_size)
+        tables[kind] = compute_indicator(
+            LayerwiseRunner(model, calib_windows, micro_batch=args.batch), (8, 4, 3, 2), kind, args.group_size
+        )
         log(f"indicator {kind}: {time.perf_counter() - start:.0f} s")
     results["indicator"] = {k: t.to_json() for k, t in tables.items()}
     swept = sweep(model, eval_windows, results["uniform"][16]["ppl"], num_layers, args)
     results["single_layer_3bit_increase"] = swept["increase"]
     results["split_half_spearman"] = swept["split_half_spearman"]
-    results["spearman"] = {k: spearman([t.value(i, 3) for i in range(num_layers)], swept["increase"]) for k, t in tables.items()}
+    results["spearman"] = {
+        k: spearman([t.value(i, 3) for i in range(num_layers)], swept["increase"]) for k, t in tables.items()
+    }
     for name, plan in mixed_plans(tables["variance"], num_layers).items():
         r = perplexity(model, plan, eval_windows, args.group_size, args.batch)
         results["mixed"][name] = {"plan": plan, "ppl": r.ppl, "weight_bytes": r.weight_bytes}
@@ -175,7 +197,9 @@ def main(argv=None) -> int:
 
 def report(results: dict) -> None:
     out = sys.stdout
-    out.write(f"eval {results['eval_tokens']} tokens, calib {results['calib_tokens']} tokens, g={results['group_size']}\n")
+    out.write(
+        f"eval {results['eval_tokens']} tokens, calib {results['calib_tokens']} tokens, g={results['group_size']}\n"
+    )
     out.write("plan | ppl | weights MB\n")
     for bits, r in results["uniform"].items():
         out.write(f"uniform {bits} | {r['ppl']:.3f} | {r['weight_bytes'] / 2**20:.1f}\n")

@@ -21,16 +21,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.demo.processes import Child
+from localmesh.processes import Child
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
 from pqmesh.model.embedded import prepare
-from pqmesh.stage.v1 import stage_pb2
 from stage_server.client import StageClient
 from stage_server.config import StageConfig
 from stage_server.main import serve
-
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,19 +51,41 @@ def over_grpc(model_dir: Path, prompts: torch.Tensor, steps: int, args) -> tuple
     """Decode tokens/s over gRPC and the mean per-step round trip minus the server's compute, in ms."""
     batch, width = prompts.shape
     if args.process:  # a real `pqmesh-stage` process, compute on its main thread
-        child = Child("stage", [sys.executable, "-m", "stage_server.main", "--listen", "127.0.0.1:0", "--device", args.device,
-                                "--memory-budget", "8G", "--model-root", str(model_dir.parent)],
-                      Path(tempfile.mkdtemp()) / "stage.log")
+        child = Child(
+            "stage",
+            [
+                sys.executable,
+                "-m",
+                "stage_server.main",
+                "--listen",
+                "127.0.0.1:0",
+                "--device",
+                args.device,
+                "--memory-budget",
+                "8G",
+                "--model-root",
+                str(model_dir.parent),
+            ],
+            Path(tempfile.mkdtemp()) / "stage.log",
+        )
         port = child.wait_ready()
         server = servicer = None
     else:
         server, port, servicer = serve(StageConfig("127.0.0.1:0", args.device, 8 << 30, model_dir.parent, 4, "warning"))
     client = StageClient(f"127.0.0.1:{port}")
     try:
-        client.load_shard(stage_pb2.LoadShardRequest(
-            plan_id="bench", model_id=model_dir.name, layers=tensor_pb2.LayerRange(start=0, end=args.layers),
-            bits=[16] * args.layers, role=stage_pb2.ROLE_ONLY, max_sequences=batch, max_tokens_per_sequence=width + steps + 1,
-            dtype=args.dtype))
+        client.load_shard(
+            stage_pb2.LoadShardRequest(
+                plan_id="bench",
+                model_id=model_dir.name,
+                layers=tensor_pb2.LayerRange(start=0, end=args.layers),
+                bits=[16] * args.layers,
+                role=stage_pb2.ROLE_ONLY,
+                max_sequences=batch,
+                max_tokens_per_sequence=width + steps + 1,
+                dtype=args.dtype,
+            )
+        )
         stream, ids, slots = client.forward(), itertools.count(), list(range(batch))
         stream.send("bench", next(ids), tensor_pb2.PHASE_PREFILL, slots, [width] * batch, prompts)
         reply = next(stream.responses)
@@ -92,9 +113,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--process", action="store_true",
-                        help="run the stage as a real pqmesh-stage process (compute on its main thread) instead of in-process")
-    parser.add_argument("--config", type=Path, help="a config.json: random weights of that shape instead of the embedded model")
+    parser.add_argument(
+        "--process",
+        action="store_true",
+        help="run the stage as a real pqmesh-stage process (compute on its main thread) instead of in-process",
+    )
+    parser.add_argument(
+        "--config", type=Path, help="a config.json: random weights of that shape instead of the embedded model"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     args = parser.parse_args()
@@ -117,7 +143,11 @@ def main() -> None:
         speed, extra_ms = over_grpc(model_dir, prompts, args.steps, args)
         remote.append(speed)
         overhead.append(extra_ms)
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"{torch.get_num_threads()} CPU threads"
+    )
     print(f"{model_dir.name}, {args.layers} layers, {args.dtype}, {where}, torch {torch.__version__}")
     print(f"decode micro-batch {args.batch}, context {args.prompt}..{args.prompt + args.steps}, "
           f"{args.steps} steps, {args.rounds} alternating rounds")

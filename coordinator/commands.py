@@ -19,9 +19,9 @@ from typing import TextIO
 
 import grpc
 
-from pqmesh.common.v1 import tensor_pb2
 from pqmesh import security
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.errors import InvalidArgument
 from pqmesh.grpc_server import channel
 

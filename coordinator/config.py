@@ -6,10 +6,10 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.plan import MeshPlan
 from pqmesh import security
 from pqmesh.errors import PqmeshError
 from pqmesh.metrics import add_metrics_flag
-from coordinator.plan import MeshPlan
 
 
 def _address(text: str) -> str:
@@ -71,13 +71,17 @@ class CoordinatorConfig:
     def from_args(cls, argv: list[str] | None = None) -> "CoordinatorConfig":
         parser = argparse.ArgumentParser(prog="pqmesh-coordinator",
                                          description="Run batch generation jobs on a mesh of stage servers.")
-        parser.add_argument("--listen", type=_address, default="0.0.0.0:50051", help="HOST:PORT (port 0 picks a free one)")
+        parser.add_argument(
+            "--listen", type=_address, default="0.0.0.0:50051", help="HOST:PORT (port 0 picks a free one)"
+        )
         parser.add_argument("--state-dir", type=Path, required=True, help="directory of the job database")
         parser.add_argument("--plan", type=Path, required=True,
                             help="plan JSON: `pqmesh plan --json` output or its \"plan\" object")
         parser.add_argument("--stage", type=_address, action="append", default=[], metavar="HOST:PORT",
                             help="stage address, once per stage in pipeline order (default: \"address\" in the plan)")
-        parser.add_argument("--model-id", required=True, help="checkpoint directory name under each stage's --model-root")
+        parser.add_argument(
+            "--model-id", required=True, help="checkpoint directory name under each stage's --model-root"
+        )
         parser.add_argument("--max-sequences", type=_positive, default=32, help="KV-cache slots per stage (default 32)")
         parser.add_argument("--max-tokens-per-sequence", type=_positive, default=1024,
                             help="prompt + generated tokens per sequence (default 1024)")

@@ -22,7 +22,6 @@ early when stages *refused* (rather than lost) a micro-batch carrying one of its
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import random
 import threading
@@ -35,14 +34,15 @@ import grpc
 import structlog
 import torch
 
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.errors import PqmeshError
-from pqmesh.stage.v1 import stage_pb2
 from coordinator.mesh import ForwardLink, Mesh, StageUnavailable
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, Outage, StepClock
-from coordinator.scheduler import MicroBatch, Phase, Scheduler, Sequence as Seq, StepResult, capacity_error
+from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult, capacity_error
+from coordinator.scheduler import Sequence as Seq
 from coordinator.store import JobState, JobStore, ResultRecord
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2
+from pqmesh.errors import PqmeshError
 
 log = structlog.get_logger(__name__)
 
@@ -310,7 +310,9 @@ class Engine:
             self._link = None
         doomed = sorted({s.job_id for s in self.scheduler.waiting if s.attempts >= self.settings.max_failures})
         for job_id in doomed:
-            self._fail(job_id, f"the mesh lost this job's micro-batches {self.settings.max_failures} times; last: {reason}")
+            self._fail(
+                job_id, f"the mesh lost this job's micro-batches {self.settings.max_failures} times; last: {reason}"
+            )
         for job_id in {s.job_id for s in self.scheduler.waiting}:
             self.board.note(job_id, f"paused, reconnecting: {reason}")
         log.warning("pipeline_paused", reason=reason, running=running, in_flight=len(lost), lost=lost[:64],

@@ -22,12 +22,12 @@ from typing import Iterator, Sequence
 
 import structlog
 
-from pqmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from coordinator.engine import Engine
 from coordinator.progress import Progress, ProgressBoard
 from coordinator.scheduler import capacity_error
 from coordinator.store import JobRecord, JobState, JobStore, ResultRecord
 from coordinator.text import TextCodec
+from pqmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -108,7 +108,9 @@ class JobService:
         job_id = "job-" + uuid.uuid4().hex[:16]
         with self._admit:
             pending = self.store.count_unfinished()
-            if pending >= self.limits.max_pending_jobs and not (idempotency_key and self.store.has_key(idempotency_key)):
+            if pending >= self.limits.max_pending_jobs and not (
+                idempotency_key and self.store.has_key(idempotency_key)
+            ):
                 raise ResourceExhausted(f"{pending} jobs are queued or running and this coordinator holds at most "
                                         f"{self.limits.max_pending_jobs} (--max-pending-jobs); wait for one to finish "
                                         "and submit again")
@@ -169,7 +171,9 @@ class JobService:
             self._watchers.release()
 
     def jobs(self) -> list[tuple[JobRecord, Progress]]:
-        return [(record, self.board.snapshot(record.id) or Progress.from_record(record)) for record in self.store.jobs()]
+        return [
+            (record, self.board.snapshot(record.id) or Progress.from_record(record)) for record in self.store.jobs()
+        ]
 
     def cancel(self, job_id: str) -> Progress:
         record = self.store.job(job_id)

@@ -14,21 +14,21 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from pqmesh.coordinator.v1 import coordinator_pb2_grpc
-from pqmesh.errors import PqmeshError
-from pqmesh.grpc_server import create_server
-from pqmesh.log import configure
-from pqmesh.security import server_interceptors
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Engine, EngineSettings
 from coordinator.jobs import JobService, Limits
-from coordinator.metrics import CoordinatorMetrics
 from coordinator.mesh import Mesh, MeshSpec
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.progress import ProgressBoard
 from coordinator.scheduler import Scheduler
 from coordinator.servicer import SERVICE_NAME, CoordinatorServicer
 from coordinator.store import JobStore
 from coordinator.text import TextCodec, has_tokenizer, read_model_facts
+from pqmesh.api.coordinator.v1 import coordinator_pb2_grpc
+from pqmesh.errors import PqmeshError
+from pqmesh.grpc_server import create_server
+from pqmesh.log import configure
+from pqmesh.security import server_interceptors
 
 log = structlog.get_logger(__name__)
 GRACE_S = 5.0

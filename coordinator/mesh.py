@@ -12,24 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import time
 from dataclasses import dataclass
 from typing import Sequence
-
-import queue
 
 import grpc
 import structlog
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.plan import MeshPlan, StageSpec
 from pqmesh import codec
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
 from pqmesh.errors import FailedPrecondition, Unavailable
 from pqmesh.grpc_server import channel
 from pqmesh.security import Credentials
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
-from coordinator.plan import MeshPlan, StageSpec
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +71,17 @@ class MeshSpec:
         stages = self.plan.stages
         stage = stages[index]
         return stage_pb2.LoadShardRequest(
-            plan_id=self.plan_id, model_id=self.model_id, layers=tensor_pb2.LayerRange(start=stage.start, end=stage.end),
-            bits=list(stage.bits), role=self.role(stage), max_sequences=self.max_sequences,
-            max_tokens_per_sequence=self.max_tokens, prefill_micro_batch=self.plan.prefill_micro_batch,
+            plan_id=self.plan_id,
+            model_id=self.model_id,
+            layers=tensor_pb2.LayerRange(start=stage.start, end=stage.end),
+            bits=list(stage.bits),
+            role=self.role(stage),
+            max_sequences=self.max_sequences,
+            max_tokens_per_sequence=self.max_tokens,
+            prefill_micro_batch=self.plan.prefill_micro_batch,
             decode_micro_batch=self.plan.decode_micro_batch,
-            next_hop=stages[index + 1].address if index + 1 < len(stages) else "", dtype=self.dtype,
+            next_hop=stages[index + 1].address if index + 1 < len(stages) else "",
+            dtype=self.dtype,
             group_size=self.group_size,
         )
 
@@ -89,7 +94,9 @@ class StageLink:
         self.channel = channel(address, credentials)
         self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
 
-    def load_shard(self, request: stage_pb2.LoadShardRequest, timeout: float | None = None) -> stage_pb2.LoadShardResponse:
+    def load_shard(
+        self, request: stage_pb2.LoadShardRequest, timeout: float | None = None
+    ) -> stage_pb2.LoadShardResponse:
         return self.stub.LoadShard(request, timeout=timeout)
 
     def release(self, plan_id: str, slots: Sequence[int], timeout: float = RPC_TIMEOUT_S) -> int:
@@ -215,12 +222,16 @@ class Mesh:
                     self.spec.max_sequences, 0)
         got = (info.plan_id, info.model_id, info.layers.start, info.layers.end, info.role, info.kv_slots_total,
                info.kv_slots_used)
-        if got[:-1] == expected[:-1] and info.kv_slots_used:  # still running micro-batches of a lost stream: try again later
+        if (
+            got[:-1] == expected[:-1] and info.kv_slots_used
+        ):  # still running micro-batches of a lost stream: try again later
             raise StageUnavailable(self._name(index), f"{self._name(index)} still holds {info.kv_slots_used} KV slots "
                                    "after release (micro-batches of a lost stream still running)")
         if got != expected:
-            raise FailedPrecondition(f"{self._name(index)} reports (plan, model, start, end, role, slots, used) = {got} "
-                                     f"after loading, expected {expected}; another coordinator may share this stage")
+            raise FailedPrecondition(
+                f"{self._name(index)} reports (plan, model, start, end, role, slots, used) = {got} "
+                f"after loading, expected {expected}; another coordinator may share this stage"
+            )
 
     # -- running ------------------------------------------------------------------------------------
     def forward(self) -> ForwardLink:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from pqmesh.metrics import ProcessMetrics
 from coordinator.store import JobState
+from pqmesh.metrics import ProcessMetrics
 
 
 class _JobsByState:
@@ -29,8 +29,10 @@ class _JobsByState:
 class CoordinatorMetrics(ProcessMetrics):
     def __init__(self) -> None:
         super().__init__()
-        self.tokens = self.counter("pqmesh_tokens_generated_total",
-                                   "Tokens sampled for jobs (each (sequence, position) once, also across mesh recoveries)")
+        self.tokens = self.counter(
+            "pqmesh_tokens_generated_total",
+            "Tokens sampled for jobs (each (sequence, position) once, also across mesh recoveries)",
+        )
         self.micro_batches = self.counter("pqmesh_coordinator_micro_batches_total",
                                           "Micro-batches sent into the pipeline", ("phase",))
         self.recoveries = self.counter("pqmesh_coordinator_mesh_recoveries_total",
@@ -40,8 +42,11 @@ class CoordinatorMetrics(ProcessMetrics):
         """Gauges read at scrape time from the scheduler's queues and the job store."""
         self.gauge_of("pqmesh_coordinator_waiting_sequences", "Prompts waiting for a KV slot (not yet prefilled)",
                       lambda: len(scheduler.waiting))
-        self.gauge_of("pqmesh_coordinator_ready_sequences", "Sequences holding a slot, waiting for a decode micro-batch",
-                      lambda: len(scheduler.ready))
+        self.gauge_of(
+            "pqmesh_coordinator_ready_sequences",
+            "Sequences holding a slot, waiting for a decode micro-batch",
+            lambda: len(scheduler.ready),
+        )
         self.gauge_of("pqmesh_coordinator_in_flight_micro_batches", "Micro-batches in the pipeline now",
                       lambda: len(scheduler.in_flight))
         self.gauge_of("pqmesh_coordinator_in_flight_capacity", "Micro-batches the pipeline may hold at once",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument
 
 PLAN_VERSION = 1
@@ -40,7 +40,9 @@ class StageSpec:
         if not 0 <= self.start < self.end:
             raise InvalidArgument(f"stage {name}: layer range [{self.start}, {self.end}) is empty or negative")
         if len(self.bits) != self.end - self.start:
-            raise InvalidArgument(f"stage {name}: {len(self.bits)} bitwidths for {self.end - self.start} layers; give one per layer")
+            raise InvalidArgument(
+                f"stage {name}: {len(self.bits)} bitwidths for {self.end - self.start} layers; give one per layer"
+            )
         bad = sorted({b for b in self.bits if b not in VALID_BITS})
         if bad:
             raise InvalidArgument(f"stage {name}: bitwidths {bad} are not supported; use {list(VALID_BITS)}")
@@ -59,9 +61,13 @@ class StageSpec:
     def from_json_obj(cls, obj: dict) -> "StageSpec":
         try:
             start, end = obj["layers"]
-            return cls(int(start), int(end), tuple(obj["bits"]), str(obj.get("address", "")), str(obj.get("device", "")))
+            return cls(
+                int(start), int(end), tuple(obj["bits"]), str(obj.get("address", "")), str(obj.get("device", ""))
+            )
         except (KeyError, TypeError, ValueError) as err:
-            raise InvalidArgument(f"a plan stage needs \"layers\": [start, end] and \"bits\": [...]; got {obj!r} ({err})") from None
+            raise InvalidArgument(
+                f'a plan stage needs "layers": [start, end] and "bits": [...]; got {obj!r} ({err})'
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -76,15 +82,19 @@ class MeshPlan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
         if self.version != PLAN_VERSION:
-            raise InvalidArgument(f"plan version {self.version} is not supported; this coordinator reads version {PLAN_VERSION}")
+            raise InvalidArgument(
+                f"plan version {self.version} is not supported; this coordinator reads version {PLAN_VERSION}"
+            )
         if not self.stages:
             raise InvalidArgument("a plan needs at least one stage")
         if self.stages[0].start != 0:
             raise InvalidArgument(f"the first stage must start at layer 0, not {self.stages[0].start}")
         for i, (before, after) in enumerate(zip(self.stages, self.stages[1:])):
             if after.start != before.end:
-                raise InvalidArgument(f"stages {i} and {i + 1} are not contiguous: [{before.start}, {before.end}) then "
-                                      f"[{after.start}, {after.end}); each stage must start where the previous one ends")
+                raise InvalidArgument(
+                    f"stages {i} and {i + 1} are not contiguous: [{before.start}, {before.end}) then "
+                    f"[{after.start}, {after.end}); each stage must start where the previous one ends"
+                )
         if self.prefill_micro_batch < 1 or self.decode_micro_batch < 1:
             raise InvalidArgument("prefill_micro_batch and decode_micro_batch must be >= 1")
 
@@ -135,7 +145,9 @@ class MeshPlan:
             return cls(tuple(StageSpec.from_json_obj(s) for s in obj["stages"]), int(obj["prefill_micro_batch"]),
                        int(obj["decode_micro_batch"]), int(obj.get("version", PLAN_VERSION)))
         except (KeyError, TypeError, ValueError) as err:
-            raise InvalidArgument(f"the plan needs integer \"prefill_micro_batch\" and \"decode_micro_batch\" ({err})") from None
+            raise InvalidArgument(
+                f'the plan needs integer "prefill_micro_batch" and "decode_micro_batch" ({err})'
+            ) from None
 
     @classmethod
     def from_file(cls, path: Path) -> "MeshPlan":

@@ -30,7 +30,8 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence as Seq
+from typing import Iterable
+from typing import Sequence as Seq
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument
 
@@ -202,8 +203,10 @@ class Scheduler:
         if batch is None:
             return StepResult(ignored=len(token_ids))
         if tuple(slots) != batch.slots or len(token_ids) != len(batch.slots):
-            raise FailedPrecondition(f"micro-batch {micro_batch_id} went out for slots {list(batch.slots)} but came back "
-                                     f"for {list(slots)} with {len(token_ids)} tokens")
+            raise FailedPrecondition(
+                f"micro-batch {micro_batch_id} went out for slots {list(batch.slots)} but came back "
+                f"for {list(slots)} with {len(token_ids)} tokens"
+            )
         del self.in_flight[micro_batch_id]
         result = StepResult()
         for sequence, position, token in zip(batch.sequences, batch.positions, token_ids):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import structlog
 
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.errors import InvalidArgument, PqmeshError
-from pqmesh.grpc_server import rpc_errors, status_code
 from coordinator.jobs import GenerationSettings, JobService
 from coordinator.progress import Progress
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.errors import InvalidArgument, PqmeshError
+from pqmesh.grpc_server import rpc_errors, status_code
 
 log = structlog.get_logger(__name__)
 
@@ -70,11 +70,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @rpc_errors
     def ListJobs(self, request, context):
-        return coordinator_pb2.ListJobsResponse(jobs=[
-            coordinator_pb2.JobSummary(job_id=record.id, state=int(progress.state), idempotency_key=record.idempotency_key,
-                                       sequences_total=progress.sequences_total, sequences_done=progress.sequences_done,
-                                       tokens_generated=progress.tokens_generated, submitted_at=record.created_at)
-            for record, progress in self.jobs.jobs()])
+        return coordinator_pb2.ListJobsResponse(
+            jobs=[
+                coordinator_pb2.JobSummary(
+                    job_id=record.id,
+                    state=int(progress.state),
+                    idempotency_key=record.idempotency_key,
+                    sequences_total=progress.sequences_total,
+                    sequences_done=progress.sequences_done,
+                    tokens_generated=progress.tokens_generated,
+                    submitted_at=record.created_at,
+                )
+                for record, progress in self.jobs.jobs()
+            ]
+        )
 
     @rpc_errors
     def CancelJob(self, request, context):

@@ -131,8 +131,10 @@ class JobStore:
                                  (idempotency_key,)).fetchone()
                 if row is not None:
                     if row[1] != digest:
-                        raise FailedPrecondition(f"idempotency key {idempotency_key!r} was already used for a different "
-                                                 f"request (job {row[0]}); use a new key for a new job")
+                        raise FailedPrecondition(
+                            f"idempotency key {idempotency_key!r} was already used for a different "
+                            f"request (job {row[0]}); use a new key for a new job"
+                        )
                     return self._job(db, row[0]), False
             db.execute("INSERT INTO jobs (id, idempotency_key, request_digest, state, params, num_prompts, created_at) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",

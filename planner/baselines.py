@@ -69,7 +69,9 @@ def proportional_sizes(layers: int, weights: list[float]) -> list[int]:
     spare = layers - len(weights)
     exact = [spare * w / sum(weights) for w in weights]
     sizes = [1 + math.floor(e) for e in exact]
-    for i in sorted(range(len(weights)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)[: layers - sum(sizes)]:
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)[
+        : layers - sum(sizes)
+    ]:
         sizes[i] += 1
     return sizes
 
@@ -135,7 +137,9 @@ def busy_seconds(problem: Problem, device: Device, bits: Bits, size: int, last: 
     shape, s, m = problem.shape, problem.workload.prompt_length, problem.micro_batches(size)
     e = problem.element
     per_layer = m * layer_cost(device.profile, shape, bits, Phase.PREFILL, size, s, s, e)
-    per_layer += sum(r * m * layer_cost(device.profile, shape, bits, Phase.DECODE, size, s, ctx, e) for r, ctx in problem.segments())
+    per_layer += sum(
+        r * m * layer_cost(device.profile, shape, bits, Phase.DECODE, size, s, ctx, e) for r, ctx in problem.segments()
+    )
     rounds = 1 + sum(r for r, _ in problem.segments())
     return per_layer, (rounds * m * head_cost(device.profile, shape, size, e) if last else 0.0)
 

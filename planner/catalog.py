@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pqmesh.errors import InvalidArgument, NotFound
 from planner.model_shapes import ModelShape, from_hf_config
+from pqmesh.errors import InvalidArgument, NotFound
 
 
 def _opt(hidden: int, layers: int, heads: int) -> dict:
@@ -80,5 +80,7 @@ def resolve_model(name_or_path: str) -> ModelShape:
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise NotFound(f"model config {path} does not exist; pass a config.json or a built-in name")
-        return model_from_config_json(path.read_text(), name=path.parent.name if path.name == "config.json" else path.stem)
+        return model_from_config_json(
+            path.read_text(), name=path.parent.name if path.name == "config.json" else path.stem
+        )
     return builtin_model(text)

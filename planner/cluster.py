@@ -17,21 +17,27 @@ Cluster file::
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.planner.v1 import planner_pb2
+import tomllib
+
 from planner.devices import DeviceProfile, builtin_profile, normalize_type
+from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.errors import InvalidArgument, NotFound
 
 MAX_DEVICES = 4096  # per [[device]] entry; a plan needs at least one layer per device anyway
 MAX_WORKLOAD = 1 << 24  # sequences or tokens: far past any real job, small enough to plan quickly
 
 CLUSTER_VERSION = 1
 WORKLOAD_VERSION = 1
-DEFAULT_NETWORK = {"bandwidth_gbps": 10.0, "latency_us": 100.0, "intra_host_bandwidth_gbps": 100.0, "intra_host_latency_us": 10.0}
+DEFAULT_NETWORK = {
+    "bandwidth_gbps": 10.0,
+    "latency_us": 100.0,
+    "intra_host_bandwidth_gbps": 100.0,
+    "intra_host_latency_us": 10.0,
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,10 @@ class Network:
     intra_host_latency_us: float = DEFAULT_NETWORK["intra_host_latency_us"]
 
     def __post_init__(self) -> None:
-        bandwidths, latencies = (self.bandwidth_gbps, self.intra_host_bandwidth_gbps), (self.latency_us, self.intra_host_latency_us)
+        bandwidths, latencies = (
+            (self.bandwidth_gbps, self.intra_host_bandwidth_gbps),
+            (self.latency_us, self.intra_host_latency_us),
+        )
         if not all(0 < v < math.inf for v in bandwidths):  # `not` form: NaN fails too
             raise InvalidArgument(f"[network] bandwidths must be positive, finite Gbit/s, got {bandwidths}")
         if not all(0 <= v < math.inf for v in latencies):
@@ -104,7 +113,9 @@ class Cluster:
 
     @classmethod
     def from_proto_fields(cls, devices, network: planner_pb2.Network | None) -> Cluster:
-        return cls(tuple(ClusterEntry.from_proto(d) for d in devices), Network.from_proto(network) if network else Network())
+        return cls(
+            tuple(ClusterEntry.from_proto(d) for d in devices), Network.from_proto(network) if network else Network()
+        )
 
     @classmethod
     def from_toml(cls, text: str, source: str = "cluster file") -> Cluster:
@@ -119,8 +130,17 @@ class Cluster:
         for i, table in enumerate(data.get("device", [])):
             extra = sorted(set(table) - {"type", "count", "name", "host"})
             if extra:
-                raise InvalidArgument(f"{source}: [[device]] #{i + 1} has unknown keys {extra}; use type, count, name, host")
-            entries.append(ClusterEntry(str(table.get("type", "")), int(table.get("count", 1)), str(table.get("name", "")), str(table.get("host", ""))))
+                raise InvalidArgument(
+                    f"{source}: [[device]] #{i + 1} has unknown keys {extra}; use type, count, name, host"
+                )
+            entries.append(
+                ClusterEntry(
+                    str(table.get("type", "")),
+                    int(table.get("count", 1)),
+                    str(table.get("name", "")),
+                    str(table.get("host", "")),
+                )
+            )
         net = data.get("network", {})
         extra = sorted(set(net) - set(DEFAULT_NETWORK))
         if extra:

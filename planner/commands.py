@@ -11,8 +11,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pqmesh.errors import InvalidArgument, NotFound
 from planner.memory import GIB
+from pqmesh.errors import InvalidArgument, NotFound
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", required=True, type=int, help="new tokens per sequence")
     quality = p.add_mutually_exclusive_group()
     quality.add_argument("--theta", type=float, help="weight of the summed quality indicator (seconds per unit)")
-    quality.add_argument("--quality-bound", type=float, help="upper bound on the summed indicator (default: uniform int4's)")
+    quality.add_argument(
+        "--quality-bound", type=float, help="upper bound on the summed indicator (default: uniform int4's)"
+    )
     p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: 2^-2b per layer)")
     p.add_argument("--bits", default="", help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),

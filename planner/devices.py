@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.planner.v1 import planner_pb2
 from planner.bits import Bits, Phase
+from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.errors import InvalidArgument, NotFound
 
 PROFILE_VERSION = 1
 MIB = 1 << 20
@@ -55,7 +55,9 @@ class Roofline:
 
     def __post_init__(self) -> None:
         if not all(0 < v < float("inf") for v in (self.peak_fp16_tflops, self.memory_bandwidth_gbs)):  # NaN fails too
-            raise InvalidArgument("roofline needs positive peak_fp16_tflops and memory_bandwidth_gbs (datasheet values)")
+            raise InvalidArgument(
+                "roofline needs positive peak_fp16_tflops and memory_bandwidth_gbs (datasheet values)"
+            )
         for name in ("compute_efficiency", "memory_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise InvalidArgument(f"roofline {name} must be in (0, 1], got {getattr(self, name)}")
@@ -99,8 +101,10 @@ class LatencyModel:
         if unknown:
             raise InvalidArgument(f"latency model features {unknown} are unknown; use {list(FEATURES)}")
         if not all(abs(c) < float("inf") for c in self.coefficients):  # NaN fails too
-            raise InvalidArgument(f"latency model {self.bits.value}-bit {self.phase.name.lower()}: coefficients must be "
-                                  f"finite, got {list(self.coefficients)}")
+            raise InvalidArgument(
+                f"latency model {self.bits.value}-bit {self.phase.name.lower()}: coefficients must be "
+                f"finite, got {list(self.coefficients)}"
+            )
 
     def seconds(self, batch: int, tokens: int, context: int) -> float:
         values = {"const": 1.0, "batch": batch, "tokens": tokens, "tokens*context": tokens * context}
@@ -114,7 +118,9 @@ class LatencyModel:
     def from_proto(cls, msg: planner_pb2.LatencyModel) -> LatencyModel:
         if msg.phase == 0:
             raise InvalidArgument("latency model phase is PHASE_UNSPECIFIED; set PHASE_PREFILL or PHASE_DECODE")
-        return cls(Bits.from_proto(msg.bits), Phase(msg.phase), tuple(msg.features), tuple(msg.coefficients), msg.calibrated)
+        return cls(
+            Bits.from_proto(msg.bits), Phase(msg.phase), tuple(msg.features), tuple(msg.coefficients), msg.calibrated
+        )
 
 
 @dataclass(frozen=True)
@@ -131,21 +137,29 @@ class DeviceProfile:
 
     def __post_init__(self) -> None:
         if self.version != PROFILE_VERSION:
-            raise InvalidArgument(f"device profile {self.name!r} has version {self.version}; this planner reads {PROFILE_VERSION}")
+            raise InvalidArgument(
+                f"device profile {self.name!r} has version {self.version}; this planner reads {PROFILE_VERSION}"
+            )
         if not self.name.strip():
             raise InvalidArgument("device profile needs a non-empty name")
         if self.memory_bytes <= 0:
             raise InvalidArgument(f"device profile {self.name!r}: memory_bytes must be positive")
         if self.reserve_bytes is not None and not 0 <= self.reserve_bytes < self.memory_bytes:
-            raise InvalidArgument(f"device profile {self.name!r}: reserve_bytes {self.reserve_bytes} must be at least 0 and "
-                                  f"below memory_bytes {self.memory_bytes}; leave it unset for the 1 GiB default")
+            raise InvalidArgument(
+                f"device profile {self.name!r}: reserve_bytes {self.reserve_bytes} must be at least 0 and "
+                f"below memory_bytes {self.memory_bytes}; leave it unset for the 1 GiB default"
+            )
         if not isinstance(self.roofline, Roofline):
-            raise InvalidArgument(f"device profile {self.name!r} lacks a roofline; add peak_fp16_tflops and memory_bandwidth_gbs")
+            raise InvalidArgument(
+                f"device profile {self.name!r} lacks a roofline; add peak_fp16_tflops and memory_bandwidth_gbs"
+            )
         keys = [(m.bits, m.phase) for m in self.latency]
         if len(set(keys)) != len(keys):
             raise InvalidArgument(f"device profile {self.name!r} has two latency models for one (bits, phase)")
         if self.latency and not self.model:
-            raise InvalidArgument(f"device profile {self.name!r} has fitted latency models; set `model` to the model they were fitted on")
+            raise InvalidArgument(
+                f"device profile {self.name!r} has fitted latency models; set `model` to the model they were fitted on"
+            )
         object.__setattr__(self, "_fitted", dict(zip(keys, self.latency)))
 
     @property
@@ -165,11 +179,19 @@ class DeviceProfile:
     @classmethod
     def from_proto(cls, msg: planner_pb2.DeviceProfile) -> DeviceProfile:
         if not msg.HasField("roofline"):
-            raise InvalidArgument(f"device profile {msg.name!r} lacks a roofline; add peak_fp16_tflops and memory_bandwidth_gbs")
-        return cls(name=msg.name, device_type=msg.device_type, memory_bytes=msg.memory_bytes,
-                   roofline=Roofline.from_proto(msg.roofline), latency=tuple(LatencyModel.from_proto(m) for m in msg.latency),
-                   model=msg.model, version=msg.version,
-                   reserve_bytes=msg.reserve_bytes if msg.HasField("reserve_bytes") else None)
+            raise InvalidArgument(
+                f"device profile {msg.name!r} lacks a roofline; add peak_fp16_tflops and memory_bandwidth_gbs"
+            )
+        return cls(
+            name=msg.name,
+            device_type=msg.device_type,
+            memory_bytes=msg.memory_bytes,
+            roofline=Roofline.from_proto(msg.roofline),
+            latency=tuple(LatencyModel.from_proto(m) for m in msg.latency),
+            model=msg.model,
+            version=msg.version,
+            reserve_bytes=msg.reserve_bytes if msg.HasField("reserve_bytes") else None,
+        )
 
     def to_json(self) -> str:
         return json_format.MessageToJson(self.to_proto(), preserving_proto_field_name=True, indent=None)
@@ -179,7 +201,9 @@ class DeviceProfile:
         try:
             msg = json_format.Parse(text, planner_pb2.DeviceProfile())
         except json_format.ParseError as err:
-            raise InvalidArgument(f"device profile JSON does not match pqmesh.planner.v1.DeviceProfile: {err}") from None
+            raise InvalidArgument(
+                f"device profile JSON does not match pqmesh.planner.v1.DeviceProfile: {err}"
+            ) from None
         return cls.from_proto(msg)
 
 

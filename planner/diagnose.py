@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pqmesh.errors import FailedPrecondition, ResourceExhausted
 from planner.bits import ALL_BITS, Bits, Phase
 from planner.cluster import Device, Workload
 from planner.memory import GIB
@@ -20,6 +19,7 @@ from planner.orders import representative_orders
 from planner.problem import Problem, layer_bytes
 from planner.solver_ortools import solve_order
 from planner.tables import QualityScale, budgets, build_input
+from pqmesh.errors import FailedPrecondition, ResourceExhausted
 
 
 def _gib(n: float) -> str:
@@ -54,7 +54,9 @@ def fits(problem: Problem) -> bool:
 
 def _largest_batch(problem: Problem) -> int:
     w = problem.workload
-    return max((b for b in range(1, w.batch_size) if fits(replace(problem, workload=replace(w, batch_size=b)))), default=0)
+    return max(
+        (b for b in range(1, w.batch_size) if fits(replace(problem, workload=replace(w, batch_size=b)))), default=0
+    )
 
 
 def _longest_prompt(problem: Problem) -> int:

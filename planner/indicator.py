@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from pqmesh.errors import InvalidArgument, NotFound
 from planner.bits import ALL_BITS, Bits
+from pqmesh.errors import InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
 INDICATOR_VERSION = 1
@@ -47,12 +47,16 @@ class Indicator:
         object.__setattr__(self, "values", tuple(tuple(sorted(row.items(), reverse=True)) for row in rows))
         object.__setattr__(self, "_rows", rows)
         if self.version != INDICATOR_VERSION:
-            raise InvalidArgument(f"indicator version {self.version} is not supported; write version {INDICATOR_VERSION}")
+            raise InvalidArgument(
+                f"indicator version {self.version} is not supported; write version {INDICATOR_VERSION}"
+            )
         if not self.values:
             raise InvalidArgument("indicator has no layers")
         for i, row in enumerate(self._rows):
             if not all(0 <= v < float("inf") for v in row.values()):  # NaN fails too
-                raise InvalidArgument(f"indicator layer {i} has a negative, infinite or NaN value; indicators are finite and >= 0")
+                raise InvalidArgument(
+                    f"indicator layer {i} has a negative, infinite or NaN value; indicators are finite and >= 0"
+                )
 
     @property
     def num_layers(self) -> int:
@@ -98,7 +102,9 @@ class Indicator:
             layers = sorted(data["layers"], key=lambda entry: entry["layer"])
             if [entry["layer"] for entry in layers] != list(range(len(layers))):
                 raise InvalidArgument(f"{source}: layers must be numbered 0..{len(layers) - 1}, each once")
-            rows = tuple({Bits.B16: 0.0} | {Bits.parse(k): float(v) for k, v in entry["bits"].items()} for entry in layers)
+            rows = tuple(
+                {Bits.B16: 0.0} | {Bits.parse(k): float(v) for k, v in entry["bits"].items()} for entry in layers
+            )
             return cls(rows, str(data.get("model", "")), str(data.get("kind", "")), int(data.get("group_size", 128)),
                        int(data.get("version", 0)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
@@ -131,7 +137,9 @@ class Quality:
         if self.theta is not None and self.bound is not None:
             raise InvalidArgument("give either theta or a quality bound, not both")
         if any(v is not None and not 0 <= v < float("inf") for v in (self.theta, self.bound)):  # NaN fails too
-            raise InvalidArgument(f"theta and the quality bound must be finite and >= 0, got {self.theta}, {self.bound}")
+            raise InvalidArgument(
+                f"theta and the quality bound must be finite and >= 0, got {self.theta}, {self.bound}"
+            )
 
     def resolved(self, indicator: Indicator) -> Quality:
         """The default (neither given) becomes the bound of uniform 4-bit."""

@@ -79,7 +79,9 @@ def decode_round_seconds(resources: list[float], micro_batches: int) -> float:
     return max(micro_batches * max(resources), sum(resources))
 
 
-def decode_segments(prompt_length: int, generation_length: int, segments: int = DEFAULT_DECODE_SEGMENTS) -> list[tuple[int, float]]:
+def decode_segments(
+    prompt_length: int, generation_length: int, segments: int = DEFAULT_DECODE_SEGMENTS
+) -> list[tuple[int, float]]:
     """(rounds, mean context) for the decode rounds s = 1 .. gen-1 (context prompt + s).
 
     The first generated token comes out of prefill, so a job has gen - 1 decode rounds. Rounds are

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import structlog
 
+from planner.metrics import PlannerMetrics
+from planner.registry import ProfileRegistry
+from planner.service import SERVICE_NAME, PlannerServicer
 from pqmesh import security
+from pqmesh.api.planner.v1 import planner_pb2_grpc
 from pqmesh.errors import PqmeshError
 from pqmesh.grpc_server import create_server
 from pqmesh.log import configure
 from pqmesh.metrics import add_metrics_flag
-from pqmesh.planner.v1 import planner_pb2_grpc
-from planner.metrics import PlannerMetrics
-from planner.registry import ProfileRegistry
-from planner.service import SERVICE_NAME, PlannerServicer
 
 log = structlog.get_logger(__name__)
 GRACE_S = 5.0
@@ -67,9 +67,12 @@ def start(config: PlannerConfig, metrics: PlannerMetrics | None = None):
     servicer = PlannerServicer(registry, metrics)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)
-    return create_server(config.listen, [(planner_pb2_grpc.add_PlannerServiceServicer_to_server, servicer, SERVICE_NAME)],
-                         credentials=config.credentials,
-                         interceptors=[metrics.interceptor(), *security.server_interceptors(config.credentials)])
+    return create_server(
+        config.listen,
+        [(planner_pb2_grpc.add_PlannerServiceServicer_to_server, servicer, SERVICE_NAME)],
+        credentials=config.credentials,
+        interceptors=[metrics.interceptor(), *security.server_interceptors(config.credentials)],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

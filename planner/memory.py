@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pqmesh.errors import InvalidArgument
 from planner.bits import Bits
 from planner.cluster import Workload
 from planner.model_shapes import ModelShape
+from pqmesh.errors import InvalidArgument
 
 GIB = 1 << 30
 DTYPE_BYTES = 2  # default element size: float16 activations, KV cache, embeddings, norms and biases
@@ -145,7 +145,9 @@ class StageMemory:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.embeddings_and_head + self.reserve + self.workspace
+        return (
+            self.weights + self.kv_cache + self.activations + self.embeddings_and_head + self.reserve + self.workspace
+        )
 
 
 def stage_memory(shape: ModelShape, workload: Workload, bits: list[Bits], first: bool, last: bool,

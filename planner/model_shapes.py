@@ -50,13 +50,25 @@ class ModelShape:
             raise InvalidArgument(f"model shape version {self.version} is not supported; use {SHAPE_VERSION}")
         if self.family not in ("opt", "bloom", "llama"):
             raise UnsupportedModel(f"model family {self.family!r} is not supported; use opt, bloom or llama")
-        for field in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+        for field in (
+            "num_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+        ):
             if getattr(self, field) <= 0:
                 raise InvalidArgument(f"model {self.name!r}: {field} must be positive, got {getattr(self, field)}")
         if self.num_layers > MAX_LAYERS:
-            raise InvalidArgument(f"model {self.name!r}: {self.num_layers} layers; the planner takes at most {MAX_LAYERS}")
+            raise InvalidArgument(
+                f"model {self.name!r}: {self.num_layers} layers; the planner takes at most {MAX_LAYERS}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise InvalidArgument(f"model {self.name!r}: {self.num_heads} heads are not a multiple of {self.num_kv_heads} KV heads")
+            raise InvalidArgument(
+                f"model {self.name!r}: {self.num_heads} heads are not a multiple of {self.num_kv_heads} KV heads"
+            )
 
     # -- per decoder layer ----------------------------------------------------------------------
     @property
@@ -148,33 +160,54 @@ def from_hf_config(config: dict, name: str = "") -> ModelShape:
     """A `ModelShape` from the dict of a Hugging Face `config.json` (OPT, BLOOM or Llama-style)."""
     kind = config.get("model_type", "")
     if kind not in ("opt", "bloom", *LLAMA_TYPES):
-        raise UnsupportedModel(f"config.json model_type {kind!r} is not supported; the planner knows opt, bloom, {', '.join(LLAMA_TYPES)}")
+        raise UnsupportedModel(
+            f"config.json model_type {kind!r} is not supported; the planner knows opt, bloom, {', '.join(LLAMA_TYPES)}"
+        )
     name = name or config.get("_name_or_path") or kind
     layers = _get(config, "num_hidden_layers", "n_layer")
     heads = _get(config, "num_attention_heads", "n_head")
     hidden = _get(config, "hidden_size", "n_embed")
-    common = dict(name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, vocab_size=_get(config, "vocab_size"))
+    common = dict(
+        name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, vocab_size=_get(config, "vocab_size")
+    )
     if kind == "opt":
         return ModelShape(
-            family="opt", intermediate_size=_get(config, "ffn_dim"), num_kv_heads=heads, head_dim=hidden // heads,
+            family="opt",
+            intermediate_size=_get(config, "ffn_dim"),
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
             max_positions=_get(config, "max_position_embeddings", default=2048),
             tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-            attention_bias=bool(config.get("enable_bias", True)), mlp_bias=bool(config.get("enable_bias", True)),
-            embed_dim=_get(config, "word_embed_proj_dim", default=hidden), learned_positions=True,
-            final_norm=bool(config.get("do_layer_norm_before", True)) and not config.get("_remove_final_layer_norm", False),
+            attention_bias=bool(config.get("enable_bias", True)),
+            mlp_bias=bool(config.get("enable_bias", True)),
+            embed_dim=_get(config, "word_embed_proj_dim", default=hidden),
+            learned_positions=True,
+            final_norm=bool(config.get("do_layer_norm_before", True))
+            and not config.get("_remove_final_layer_norm", False),
             **common,
         )
     if kind == "bloom":
         return ModelShape(
-            family="bloom", intermediate_size=4 * hidden, num_kv_heads=heads, head_dim=hidden // heads,
-            max_positions=_get(config, "seq_length", default=2048), tied_embeddings=True, embed_layernorm=True, **common,
+            family="bloom",
+            intermediate_size=4 * hidden,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            max_positions=_get(config, "seq_length", default=2048),
+            tied_embeddings=True,
+            embed_layernorm=True,
+            **common,
         )
     kv_heads = _get(config, "num_key_value_heads", default=heads)  # Llama-style
     return ModelShape(
-        family="llama", intermediate_size=_get(config, "intermediate_size"), num_kv_heads=kv_heads,
+        family="llama",
+        intermediate_size=_get(config, "intermediate_size"),
+        num_kv_heads=kv_heads,
         head_dim=_get(config, "head_dim", default=hidden // heads),
         max_positions=_get(config, "max_position_embeddings", default=4096),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=bool(config.get("attention_bias", kind == "qwen2")), mlp_bias=bool(config.get("mlp_bias", False)),
-        gated_mlp=True, rms_norm=True, **common,
+        attention_bias=bool(config.get("attention_bias", kind == "qwen2")),
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        gated_mlp=True,
+        rms_norm=True,
+        **common,
     )

@@ -77,7 +77,10 @@ def _host_block_order(devices: tuple[Device, ...], first: Device, last: Device) 
 
 
 def network_never_faster(network: Network) -> bool:
-    return network.bandwidth_gbps <= network.intra_host_bandwidth_gbps and network.latency_us >= network.intra_host_latency_us
+    return (
+        network.bandwidth_gbps <= network.intra_host_bandwidth_gbps
+        and network.latency_us >= network.intra_host_latency_us
+    )
 
 
 def representative_orders(devices: tuple[Device, ...], network: Network) -> list[list[Device]]:

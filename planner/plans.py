@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.errors import InvalidArgument
-from pqmesh.planner.v1 import planner_pb2
 from planner.bits import Bits
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.errors import InvalidArgument
 
 PLAN_VERSION = 1
 BASELINE_NAMES = ("pipeedge", "uniform_int8", "uniform_int4", "adabits")
@@ -44,7 +44,9 @@ class StagePlan:
         if not 0 <= self.start < self.end:
             raise InvalidArgument(f"stage {self.device!r}: layer range [{self.start}, {self.end}) is empty or negative")
         if len(self.bits) != self.end - self.start:
-            raise InvalidArgument(f"stage {self.device!r}: {len(self.bits)} bitwidths for {self.end - self.start} layers")
+            raise InvalidArgument(
+                f"stage {self.device!r}: {len(self.bits)} bitwidths for {self.end - self.start} layers"
+            )
         object.__setattr__(self, "bits", tuple(Bits(b) for b in self.bits))
 
     def to_proto(self) -> planner_pb2.Stage:
@@ -93,8 +95,13 @@ class PipelinePlan:
         return tuple(b for s in self.stages for b in s.bits)
 
     def to_proto(self) -> planner_pb2.Plan:
-        return planner_pb2.Plan(plan_id=self.plan_id, stages=[s.to_proto() for s in self.stages], version=self.version,
-                                prefill_micro_batch=self.prefill_micro_batch, decode_micro_batch=self.decode_micro_batch)
+        return planner_pb2.Plan(
+            plan_id=self.plan_id,
+            stages=[s.to_proto() for s in self.stages],
+            version=self.version,
+            prefill_micro_batch=self.prefill_micro_batch,
+            decode_micro_batch=self.decode_micro_batch,
+        )
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.Plan) -> PipelinePlan:

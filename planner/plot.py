@@ -77,7 +77,11 @@ def _draw_memory(ax, bars: list[StageBars]) -> None:
     for y, bar in enumerate(bars):
         left = 0.0
         for name, nbytes in bar.parts.items():
-            color = BIT_COLORS[Bits(int(name.split()[1].split("-")[0]))] if name.startswith("weights") else PART_COLORS[name]
+            color = (
+                BIT_COLORS[Bits(int(name.split()[1].split("-")[0]))]
+                if name.startswith("weights")
+                else PART_COLORS[name]
+            )
             ax.barh(y, nbytes / GIB, left=left, color=color, edgecolor="white", linewidth=0.5, label=name)
             left += nbytes / GIB
         free = max(bar.capacity / GIB - left, 0.0)

@@ -18,16 +18,23 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from pqmesh.errors import InvalidArgument
 from planner import latency as lat
 from planner.bits import ALL_BITS, Bits, Phase
 from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile
 from planner.indicator import Indicator, Quality
-from planner.memory import (DEFAULT_DTYPE, DEFAULT_RESERVE_BYTES, StageMemory, element_bytes, kv_cache_bytes_per_layer,
-                            layer_weight_bytes, stage_memory)
+from planner.memory import (
+    DEFAULT_DTYPE,
+    DEFAULT_RESERVE_BYTES,
+    StageMemory,
+    element_bytes,
+    kv_cache_bytes_per_layer,
+    layer_weight_bytes,
+    stage_memory,
+)
 from planner.model_shapes import ModelShape
 from planner.plans import PipelinePlan, Prediction
+from pqmesh.errors import InvalidArgument
 
 QUALITY_TOLERANCE = 1e-6  # relative; the solver's integer scaling rounds indicators
 
@@ -103,7 +110,9 @@ def stage_seconds(problem: Problem, device: Device, counts: dict, last: bool, ph
     """One micro-batch through a stage holding counts[bits] layers at each bitwidth (+ head if last)."""
     s = problem.workload.prompt_length
     e = problem.element
-    total = sum(n * layer_cost(device.profile, problem.shape, b, phase, micro_batch, s, context, e) for b, n in counts.items())
+    total = sum(
+        n * layer_cost(device.profile, problem.shape, b, phase, micro_batch, s, context, e) for b, n in counts.items()
+    )
     return total + (head_cost(device.profile, problem.shape, micro_batch, e) if last else 0.0)
 
 
@@ -118,16 +127,26 @@ def link_times(problem: Problem, order: list[Device], phase: Phase, micro_batch:
     return links
 
 
-def phase_seconds(problem: Problem, order: list[Device], counts: list[dict], prefill_mb: int, decode_mb: int) -> tuple[float, float]:
+def phase_seconds(
+    problem: Problem, order: list[Device], counts: list[dict], prefill_mb: int, decode_mb: int
+) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of the whole job."""
     last = len(order) - 1
     s = problem.workload.prompt_length
-    stages = [stage_seconds(problem, d, c, i == last, Phase.PREFILL, prefill_mb, s) for i, (d, c) in enumerate(zip(order, counts))]
-    prefill = lat.prefill_seconds(stages + link_times(problem, order, Phase.PREFILL, prefill_mb), problem.micro_batches(prefill_mb))
+    stages = [
+        stage_seconds(problem, d, c, i == last, Phase.PREFILL, prefill_mb, s)
+        for i, (d, c) in enumerate(zip(order, counts))
+    ]
+    prefill = lat.prefill_seconds(
+        stages + link_times(problem, order, Phase.PREFILL, prefill_mb), problem.micro_batches(prefill_mb)
+    )
     links = link_times(problem, order, Phase.DECODE, decode_mb)
     decode = 0.0
     for rounds, context in problem.segments():
-        stages = [stage_seconds(problem, d, c, i == last, Phase.DECODE, decode_mb, context) for i, (d, c) in enumerate(zip(order, counts))]
+        stages = [
+            stage_seconds(problem, d, c, i == last, Phase.DECODE, decode_mb, context)
+            for i, (d, c) in enumerate(zip(order, counts))
+        ]
         decode += rounds * lat.decode_round_seconds(stages + links, problem.micro_batches(decode_mb))
     return prefill, decode
 
@@ -175,4 +194,6 @@ def evaluate(problem: Problem, plan: PipelinePlan) -> Evaluation:
 def layer_bytes(problem: Problem, bits: Bits) -> int:
     """Weights + KV cache of one decoder layer at `bits` for this workload."""
     w, e = problem.workload, problem.element
-    return layer_weight_bytes(problem.shape, bits, element=e) + kv_cache_bytes_per_layer(problem.shape, w.batch_size, w.max_context, e)
+    return layer_weight_bytes(problem.shape, bits, element=e) + kv_cache_bytes_per_layer(
+        problem.shape, w.batch_size, w.max_context, e
+    )

@@ -40,8 +40,11 @@ class ProfileRegistry:
         """Store or replace; True when a profile of that name existed."""
         with closing(self._connect()) as db, db:
             existed = db.execute("SELECT 1 FROM device_profiles WHERE name = ?", (profile.name,)).fetchone() is not None
-            db.execute("INSERT INTO device_profiles (name, profile_json) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
-                       "profile_json = excluded.profile_json, updated_at = excluded.updated_at", (profile.name, profile.to_json()))
+            db.execute(
+                "INSERT INTO device_profiles (name, profile_json) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "profile_json = excluded.profile_json, updated_at = excluded.updated_at",
+                (profile.name, profile.to_json()),
+            )
         log.info("device_registered", name=profile.name, device_type=profile.device_type, replaced=existed)
         return existed
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format
 
-from pqmesh.errors import InvalidArgument
-from pqmesh.planner.v1 import planner_pb2
 from planner.bits import ALL_BITS, Bits, parse_bits_list
 from planner.catalog import builtin_model, model_from_config_json
 from planner.cluster import Cluster, ProfileLookup, Workload, expand
@@ -15,6 +13,8 @@ from planner.indicator import Indicator, Quality, default_indicator
 from planner.memory import DEFAULT_DTYPE, element_bytes
 from planner.problem import Problem
 from planner.search import DEFAULT_TIME_LIMIT_S
+from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.errors import InvalidArgument
 
 REQUEST_VERSION = 1
 
@@ -51,7 +51,9 @@ class PlanInputs:
 
     def to_problem(self, lookup: ProfileLookup | None = None) -> Problem:
         shape = model_from_config_json(self.model) if self.inline_config else builtin_model(self.model)
-        indicator = Indicator.from_json(self.indicator_json) if self.indicator_json else default_indicator(shape.num_layers)
+        indicator = (
+            Indicator.from_json(self.indicator_json) if self.indicator_json else default_indicator(shape.num_layers)
+        )
         indicator.check(shape.num_layers, self.allowed_bits, shape.name)
         return Problem(shape, expand(self.cluster, lookup), self.cluster.network, self.workload, indicator,
                        self.quality.resolved(indicator), self.allowed_bits, dtype=self.dtype)
@@ -79,7 +81,9 @@ class PlanInputs:
         if not msg.HasField("workload"):
             raise InvalidArgument("the plan request has no workload; set batch_size, prompt_length, generation_length")
         which = msg.WhichOneof("quality")
-        quality = Quality(theta=msg.theta) if which == "theta" else Quality(bound=msg.quality_bound) if which else Quality()
+        quality = (
+            Quality(theta=msg.theta) if which == "theta" else Quality(bound=msg.quality_bound) if which else Quality()
+        )
         return cls(model, Cluster.from_proto_fields(msg.devices, msg.network if msg.HasField("network") else None),
                    Workload.from_proto(msg.workload), quality, msg.indicator_json,
                    tuple(Bits.from_proto(b) for b in msg.allowed_bits) or ALL_BITS,

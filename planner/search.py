@@ -22,14 +22,21 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from pqmesh.errors import InvalidArgument
 from planner.baselines import all_baselines, balanced_sizes, busy_seconds, layer_caps
 from planner.diagnose import raise_infeasible
 from planner.orders import all_orders, order_key, representative_orders
 from planner.plans import PipelinePlan, PlanResult
 from planner.problem import Problem, evaluate
 from planner.solver_ortools import TIME_SCALE, Hint, lower_bound, solve_order
-from planner.tables import build_input, counts_of, micro_batch_candidates, plan_from_bits, plan_from_counts, plan_from_units
+from planner.tables import (
+    build_input,
+    counts_of,
+    micro_batch_candidates,
+    plan_from_bits,
+    plan_from_counts,
+    plan_from_units,
+)
+from pqmesh.errors import InvalidArgument
 
 log = structlog.get_logger(__name__)
 DEFAULT_TIME_LIMIT_S = 10.0
@@ -179,6 +186,14 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
     gap = 0.0 if gap < CUTOFF_SLACK else gap
     predicted = evaluate(problem, best).prediction
     seconds = time.monotonic() - started
-    log.info("plan_solved", model=problem.shape.name, devices=len(problem.devices), items=len(items), solves=state.solves,
-             seconds=round(seconds, 3), gap=round(gap, 4), throughput=round(predicted.throughput_tokens_per_s, 2))
+    log.info(
+        "plan_solved",
+        model=problem.shape.name,
+        devices=len(problem.devices),
+        items=len(items),
+        solves=state.solves,
+        seconds=round(seconds, 3),
+        gap=round(gap, 4),
+        throughput=round(predicted.throughput_tokens_per_s, 2),
+    )
     return PlanResult(best, predicted, baselines, seconds, gap)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import structlog
 
-from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.grpc_server import rpc_errors
-from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
 from planner.devices import DeviceProfile
 from planner.metrics import PlannerMetrics
 from planner.registry import ProfileRegistry
 from planner.request import PlanInputs
 from planner.search import plan
+from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
+from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.grpc_server import rpc_errors
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
@@ -50,7 +50,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         try:
             inputs = PlanInputs.from_proto(request)
             if inputs.time_limit_s > MAX_TIME_LIMIT_S:
-                raise InvalidArgument(f"time_limit_seconds {inputs.time_limit_s} exceeds {MAX_TIME_LIMIT_S}; ask for less")
+                raise InvalidArgument(
+                    f"time_limit_seconds {inputs.time_limit_s} exceeds {MAX_TIME_LIMIT_S}; ask for less"
+                )
             result = plan(inputs.to_problem(self.registry.get), inputs.time_limit_s)
             outcome = "ok"
         finally:

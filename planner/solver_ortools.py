@@ -117,7 +117,10 @@ class _Builder:
     def _stage_cap(self) -> int:
         """An upper bound on any stage or link time (keeps CP-SAT's domains finite and int64-safe)."""
         d, L = self.d, self.d.num_layers
-        pre = max(L * max(d.prefill_layer[i][b][self.kp] for b in range(self.nb)) + d.prefill_fixed[i][self.kp] for i in range(d.stages))
+        pre = max(
+            L * max(d.prefill_layer[i][b][self.kp] for b in range(self.nb)) + d.prefill_fixed[i][self.kp]
+            for i in range(d.stages)
+        )
         dec = max(L * max(max(d.decode_layer[i][b][self.kd], default=0) for b in range(self.nb))
                   + max(d.decode_fixed[i][self.kd], default=0) for i in range(d.stages))  # no rounds: gen length 1
         links = max(d.prefill_links[self.kp] + d.decode_links[self.kd], default=0)
@@ -132,7 +135,11 @@ class _Builder:
         d = self.d
         for i in range(d.stages):
             budget = min(d.prefill_budget[i][self.kp], d.decode_budget[i][self.kd])
-            self.row({self.n[i][b]: d.layer_bytes[b] * self.mem_unit for b in range(self.nb)}, -math.inf, budget * self.mem_unit)
+            self.row(
+                {self.n[i][b]: d.layer_bytes[b] * self.mem_unit for b in range(self.nb)},
+                -math.inf,
+                budget * self.mem_unit,
+            )
 
     def _max_over(self, stages: list[tuple[dict, float]], floor: float, cap: float, name: str) -> int:
         """A variable >= every stage time (and >= floor), and stages x it >= their sum."""
@@ -145,7 +152,10 @@ class _Builder:
 
     def prefill(self) -> tuple[dict, float]:
         d, k, u = self.d, self.kp, self.time_unit
-        stages = [self._stage(i, [d.prefill_layer[i][b][k] for b in range(self.nb)], d.prefill_fixed[i][k]) for i in range(d.stages)]
+        stages = [
+            self._stage(i, [d.prefill_layer[i][b][k] for b in range(self.nb)], d.prefill_fixed[i][k])
+            for i in range(d.stages)
+        ]
         links = [x * u for x in d.prefill_links[k]]
         peak = self._max_over(stages, max(links, default=0), self.stage_cap * u, "mp")
         terms = _add(*[t for t, _ in stages], {peak: d.prefill_counts[k] - 1})
@@ -156,7 +166,10 @@ class _Builder:
         links, objective = [x * u for x in d.decode_links[k]], {}
         cap = self.stage_cap * u
         for q, rounds in enumerate(d.segment_rounds):
-            stages = [self._stage(i, [d.decode_layer[i][b][k][q] for b in range(self.nb)], d.decode_fixed[i][k][q]) for i in range(d.stages)]
+            stages = [
+                self._stage(i, [d.decode_layer[i][b][k][q] for b in range(self.nb)], d.decode_fixed[i][k][q])
+                for i in range(d.stages)
+            ]
             peak = self._max_over(stages, max(links, default=0), cap, f"md{q}")
             cycle = self.var(0, (max(d.decode_counts[k], d.stages) + len(links)) * cap, f"c{q}")
             self.row({cycle: 1, peak: -d.decode_counts[k]}, 0, math.inf)
@@ -168,7 +181,9 @@ class _Builder:
     def units(self) -> None:
         """Per-layer model: x[u][i][b], contiguity, and n as sums of unit sizes."""
         d, nb, S = self.d, self.nb, self.d.stages
-        self.x = [[[self.var(0, 1, f"x{u}_{i}_{b}") for b in range(nb)] for i in range(S)] for u in range(len(d.unit_sizes))]
+        self.x = [
+            [[self.var(0, 1, f"x{u}_{i}_{b}") for b in range(nb)] for i in range(S)] for u in range(len(d.unit_sizes))
+        ]
         index = [{v: i for i, row in enumerate(xu) for v in row} for xu in self.x]
         for xu in self.x:
             self.row({v: 1 for row in xu for v in row}, 1, 1)
@@ -189,21 +204,27 @@ class _Builder:
                     {v: d.unit_theta[u][b] * self.time_unit for v, u, b in cells} if d.unit_theta else {})
         if d.free_quality or d.free_theta:
             return self._free_layers()
-        return (_add(*[{self.n[i][b]: d.quality_per_bits[b] * self.q_unit for b in range(nb)} for i in range(S)]) if d.quality_per_bits else {},
-                _add(*[{self.n[i][b]: d.theta_per_bits[b] * self.time_unit for b in range(nb)} for i in range(S)]) if d.theta_per_bits else {})
+        return (
+            _add(*[{self.n[i][b]: d.quality_per_bits[b] * self.q_unit for b in range(nb)} for i in range(S)])
+            if d.quality_per_bits
+            else {},
+            _add(*[{self.n[i][b]: d.theta_per_bits[b] * self.time_unit for b in range(nb)} for i in range(S)])
+            if d.theta_per_bits
+            else {},
+        )
 
     def _free_layers(self) -> tuple[dict, dict]:
-        """Relaxation: y[l][b] gives layer l bits b anywhere, matching only the bitwidth totals."""
+        """Relaxation: y[li][b] gives layer li bits b anywhere, matching only the bitwidth totals."""
         d, nb = self.d, self.nb
         rows = d.free_quality or d.free_theta
-        y = [[self.var(0, 1, f"y{l}_{b}") for b in range(nb)] for l in range(len(rows))]
+        y = [[self.var(0, 1, f"y{li}_{b}") for b in range(nb)] for li in range(len(rows))]
         for row in y:
             self.row({v: 1 for v in row}, 1, 1)
         for b in range(nb):
-            self.row({**{y[l][b]: 1 for l in range(len(y))}, **{self.n[i][b]: -1 for i in range(d.stages)}}, 0, 0)
-        cells = [(y[l][b], l, b) for l in range(len(y)) for b in range(nb)]
-        return ({v: d.free_quality[l][b] * self.q_unit for v, l, b in cells} if d.free_quality else {},
-                {v: d.free_theta[l][b] * self.time_unit for v, l, b in cells} if d.free_theta else {})
+            self.row({**{y[li][b]: 1 for li in range(len(y))}, **{self.n[i][b]: -1 for i in range(d.stages)}}, 0, 0)
+        cells = [(y[li][b], li, b) for li in range(len(y)) for b in range(nb)]
+        return ({v: d.free_quality[li][b] * self.q_unit for v, li, b in cells} if d.free_quality else {},
+                {v: d.free_theta[li][b] * self.time_unit for v, li, b in cells} if d.free_theta else {})
 
     def objective(self, minimize_quality: bool) -> tuple[dict, float]:
         if self.d.unit_sizes:
@@ -276,6 +297,10 @@ def solve_order(data: OrderInput, kp: int, kd: int, time_limit: float, cutoff: i
     counts = tuple(tuple(solver.value(b.vars[v]) for v in row) for row in b.n)
     units = ()
     if b.x is not None:
-        units = tuple(next((i, bb) for i, row in enumerate(xu) for bb, v in enumerate(row) if solver.boolean_value(b.vars[v]))
-                      for xu in b.x)
-    return OrderSolution(status, counts, units, int(round(solver.objective_value)), int(round(solver.best_objective_bound)))
+        units = tuple(
+            next((i, bb) for i, row in enumerate(xu) for bb, v in enumerate(row) if solver.boolean_value(b.vars[v]))
+            for xu in b.x
+        )
+    return OrderSolution(
+        status, counts, units, int(round(solver.objective_value)), int(round(solver.best_objective_bound))
+    )

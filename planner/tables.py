@@ -46,7 +46,7 @@ class QualityScale:
 
     def __init__(self, problem: Problem) -> None:
         ind = problem.indicator
-        top = max((ind.value(l, b) for l in range(ind.num_layers) for b in problem.allowed_bits), default=0.0)
+        top = max((ind.value(li, b) for li in range(ind.num_layers) for b in problem.allowed_bits), default=0.0)
         self.scale = 1e9 / top if top > 0 else 1.0
         self.problem = problem
 
@@ -84,35 +84,68 @@ def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int,
     own indicator but is not tied to a stage (a lower bound when indicators differ by layer)."""
     shape, s, bits, last = problem.shape, problem.workload.prompt_length, problem.allowed_bits, len(order) - 1
     segments, e = problem.segments(), problem.element
-    pre_layer = tuple(tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.PREFILL, k, s, s, e)) for k in prefill_sizes) for b in bits) for d in order)
-    pre_fixed = tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for k in prefill_sizes) for i, d in enumerate(order))
-    dec_layer = tuple(tuple(tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
-                                  for k in decode_sizes) for b in bits) for d in order)
+    pre_layer = tuple(
+        tuple(
+            tuple(_t(layer_cost(d.profile, shape, b, Phase.PREFILL, k, s, s, e)) for k in prefill_sizes) for b in bits
+        )
+        for d in order
+    )
+    pre_fixed = tuple(
+        tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for k in prefill_sizes)
+        for i, d in enumerate(order)
+    )
+    dec_layer = tuple(
+        tuple(
+            tuple(
+                tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
+                for k in decode_sizes
+            )
+            for b in bits
+        )
+        for d in order
+    )
     dec_fixed = tuple(tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for _ in segments)
                             for k in decode_sizes) for i, d in enumerate(order))
     qs, ind, theta = QualityScale(problem), problem.indicator, problem.quality.theta
     common = dict(
-        num_layers=shape.num_layers, stages=len(order), layer_bytes=tuple(layer_bytes(problem, b) for b in bits),
+        num_layers=shape.num_layers,
+        stages=len(order),
+        layer_bytes=tuple(layer_bytes(problem, b) for b in bits),
         prefill_counts=tuple(problem.micro_batches(k) for k in prefill_sizes),
-        prefill_budget=budgets(problem, order, prefill_sizes, Phase.PREFILL), prefill_layer=pre_layer, prefill_fixed=pre_fixed,
+        prefill_budget=budgets(problem, order, prefill_sizes, Phase.PREFILL),
+        prefill_layer=pre_layer,
+        prefill_fixed=pre_fixed,
         prefill_links=tuple(tuple(_t(t) for t in link_times(problem, order, Phase.PREFILL, k)) for k in prefill_sizes),
         decode_counts=tuple(problem.micro_batches(k) for k in decode_sizes),
-        decode_budget=budgets(problem, order, decode_sizes, Phase.DECODE), decode_layer=dec_layer, decode_fixed=dec_fixed,
+        decode_budget=budgets(problem, order, decode_sizes, Phase.DECODE),
+        decode_layer=dec_layer,
+        decode_fixed=dec_fixed,
         decode_links=tuple(tuple(_t(t) for t in link_times(problem, order, Phase.DECODE, k)) for k in decode_sizes),
         segment_rounds=tuple(r for r, _ in segments),
     )
     if per_layer and not relaxed_indicator:
         sizes = unit_sizes(shape.num_layers)
         starts = [sum(sizes[:u]) for u in range(len(sizes))]
-        unit_value = [[sum(ind.value(l, b) for l in range(a, a + n)) for b in bits] for a, n in zip(starts, sizes)]
-        return OrderInput(**common, unit_sizes=sizes, quality_bound=qs.bound(shape.num_layers),
-                          unit_quality=tuple(tuple(qs.value(v) for v in row) for row in unit_value) if problem.quality.bound is not None else (),
-                          unit_theta=tuple(tuple(_t(theta * v) for v in row) for row in unit_value) if theta else ())
+        unit_value = [[sum(ind.value(li, b) for li in range(a, a + n)) for b in bits] for a, n in zip(starts, sizes)]
+        return OrderInput(
+            **common,
+            unit_sizes=sizes,
+            quality_bound=qs.bound(shape.num_layers),
+            unit_quality=tuple(tuple(qs.value(v) for v in row) for row in unit_value)
+            if problem.quality.bound is not None
+            else (),
+            unit_theta=tuple(tuple(_t(theta * v) for v in row) for row in unit_value) if theta else (),
+        )
     if relaxed_indicator:  # layers keep their own indicator but may sit anywhere
-        rows = [[ind.value(l, b) for b in bits] for l in range(ind.num_layers)]
-        return OrderInput(**common, quality_bound=qs.bound(shape.num_layers),
-                          free_quality=tuple(tuple(qs.value(v) for v in r) for r in rows) if problem.quality.bound is not None else (),
-                          free_theta=tuple(tuple(_t(theta * v) for v in r) for r in rows) if theta else ())
+        rows = [[ind.value(li, b) for b in bits] for li in range(ind.num_layers)]
+        return OrderInput(
+            **common,
+            quality_bound=qs.bound(shape.num_layers),
+            free_quality=tuple(tuple(qs.value(v) for v in r) for r in rows)
+            if problem.quality.bound is not None
+            else (),
+            free_theta=tuple(tuple(_t(theta * v) for v in r) for r in rows) if theta else (),
+        )
     row = [ind.value(0, b) for b in bits]  # layer-uniform
     return OrderInput(**common, quality_bound=qs.bound(shape.num_layers),
                       quality_per_bits=tuple(qs.value(v) for v in row) if problem.quality.bound is not None else (),
@@ -126,10 +159,10 @@ def arrange(problem: Problem, counts: list[list[int]]) -> list[list[Bits]]:
     out, start = [], 0
     for row in counts:
         size = sum(row)
-        layers = sorted(range(start, start + size), key=lambda l: -ind.value(l, lowest))
+        layers = sorted(range(start, start + size), key=lambda li: -ind.value(li, lowest))
         chosen = [b for b, n in zip(bits, row) for _ in range(n)]  # highest first
         per_layer = dict(zip(layers, chosen))
-        out.append([per_layer[l] for l in range(start, start + size)])
+        out.append([per_layer[li] for li in range(start, start + size)])
         start += size
     return out
 

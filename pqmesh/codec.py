@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument
 
 # Data bytes per TensorChunk by default.

@@ -67,8 +67,12 @@ def create_server(
     on every call (`pqmesh.security.server_interceptors`); past ``maximum_concurrent_rpcs`` calls in
     progress, new calls get RESOURCE_EXHAUSTED instead of queueing without bound.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=MESSAGE_OPTIONS,
-                         interceptors=[*interceptors, DecodeRequests()], maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=MESSAGE_OPTIONS,
+        interceptors=[*interceptors, DecodeRequests()],
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -77,7 +81,9 @@ def create_server(
         names.append(name)
     reflection.enable_server_reflection(names, server, pool=_MethodAwarePool())
     server_credentials = credentials.require_server().server_credentials() if credentials else None
-    port = server.add_secure_port(address, server_credentials) if server_credentials else server.add_insecure_port(address)
+    port = (
+        server.add_secure_port(address, server_credentials) if server_credentials else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot listen on {address}: address in use or not valid")
     server.start()
@@ -117,8 +123,12 @@ class DecodeRequests(grpc.ServerInterceptor):
                     raise InvalidArgument(problem(err)) from None
 
         streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-        behaviour = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
-                     (True, False): handler.stream_unary, (True, True): handler.stream_stream}[(streaming_in, streaming_out)]
+        behaviour = {
+            (False, False): handler.unary_unary,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+            (True, True): handler.stream_stream,
+        }[(streaming_in, streaming_out)]
         if streaming_in:
             wrapped = lambda raws, context: behaviour(many(raws), context)  # noqa: E731
         elif streaming_out:
@@ -126,9 +136,12 @@ class DecodeRequests(grpc.ServerInterceptor):
                 yield from behaviour(one(raw, context), context)
         else:
             wrapped = lambda raw, context: behaviour(one(raw, context), context)  # noqa: E731
-        make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(streaming_in, streaming_out)]
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(streaming_in, streaming_out)]
         return make(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
 

@@ -45,7 +45,9 @@ class Credentials:
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
-            raise InvalidArgument("--tls-cert and --tls-key go together: give both (certificate and its private key) or neither")
+            raise InvalidArgument(
+                "--tls-cert and --tls-key go together: give both (certificate and its private key) or neither"
+            )
 
     @property
     def tls(self) -> bool:
@@ -114,7 +116,9 @@ def _pem(path: Path | None, flag: str, kind: str) -> bytes | None:
         return None
     data = _read(path, flag)
     if b"-----BEGIN " not in data or kind.encode() not in data:
-        raise InvalidArgument(f"{flag} {path} is not a PEM {kind.lower()} (expected a '-----BEGIN ...{kind}-----' block)")
+        raise InvalidArgument(
+            f"{flag} {path} is not a PEM {kind.lower()} (expected a '-----BEGIN ...{kind}-----' block)"
+        )
     return data
 
 
@@ -124,9 +128,13 @@ def _token(path: Path | None, flag: str) -> str | None:
     try:
         token = _read(path, flag).decode("ascii").strip()
     except UnicodeDecodeError:
-        raise InvalidArgument(f"{flag} {path} must hold one printable ASCII token (e.g. `openssl rand -hex 32`)") from None
+        raise InvalidArgument(
+            f"{flag} {path} must hold one printable ASCII token (e.g. `openssl rand -hex 32`)"
+        ) from None
     if not token or not token.isprintable() or any(c.isspace() for c in token):
-        raise InvalidArgument(f"{flag} {path} must hold one non-empty token without spaces (e.g. `openssl rand -hex 32`)")
+        raise InvalidArgument(
+            f"{flag} {path} must hold one non-empty token without spaces (e.g. `openssl rand -hex 32`)"
+        )
     if len(token) < 16:
         raise InvalidArgument(f"{flag} {path}: the token has {len(token)} characters; use at least 16 "
                               "(e.g. `openssl rand -hex 32`)")
@@ -146,12 +154,18 @@ def add_flags(parser: argparse.ArgumentParser, prefix: str = "", server: bool = 
         group.add_argument(f"--{prefix}auth-token-file", type=Path,
                            help="require 'authorization: Bearer <token>' on every call but health checks")
     else:
-        group.add_argument(f"--{prefix}tls-ca", type=Path, help=f"use TLS; verify {peer or 'the server'} with this PEM CA")
+        group.add_argument(
+            f"--{prefix}tls-ca", type=Path, help=f"use TLS; verify {peer or 'the server'} with this PEM CA"
+        )
         group.add_argument(f"--{prefix}tls-cert", type=Path, help="mutual TLS: this client's PEM certificate")
-        group.add_argument(f"--{prefix}tls-key", type=Path, help="mutual TLS: PEM private key of the client certificate")
+        group.add_argument(
+            f"--{prefix}tls-key", type=Path, help="mutual TLS: PEM private key of the client certificate"
+        )
         group.add_argument(f"--{prefix}tls-server-name", default="",
                            help="name on the server certificate when it differs from the address host")
-        group.add_argument(f"--{prefix}auth-token-file", type=Path, help="send 'authorization: Bearer <token>' read from this file")
+        group.add_argument(
+            f"--{prefix}auth-token-file", type=Path, help="send 'authorization: Bearer <token>' read from this file"
+        )
 
 
 def from_args(args: argparse.Namespace, prefix: str = "") -> Credentials:
@@ -206,8 +220,11 @@ class TokenInterceptor(grpc.ServerInterceptor):
         value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
         given = value[len(BEARER):].encode() if value.startswith(BEARER) else b""
         if not hmac.compare_digest(given, self._expected):
-            return _deny_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                 f"{details.method}: the bearer token is wrong; use the token file the server was started with")
+            return _deny_handler(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{details.method}: the bearer token is wrong; use the token file the server was started with",
+            )
         return handler
 
 
@@ -309,7 +326,11 @@ def secure_channel(address: str, credentials: Credentials | None, options: list)
         return grpc.insecure_channel(address, options=options)
     creds = credentials.channel_credentials()
     options = [*options, *credentials.channel_options()]
-    chan = grpc.secure_channel(address, creds, options=options) if creds else grpc.insecure_channel(address, options=options)
+    chan = (
+        grpc.secure_channel(address, creds, options=options)
+        if creds
+        else grpc.insecure_channel(address, options=options)
+    )
     if credentials.token is not None:
         chan = grpc.intercept_channel(chan, _ClientToken(credentials.token))
     return chan

@@ -9,9 +9,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
 from pqmesh.grpc_server import channel
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
 from stage_server.streaming import micro_batch_requests
 
 _CLOSE = object()
@@ -51,7 +51,9 @@ class StageClient:
         self.channel = channel(address)
         self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
 
-    def load_shard(self, request: stage_pb2.LoadShardRequest, timeout: float | None = None) -> stage_pb2.LoadShardResponse:
+    def load_shard(
+        self, request: stage_pb2.LoadShardRequest, timeout: float | None = None
+    ) -> stage_pb2.LoadShardResponse:
         return self.stub.LoadShard(request, timeout=timeout)
 
     def release(self, plan_id: str, slots: Sequence[int]) -> int:

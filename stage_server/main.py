@@ -8,10 +8,10 @@ import threading
 import structlog
 import torch
 
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
 from pqmesh.grpc_server import create_server
 from pqmesh.log import configure
 from pqmesh.security import server_interceptors
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
 from stage_server.config import StageConfig, physical_memory_bytes
 from stage_server.metrics import StageMetrics
 from stage_server.runtime import StageRuntime
@@ -38,10 +38,12 @@ def serve(config: StageConfig, metrics: StageMetrics | None = None, worker_threa
     servicer = StageServicer(runtime, config.queue_depth, config.credentials, metrics, worker_thread)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)
-    server, port, _ = create_server(config.listen, [(stage_pb2_grpc.add_StageServiceServicer_to_server, servicer, SERVICE_NAME)],
-                                    credentials=config.credentials,
-                                    interceptors=[metrics.interceptor(),
-                                                  *server_interceptors(config.credentials, config.allowed_methods())])
+    server, port, _ = create_server(
+        config.listen,
+        [(stage_pb2_grpc.add_StageServiceServicer_to_server, servicer, SERVICE_NAME)],
+        credentials=config.credentials,
+        interceptors=[metrics.interceptor(), *server_interceptors(config.credentials, config.allowed_methods())],
+    )
     return server, port, servicer
 
 

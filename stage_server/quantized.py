@@ -25,7 +25,9 @@ def layer_hook(start: int, bits: Sequence[int], group_size: int):
     return plan_hook(plan, start, start + len(plan), group_size)
 
 
-def predict_shard_weight_bytes(config, start: int, end: int, bits: Sequence[int], group_size: int, dtype: torch.dtype) -> int:
+def predict_shard_weight_bytes(
+    config, start: int, end: int, bits: Sequence[int], group_size: int, dtype: torch.dtype
+) -> int:
     plan = parse_bits_list(bits)
     total = ModelShard.predict_weight_bytes(config, start, end, dtype)
     quantized = [b for b in plan if b.quantized]

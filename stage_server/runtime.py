@@ -77,7 +77,9 @@ class LoadResult:
 
 def expected_role(start: int, end: int, total: int) -> Role:
     first, last = start == 0, end == total
-    return {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get((first, last), Role.MIDDLE)
+    return {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get(
+        (first, last), Role.MIDDLE
+    )
 
 
 class StageRuntime:
@@ -100,7 +102,9 @@ class StageRuntime:
         # a model id from the wire can never make this stage read outside --model-root
         if (model_id in ("", ".", "..") or Path(model_id).name != model_id or "\\" in model_id
                 or not model_id.isprintable()):
-            raise InvalidArgument(f"model id {model_id!r} must name a directory directly under the model root {self.model_root}")
+            raise InvalidArgument(
+                f"model id {model_id!r} must name a directory directly under the model root {self.model_root}"
+            )
         candidate = self.model_root / model_id
         if not candidate.resolve().is_relative_to(self.model_root):
             raise InvalidArgument(f"model id {model_id!r} is a link to {candidate.resolve()}, outside the model root "
@@ -119,12 +123,16 @@ class StageRuntime:
 
     def _validate(self, spec: ShardSpec, total_layers: int) -> None:
         if not 0 <= spec.start < spec.end <= total_layers:
-            raise InvalidArgument(f"layer range [{spec.start}, {spec.end}) must be non-empty and within the model's {total_layers} layers")
+            raise InvalidArgument(
+                f"layer range [{spec.start}, {spec.end}) must be non-empty and within the model's {total_layers} layers"
+            )
         if len(spec.bits) != spec.end - spec.start:
             raise InvalidArgument(f"{len(spec.bits)} bitwidths for {spec.end - spec.start} layers; give one per layer")
         role = expected_role(spec.start, spec.end, total_layers)
         if spec.role != role:
-            raise InvalidArgument(f"layers [{spec.start}, {spec.end}) of {total_layers} make a {role.value} stage, not {spec.role.value}")
+            raise InvalidArgument(
+                f"layers [{spec.start}, {spec.end}) of {total_layers} make a {role.value} stage, not {spec.role.value}"
+            )
         if role in (Role.FIRST, Role.MIDDLE) and not spec.next_hop:
             raise InvalidArgument(f"a {role.value} stage needs next_hop (host:port of the following stage)")
         if spec.max_sequences < 1 or spec.max_tokens < 1:
@@ -137,7 +145,9 @@ class StageRuntime:
         weights = predict_shard_weight_bytes(config, spec.start, spec.end, spec.bits, spec.group_size, dtype)
         weights += predict_workspace_bytes(config, spec.bits, dtype)
         kv_heads, head_dim = ModelShard.kv_shape(config)
-        kv = StaticKVCache.bytes_needed(spec.end - spec.start, spec.max_sequences, spec.max_tokens, kv_heads, head_dim, dtype)
+        kv = StaticKVCache.bytes_needed(
+            spec.end - spec.start, spec.max_sequences, spec.max_tokens, kv_heads, head_dim, dtype
+        )
         return weights, kv
 
     def load(self, spec: ShardSpec) -> LoadResult:
@@ -152,7 +162,8 @@ class StageRuntime:
             raise FailedPrecondition(
                 f"shard [{spec.start}, {spec.end}) of {spec.model_id} needs {weights + kv} bytes "
                 f"(weights {weights} + KV cache {kv} for {spec.max_sequences} sequences x {spec.max_tokens} tokens) "
-                f"but this stage's memory budget is {self.memory_budget} bytes: short by {weights + kv - self.memory_budget}; "
+                f"but this stage's memory budget is {self.memory_budget} bytes: "
+                f"short by {weights + kv - self.memory_budget}; "
                 "use fewer layers, lower bits, fewer sequences or shorter sequences"
             )
         with self._lock:
@@ -184,7 +195,9 @@ class StageRuntime:
         if self.shard is None:
             raise FailedPrecondition(f"no shard is loaded on this stage (plan {plan_id!r}); call LoadShard first")
         if plan_id != self.spec.plan_id:
-            raise FailedPrecondition(f"this stage holds plan {self.spec.plan_id!r}, not {plan_id!r}; load the plan first")
+            raise FailedPrecondition(
+                f"this stage holds plan {self.spec.plan_id!r}, not {plan_id!r}; load the plan first"
+            )
         return self.shard, self.spec
 
     # -- running ----------------------------------------------------------------------------------
@@ -195,7 +208,9 @@ class StageRuntime:
             if len(batch.lengths) != len(batch.slots):
                 raise InvalidArgument(f"{len(batch.slots)} slots but {len(batch.lengths)} lengths")
             if batch.sampling and len(batch.sampling) != len(batch.slots):
-                raise InvalidArgument(f"{len(batch.slots)} slots but {len(batch.sampling)} sampling settings; give one per slot or none")
+                raise InvalidArgument(
+                    f"{len(batch.slots)} slots but {len(batch.sampling)} sampling settings; give one per slot or none"
+                )
             if batch.phase is Phase.PREFILL:
                 result = shard.prefill(batch.slots, batch.tensor, batch.lengths)
                 positions, tokens = list(batch.lengths), sum(batch.lengths)
@@ -203,7 +218,9 @@ class StageRuntime:
                 shard.cache.check_slots(batch.slots)
                 held = [shard.cache.lengths[s] for s in batch.slots]
                 if held != list(batch.lengths):
-                    raise FailedPrecondition(f"slots {batch.slots} hold {held} tokens but the micro-batch says {batch.lengths}")
+                    raise FailedPrecondition(
+                        f"slots {batch.slots} hold {held} tokens but the micro-batch says {batch.lengths}"
+                    )
                 try:
                     tokens_in = batch.tensor.view(len(batch.slots), 1, *batch.tensor.shape[2:])
                 except RuntimeError:

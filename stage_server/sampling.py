@@ -44,7 +44,9 @@ class Sampling:
 def sample(logits: torch.Tensor, params: Sequence[Sampling], positions: Sequence[int]) -> list[int]:
     """One token per row of float logits [B, V]; ``positions`` is where each token will sit."""
     if logits.shape[0] != len(params) or len(params) != len(positions):
-        raise InvalidArgument(f"{logits.shape[0]} rows of logits, {len(params)} sampling settings, {len(positions)} positions")
+        raise InvalidArgument(
+            f"{logits.shape[0]} rows of logits, {len(params)} sampling settings, {len(positions)} positions"
+        )
     greedy = logits.argmax(-1).tolist()
     out = []
     for row, (p, position) in enumerate(zip(params, positions)):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
 from pqmesh.errors import InvalidArgument
 from pqmesh.grpc_server import rpc_errors
 from pqmesh.model import Role
 from pqmesh.security import Credentials
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
 from stage_server.metrics import StageMetrics
 from stage_server.runtime import ShardSpec, StageRuntime
 from stage_server.streaming import Session, Worker, abort_with

@@ -19,10 +19,10 @@ import grpc
 import structlog
 
 from pqmesh import codec
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
 from pqmesh.errors import InvalidArgument, PqmeshError, Unavailable
 from pqmesh.grpc_server import channel, status_code
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
 from stage_server.runtime import MicroBatch, Output, Phase, StageRuntime
 from stage_server.sampling import Sampling
 
@@ -40,7 +40,9 @@ def micro_batch_requests(header: stage_pb2.MicroBatchHeader, tensor, name: str) 
         yield stage_pb2.ForwardRequest(chunk=piece)
 
 
-def read_micro_batches(requests: Iterator[stage_pb2.ForwardRequest], device) -> Iterator[tuple[stage_pb2.MicroBatchHeader, MicroBatch]]:
+def read_micro_batches(
+    requests: Iterator[stage_pb2.ForwardRequest], device
+) -> Iterator[tuple[stage_pb2.MicroBatchHeader, MicroBatch]]:
     """Assembles (header, micro-batch) pairs from a request stream; malformed input -> InvalidArgument."""
     requests = iter(requests)
     for request in requests:
@@ -53,7 +55,10 @@ def read_micro_batches(requests: Iterator[stage_pb2.ForwardRequest], device) -> 
         for _ in range(header.chunk_count):
             piece = next(requests, None)
             if piece is None or piece.WhichOneof("item") != "chunk":
-                raise InvalidArgument(f"micro-batch {header.micro_batch_id} announced {header.chunk_count} chunks but the stream broke off")
+                raise InvalidArgument(
+                    f"micro-batch {header.micro_batch_id} announced {header.chunk_count} chunks "
+                    "but the stream broke off"
+                )
             pieces.append(piece.chunk)
         tensor = codec.join(pieces, device=device)
         yield header, MicroBatch(

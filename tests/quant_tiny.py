@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConfig, PretrainedConfig
-
 from tiny_models import VOCAB
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConfig, PretrainedConfig
 
 WIDE_FAMILIES = ("llama", "opt", "bloom")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pqmesh import codec
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument
 
 ALL_DTYPES = [

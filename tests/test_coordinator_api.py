@@ -10,16 +10,16 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_coordinator_e2e import Client, mixed_prompts, plan_for, start_stages, stop_stages
+from tiny_models import build_checkpoint, reference_greedy
 from transformers import AutoTokenizer
 
-from pqmesh.cli import main as cli
-from pqmesh.coordinator.v1 import coordinator_pb2
-from pqmesh.errors import FailedPrecondition, Unavailable
+from cli.main import main as cli
 from coordinator.config import CoordinatorConfig
 from coordinator.main import serve
 from coordinator.mesh import Mesh, MeshSpec
-from test_coordinator_e2e import Client, mixed_prompts, plan_for, start_stages, stop_stages
-from tiny_models import build_checkpoint, reference_greedy
+from pqmesh.api.coordinator.v1 import coordinator_pb2
+from pqmesh.errors import FailedPrecondition, Unavailable
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "and", "then", "slept"]
 
@@ -52,8 +52,16 @@ def mesh(tmp_path_factory):
 @pytest.fixture(scope="module")
 def coordinator(mesh, tmp_path_factory):
     root, model, addresses = mesh
-    config = CoordinatorConfig("127.0.0.1:0", tmp_path_factory.mktemp("state"), plan_for(addresses, 2, 3, [(0, 4)]),
-                               "tiny-llama", max_sequences=4, max_tokens_per_sequence=40, model_root=root, log_level="warning")
+    config = CoordinatorConfig(
+        "127.0.0.1:0",
+        tmp_path_factory.mktemp("state"),
+        plan_for(addresses, 2, 3, [(0, 4)]),
+        "tiny-llama",
+        max_sequences=4,
+        max_tokens_per_sequence=40,
+        model_root=root,
+        log_level="warning",
+    )
     running = serve(config)
     client = Client(running.port)
     yield running, client, model
@@ -79,7 +87,9 @@ def test_health_and_idempotent_submit(coordinator):
     code, details = status_of(lambda: client.submit(prompts[:2], 4, key="batch-42"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "already used for a different request" in details
     assert client.wait(first).state == coordinator_pb2.JOB_STATE_SUCCEEDED
-    listed = [j for j in client.stub.ListJobs(coordinator_pb2.ListJobsRequest()).jobs if j.idempotency_key == "batch-42"]
+    listed = [
+        j for j in client.stub.ListJobs(coordinator_pb2.ListJobsRequest()).jobs if j.idempotency_key == "batch-42"
+    ]
     assert [j.job_id for j in listed] == [first] and listed[0].sequences_done == 5
     assert [list(r.token_ids) for r in client.results(first)] == reference_greedy(model, prompts, 4)
 
@@ -114,7 +124,9 @@ def test_cancel_stops_a_job_and_frees_its_slots(coordinator):
     prompts = mixed_prompts(6, seed=4)
     assert [list(r.token_ids) for r in client.run(prompts, 5)] == reference_greedy(model, prompts, 5)
     # cancelling a finished job changes nothing
-    assert client.stub.CancelJob(coordinator_pb2.CancelJobRequest(job_id=big)).state == coordinator_pb2.JOB_STATE_CANCELLED
+    assert (
+        client.stub.CancelJob(coordinator_pb2.CancelJobRequest(job_id=big)).state == coordinator_pb2.JOB_STATE_CANCELLED
+    )
 
 
 def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
@@ -123,17 +135,33 @@ def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
     bad = {
         "no prompts": (lambda: client.submit([], 4), grpc.StatusCode.INVALID_ARGUMENT, "at least one prompt"),
         "empty prompt": (lambda: client.submit([[5, 6], []], 4), grpc.StatusCode.INVALID_ARGUMENT, "prompt 1 is empty"),
-        "empty text": (lambda: client.submit(["the cat", ""], 4), grpc.StatusCode.INVALID_ARGUMENT, "prompt 1 is empty"),
-        "too long": (lambda: client.submit([[5] * 3, [5] * 38], 4), grpc.StatusCode.INVALID_ARGUMENT,
-                     "prompt 1 has 38 tokens; with max_new_tokens 4 it needs 42 tokens of KV cache but the mesh holds "
-                     "40 per sequence (--max-tokens-per-sequence): shorten it to at most 36 tokens"),
+        "empty text": (
+            lambda: client.submit(["the cat", ""], 4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt 1 is empty",
+        ),
+        "too long": (
+            lambda: client.submit([[5] * 3, [5] * 38], 4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt 1 has 38 tokens; with max_new_tokens 4 it needs 42 tokens of KV cache but the mesh holds "
+            "40 per sequence (--max-tokens-per-sequence): shorten it to at most 36 tokens",
+        ),
         "outside vocabulary": (lambda: client.submit([[5, 256]], 4), grpc.StatusCode.INVALID_ARGUMENT, "0..255"),
         "no new tokens": (lambda: client.submit([[5]], 0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
-        "negative temperature": (lambda: client.submit([[5]], 2, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT,
-                                 "temperature"),
-        "neither text nor ids": (lambda: client.stub.SubmitJob(coordinator_pb2.SubmitJobRequest(
-            prompts=[coordinator_pb2.Prompt()], params=coordinator_pb2.GenerationParams(max_new_tokens=2))),
-            grpc.StatusCode.INVALID_ARGUMENT, "neither text nor token_ids"),
+        "negative temperature": (
+            lambda: client.submit([[5]], 2, temperature=-1.0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        "neither text nor ids": (
+            lambda: client.stub.SubmitJob(
+                coordinator_pb2.SubmitJobRequest(
+                    prompts=[coordinator_pb2.Prompt()], params=coordinator_pb2.GenerationParams(max_new_tokens=2)
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "neither text nor token_ids",
+        ),
     }
     for name, (call, code, text) in bad.items():
         got, details = status_of(call)
@@ -148,11 +176,13 @@ def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
 
 def test_cli_submits_text_and_token_prompts_and_fetches_results(coordinator, tmp_path, capsys, monkeypatch):
     # the CLI configures process-wide logging for its process; leave the test session's logging alone
-    monkeypatch.setattr("pqmesh.cli.configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr("cli.main.configure", lambda *args, **kwargs: None)
     running, client, model = coordinator
     address = f"127.0.0.1:{running.port}"
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "the cat sat on a mat"}) + "\n" + json.dumps({"token_ids": [9, 8, 7]}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "the cat sat on a mat"}) + "\n" + json.dumps({"token_ids": [9, 8, 7]}) + "\n"
+    )
     out = tmp_path / "results.jsonl"
     assert cli(["submit", str(prompts), "--coordinator", address, "--out", str(out), "--max-new-tokens", "4",
                 "--ignore-eos"]) == 0
@@ -194,7 +224,10 @@ def test_without_model_files_text_needs_a_tokenizer_and_bad_ids_fail_only_their_
         doomed = client.submit([[5, 6], [7, 999]], 2)
         final = client.wait(doomed)
         assert final.state == coordinator_pb2.JOB_STATE_FAILED
-        assert "lost this job's micro-batches 3 times" in final.message and "token ids must be within 0..255" in final.message
+        assert (
+            "lost this job's micro-batches 3 times" in final.message
+            and "token ids must be within 0..255" in final.message
+        )
         assert client.run([[5, 6]], 2)[0].token_ids == reference_greedy(model, [[5, 6]], 2)[0]
     finally:
         client.close()
@@ -223,7 +256,9 @@ def test_bring_up_names_the_stage_that_refused(mesh, tmp_path):
         serve(wrong)
     missing = CoordinatorConfig("127.0.0.1:0", tmp_path, plan_for(addresses, 1, 1, [(0, 4)]), "no-such-model",
                                 max_sequences=2, max_tokens_per_sequence=16, log_level="warning")
-    with pytest.raises(FailedPrecondition, match="stage 0 .* refused LoadShard: NOT_FOUND: no checkpoint 'no-such-model'"):
+    with pytest.raises(
+        FailedPrecondition, match="stage 0 .* refused LoadShard: NOT_FOUND: no checkpoint 'no-such-model'"
+    ):
         serve(missing)
     nobody = CoordinatorConfig("127.0.0.1:0", tmp_path, plan_for(["127.0.0.1:9"], 1, 1, [(0, 4)]), "tiny-llama",
                                max_sequences=2, max_tokens_per_sequence=16, connect_timeout=0.5, log_level="warning")

@@ -10,17 +10,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import tiny_models
+from tiny_models import build_checkpoint, reference_greedy
 
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.grpc_server import channel
 from coordinator.config import CoordinatorConfig
 from coordinator.main import serve
 from coordinator.plan import MeshPlan
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.grpc_server import channel
 from stage_server.config import StageConfig
 from stage_server.main import serve as serve_stage
-import tiny_models
-from tiny_models import build_checkpoint, reference_greedy
 
 FAMILIES = ("llama", "opt", "bloom")
 CUTS = [(0, 1), (1, 3), (3, 4)]
@@ -29,7 +29,9 @@ CUTS = [(0, 1), (1, 3), (3, 4)]
 def start_stages(model_root: Path, count: int) -> list:
     stages = []
     for _ in range(count):
-        server, port, servicer = serve_stage(StageConfig("127.0.0.1:0", tiny_models.DEVICE, 1 << 30, model_root, 4, "warning"))
+        server, port, servicer = serve_stage(
+            StageConfig("127.0.0.1:0", tiny_models.DEVICE, 1 << 30, model_root, 4, "warning")
+        )
         stages.append((server, f"127.0.0.1:{port}", servicer))
     return stages
 

@@ -13,15 +13,15 @@ import time
 from collections import Counter
 
 import grpc
-
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.grpc_server import channel
-from coordinator.config import CoordinatorConfig
-from coordinator.main import serve
-from stage_server.config import StageConfig
-from stage_server.main import serve as serve_stage
 from test_coordinator_e2e import plan_for
 from tiny_models import build_checkpoint
+
+from coordinator.config import CoordinatorConfig
+from coordinator.main import serve
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.grpc_server import channel
+from stage_server.config import StageConfig
+from stage_server.main import serve as serve_stage
 
 CLIENTS = 200
 MAX_PENDING, MAX_WATCHERS = 12, 8
@@ -30,7 +30,9 @@ BUDGET_S = 150.0
 
 def test_200_clients_get_answers_or_resource_exhausted_within_bounds(tmp_path):
     build_checkpoint("llama", tmp_path / "models" / "tiny-llama")
-    stage, stage_port, servicer = serve_stage(StageConfig("127.0.0.1:0", "cpu", 1 << 30, tmp_path / "models", 4, "warning"))
+    stage, stage_port, servicer = serve_stage(
+        StageConfig("127.0.0.1:0", "cpu", 1 << 30, tmp_path / "models", 4, "warning")
+    )
     config = CoordinatorConfig("127.0.0.1:0", tmp_path / "state", plan_for([f"127.0.0.1:{stage_port}"], 4, 4, [(0, 4)]),
                                "tiny-llama", 8, 24, log_level="warning", max_pending_jobs=MAX_PENDING,
                                max_watchers=MAX_WATCHERS, max_concurrent_rpcs=CLIENTS + 50)
@@ -62,13 +64,19 @@ def test_200_clients_get_answers_or_resource_exhausted_within_bounds(tmp_path):
         deadline = started + BUDGET_S - 10
         prompt = [3 + i % 200, 7, 11 + i % 13]
         request = coordinator_pb2.SubmitJobRequest(
-            idempotency_key=f"load-{i}", prompts=[coordinator_pb2.Prompt(token_ids=coordinator_pb2.TokenIds(ids=prompt))],
-            params=coordinator_pb2.GenerationParams(max_new_tokens=3))
+            idempotency_key=f"load-{i}",
+            prompts=[coordinator_pb2.Prompt(token_ids=coordinator_pb2.TokenIds(ids=prompt))],
+            params=coordinator_pb2.GenerationParams(max_new_tokens=3),
+        )
         job = retrying("SubmitJob", lambda: stub.SubmitJob(request, timeout=30), deadline).job_id
-        final = retrying("WatchJob", lambda: list(stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=60))[-1],
-                         deadline)
-        results = retrying("GetResults", lambda: stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job), timeout=30),
-                           deadline).results
+        final = retrying(
+            "WatchJob",
+            lambda: list(stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=60))[-1],
+            deadline,
+        )
+        results = retrying(
+            "GetResults", lambda: stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job), timeout=30), deadline
+        ).results
         with lock:
             done.append((final.state, [len(r.token_ids) for r in results]))
 
@@ -103,8 +111,14 @@ def test_200_clients_get_answers_or_resource_exhausted_within_bounds(tmp_path):
         assert all(state == coordinator_pb2.JOB_STATE_SUCCEEDED and lengths == [3] for state, lengths in done)
         assert peak[0] <= MAX_PENDING, peak
         # the limits were really reached, and said which flag to change
-        assert codes[("SubmitJob", "RESOURCE_EXHAUSTED")] > 0 and "--max-pending-jobs" in messages["SubmitJob RESOURCE_EXHAUSTED"]
-        assert codes[("WatchJob", "RESOURCE_EXHAUSTED")] > 0 and "--max-watchers" in messages["WatchJob RESOURCE_EXHAUSTED"]
+        assert (
+            codes[("SubmitJob", "RESOURCE_EXHAUSTED")] > 0
+            and "--max-pending-jobs" in messages["SubmitJob RESOURCE_EXHAUSTED"]
+        )
+        assert (
+            codes[("WatchJob", "RESOURCE_EXHAUSTED")] > 0
+            and "--max-watchers" in messages["WatchJob RESOURCE_EXHAUSTED"]
+        )
         print(f"\n{CLIENTS} clients in {elapsed:.1f} s; peak unfinished jobs {peak[0]}; refusals {dict(codes)}")
     finally:
         stop_monitor.set()

@@ -8,18 +8,21 @@ import sqlite3
 
 import pytest
 
-from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.plan import MeshPlan, StageSpec, even_plan
 from coordinator.scheduler import FinishReason
 from coordinator.store import JobState, JobStore, ResultRecord
 from planner.bits import Bits
 from planner.plans import PipelinePlan, PlanResult, Prediction, StagePlan
+from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def planner_answer() -> dict:
     """What `pqmesh plan --json` prints, built with the planner's own classes."""
-    plan = PipelinePlan((StagePlan("T4", 0, 10, (Bits(4),) * 10), StagePlan("V100", 10, 30, (Bits(16),) * 8 + (Bits(8),) * 12)),
-                        prefill_micro_batch=1, decode_micro_batch=8)
+    plan = PipelinePlan(
+        (StagePlan("T4", 0, 10, (Bits(4),) * 10), StagePlan("V100", 10, 30, (Bits(16),) * 8 + (Bits(8),) * 12)),
+        prefill_micro_batch=1,
+        decode_micro_batch=8,
+    )
     return PlanResult(plan, Prediction(100.0, 1.0, 2.0, (1, 2))).to_report()
 
 
@@ -37,7 +40,11 @@ def test_reads_the_planners_answer_or_its_plan_and_round_trips():
         whole.require_addresses()
     with pytest.raises(InvalidArgument, match="covers layers \\[0, 30\\) but the model has 32 layers"):
         whole.check_layers(32)
-    assert [(s.start, s.end) for s in even_plan(30, ["a:1", "b:2", "c:3"], 4, 4).stages] == [(0, 10), (10, 20), (20, 30)]
+    assert [(s.start, s.end) for s in even_plan(30, ["a:1", "b:2", "c:3"], 4, 4).stages] == [
+        (0, 10),
+        (10, 20),
+        (20, 30),
+    ]
 
 
 @pytest.mark.parametrize("stages,message", [

@@ -12,9 +12,10 @@ import sys
 import threading
 from pathlib import Path
 
-from pqmesh.coordinator.v1 import coordinator_pb2
 from test_coordinator_e2e import Client, mixed_prompts, plan_for, start_stages, stop_stages
 from tiny_models import build_checkpoint, reference_greedy
+
+from pqmesh.api.coordinator.v1 import coordinator_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from pqmesh.errors import FailedPrecondition, InvalidArgument
 from coordinator.scheduler import FinishReason, Phase, Scheduler, Sequence
+from pqmesh.errors import FailedPrecondition, InvalidArgument
 
 EOS = 2
 

@@ -28,7 +28,9 @@ def test_demo_runs_plan_and_baseline_and_prints_the_ratio(tmp_path):
     plan_lines = out.split("LLM-PQ plan")[1].split("PipeEdge")[0]
     # 16-bit everywhere cannot fit these budgets (fp32 on a CPU), so the plan must quantize; whether it
     # also keeps some 16-bit layers depends on the measured speeds (usually it does)
-    assert set(re.findall(r"@ (\d+)-bit", plan_lines)) - {"16"}, f"the budgets should force quantized layers:\n{plan_lines}"
+    assert set(re.findall(r"@ (\d+)-bit", plan_lines)) - {"16"}, (
+        f"the budgets should force quantized layers:\n{plan_lines}"
+    )
     assert re.search(r"measured throughput, pqmesh plan / PipeEdge-style baseline: \d+\.\d\dx", out), out
     assert re.search(r"cost model predicted the job at", out)
     assert "sample outputs" in out

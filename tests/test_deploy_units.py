@@ -98,13 +98,18 @@ def test_security_examples_in_the_env_files_parse_with_the_clis(capsys, tmp_path
     assert stage[stage.index("--allowed-client-cn") + 1] == "coordinator"
     assert exec_argv(DEPLOY / "systemd" / "pqmesh-stage@.service")[-1] == "info"  # shipped empty: no word
     planner = exec_argv(DEPLOY / "systemd" / "pqmesh-planner.service", uncomment="PQMESH_PLANNER_SECURITY_ARGS")
-    for parse, argv, cert in ((StageConfig.from_args, stage[1:], "stage.pem"), (parse_args, planner[1:], "planner.pem")):
+    for parse, argv, cert in (
+        (StageConfig.from_args, stage[1:], "stage.pem"),
+        (parse_args, planner[1:], "planner.pem"),
+    ):
         with pytest.raises(SystemExit):
             parse(argv)
         assert f"--tls-cert /etc/pqmesh/tls/{cert}: no such file" in capsys.readouterr().err
     from coordinator.config import CoordinatorConfig
 
-    coordinator = exec_argv(DEPLOY / "systemd" / "pqmesh-coordinator.service", uncomment="PQMESH_COORDINATOR_SECURITY_ARGS")
+    coordinator = exec_argv(
+        DEPLOY / "systemd" / "pqmesh-coordinator.service", uncomment="PQMESH_COORDINATOR_SECURITY_ARGS"
+    )
     assert coordinator[coordinator.index("--stage-tls-cert") + 1] == "/etc/pqmesh/tls/coordinator.pem"
     with pytest.raises(SystemExit):
         CoordinatorConfig.from_args(_with_plan(coordinator, _plan_file(tmp_path, ["a:1", "b:1", "c:1"]))[1:])
@@ -153,7 +158,9 @@ def test_every_unit_exports_metrics_on_its_own_port():
     from stage_server.config import StageConfig
 
     planner = parse_args(exec_argv(DEPLOY / "systemd" / "pqmesh-planner.service")[1:])
-    stages = [StageConfig.from_args(exec_argv(DEPLOY / "systemd" / "pqmesh-stage@.service", str(i))[1:]) for i in (0, 3)]
+    stages = [
+        StageConfig.from_args(exec_argv(DEPLOY / "systemd" / "pqmesh-stage@.service", str(i))[1:]) for i in (0, 3)
+    ]
     assert planner.metrics_listen == "0.0.0.0:9150"
     assert [s.metrics_listen for s in stages] == ["0.0.0.0:9160", "0.0.0.0:9163"]
     assert "--metrics-listen=${PQMESH_COORDINATOR_METRICS_LISTEN}" in (

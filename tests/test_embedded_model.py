@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import reference_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pqmesh.model import LocalPipeline, ModelShard, left_pad
 from pqmesh.model.embedded import prepare
-from tiny_models import reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,14 @@ def test_two_slices_match_hf_generate(smollm2):
     directory, model, prompts = smollm2
     config = model.config
     cut = config.num_hidden_layers // 2
-    shards = [ModelShard.load(directory, a, b, max_slots=4, max_len=48) for a, b in [(0, cut), (cut, config.num_hidden_layers)]]
+    shards = [
+        ModelShard.load(directory, a, b, max_slots=4, max_len=48)
+        for a, b in [(0, cut), (cut, config.num_hidden_layers)]
+    ]
     pipeline = LocalPipeline(shards)
-    assert pipeline.generate_greedy(prompts, 16, prefill_micro_batch=2, decode_micro_batch=3) == reference_greedy(model, prompts, 16)
+    assert pipeline.generate_greedy(prompts, 16, prefill_micro_batch=2, decode_micro_batch=3) == reference_greedy(
+        model, prompts, 16
+    )
 
     ids, lengths = left_pad(prompts)
     logits = pipeline.prefill([0, 1, 2], ids, lengths, all_logits=True)

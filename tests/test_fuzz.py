@@ -11,25 +11,26 @@ import math
 import grpc
 import pytest
 import torch
+from fuzz_messages import call, check, integers, message, serialize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.grpc_server import channel
-from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
-from coordinator.config import CoordinatorConfig
-from coordinator.jobs import _make_token
-from coordinator.main import serve as serve_coordinator
-from planner.main import PlannerConfig, start as start_planner
-from stage_server.config import StageConfig
-from stage_server.main import serve as serve_stage
-from stage_server.streaming import micro_batch_requests
-from fuzz_messages import call, check, integers, message, serialize
 from test_coordinator_api import save_word_tokenizer
 from test_coordinator_e2e import plan_for
 from tiny_models import VOCAB, build_checkpoint, reference_greedy
+
+from coordinator.config import CoordinatorConfig
+from coordinator.jobs import _make_token
+from coordinator.main import serve as serve_coordinator
+from planner.main import PlannerConfig
+from planner.main import start as start_planner
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
+from pqmesh.grpc_server import channel
+from stage_server.config import StageConfig
+from stage_server.main import serve as serve_stage
+from stage_server.streaming import micro_batch_requests
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -82,8 +83,14 @@ def plan_request(draw) -> list[bytes]:
     for _ in range(draw(st.integers(1, 3))):
         msg.devices.add(device_type=draw(st.sampled_from(PLANNER_HINTS["device_type"])),
                         count=draw(st.one_of(st.integers(1, 4), integers(0, 2**32 - 1))))
-    msg.workload.CopyFrom(planner_pb2.Workload(**{name: draw(st.one_of(st.sampled_from(PLANNER_HINTS[name]), integers(0, 2**32 - 1)))
-                                                  for name in ("batch_size", "prompt_length", "generation_length")}))
+    msg.workload.CopyFrom(
+        planner_pb2.Workload(
+            **{
+                name: draw(st.one_of(st.sampled_from(PLANNER_HINTS[name]), integers(0, 2**32 - 1)))
+                for name in ("batch_size", "prompt_length", "generation_length")
+            }
+        )
+    )
     _short_solve(msg)
     return [serialize(msg)]
 
@@ -123,15 +130,27 @@ DTYPES = ["int64", "int64", "int32", "float32", "float16", "bfloat16", "uint8", 
 def micro_batch(draw) -> list[bytes]:
     """A header and tensor chunks that are each plausible but rarely agree with each other."""
     n = draw(st.integers(0, 4))
-    slots = draw(st.lists(st.one_of(st.integers(0, 5), integers(0, 2**32 - 1)), min_size=n, max_size=n + draw(st.integers(0, 1))))
-    lengths = draw(st.lists(st.one_of(st.integers(0, 12), integers(0, 2**32 - 1)), min_size=max(n - 1, 0), max_size=n + 1))
-    header = stage_pb2.MicroBatchHeader(plan_id=draw(st.sampled_from([PLAN_ID, PLAN_ID, "other", ""])),
-                                        micro_batch_id=draw(integers(0, 2**64 - 1)),
-                                        phase=draw(st.sampled_from([1, 1, 2, 2, 0, 9])), slots=slots, lengths=lengths,
-                                        sampling=draw(st.lists(message(tensor_pb2.SamplingParams.DESCRIPTOR), max_size=n + 1)))
+    slots = draw(
+        st.lists(st.one_of(st.integers(0, 5), integers(0, 2**32 - 1)), min_size=n, max_size=n + draw(st.integers(0, 1)))
+    )
+    lengths = draw(
+        st.lists(st.one_of(st.integers(0, 12), integers(0, 2**32 - 1)), min_size=max(n - 1, 0), max_size=n + 1)
+    )
+    header = stage_pb2.MicroBatchHeader(
+        plan_id=draw(st.sampled_from([PLAN_ID, PLAN_ID, "other", ""])),
+        micro_batch_id=draw(integers(0, 2**64 - 1)),
+        phase=draw(st.sampled_from([1, 1, 2, 2, 0, 9])),
+        slots=slots,
+        lengths=lengths,
+        sampling=draw(st.lists(message(tensor_pb2.SamplingParams.DESCRIPTOR), max_size=n + 1)),
+    )
     dtype = draw(st.sampled_from(DTYPES))
     natural = [len(slots), max(lengths, default=1)] if draw(st.booleans()) else [len(slots), 1, 64]
-    shape = draw(st.one_of(st.just(natural), st.lists(st.one_of(st.integers(0, 6), st.sampled_from([-1, 2**31, 2**40])), max_size=4)))
+    shape = draw(
+        st.one_of(
+            st.just(natural), st.lists(st.one_of(st.integers(0, 6), st.sampled_from([-1, 2**31, 2**40])), max_size=4)
+        )
+    )
     values = torch.tensor(draw(st.lists(st.one_of(st.integers(0, VOCAB - 1), integers(-2**63, 2**63 - 1)),
                                         min_size=1, max_size=1)) or [0], dtype=torch.int64)
     numel = math.prod(shape) if all(d >= 0 for d in shape) else -1
@@ -157,8 +176,12 @@ def valid_micro_batch(draw) -> list[bytes]:
     slots = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
     phase = draw(st.sampled_from([tensor_pb2.PHASE_PREFILL, tensor_pb2.PHASE_DECODE]))
     width = 1 if phase == tensor_pb2.PHASE_DECODE else draw(st.integers(1, 6))
-    lengths = [draw(st.integers(0 if phase == tensor_pb2.PHASE_DECODE else 1, width if phase == tensor_pb2.PHASE_PREFILL else 8))
-               for _ in slots]
+    lengths = [
+        draw(
+            st.integers(0 if phase == tensor_pb2.PHASE_DECODE else 1, width if phase == tensor_pb2.PHASE_PREFILL else 8)
+        )
+        for _ in slots
+    ]
     token = st.one_of(*[st.integers(0, VOCAB - 1)] * 8, st.sampled_from([-1, VOCAB, 2**63 - 1]))
     ids = torch.tensor([[draw(token) for _ in range(width)] for _ in slots], dtype=torch.int64)
     sampling = [tensor_pb2.SamplingParams(
@@ -166,14 +189,29 @@ def valid_micro_batch(draw) -> list[bytes]:
         top_k=draw(st.one_of(st.integers(0, 300), integers(0, 2**32 - 1))),
         top_p=draw(st.sampled_from([0.0, 0.9, 1.0, 1e-30, math.nan, 2.0])), seed=draw(integers(0, 2**64 - 1)))
         for _ in slots] if draw(st.booleans()) else []
-    header = stage_pb2.MicroBatchHeader(plan_id=PLAN_ID, micro_batch_id=draw(st.integers(0, 100)), phase=phase, slots=slots,
-                                        lengths=lengths, sampling=sampling)
+    header = stage_pb2.MicroBatchHeader(
+        plan_id=PLAN_ID,
+        micro_batch_id=draw(st.integers(0, 100)),
+        phase=phase,
+        slots=slots,
+        lengths=lengths,
+        sampling=sampling,
+    )
     return [serialize(m) for m in micro_batch_requests(header, ids, "input_ids")]
 
 
-STAGE_HINTS = {"plan_id": [PLAN_ID], "model_id": ["tiny-llama"], "start": [0, 1, 2, 4], "end": [1, 2, 4, 5],
-               "bits": [16, 8, 4], "max_sequences": [1, 4], "max_tokens_per_sequence": [16, 32], "group_size": [0, 32, 64],
-               "dtype": ["float32", "bfloat16", "float16"], "slots": [0, 1, 2, 3]}
+STAGE_HINTS = {
+    "plan_id": [PLAN_ID],
+    "model_id": ["tiny-llama"],
+    "start": [0, 1, 2, 4],
+    "end": [1, 2, 4, 5],
+    "bits": [16, 8, 4],
+    "max_sequences": [1, 4],
+    "max_tokens_per_sequence": [16, 32],
+    "group_size": [0, 32, 64],
+    "dtype": ["float32", "bfloat16", "float16"],
+    "slots": [0, 1, 2, 3],
+}
 
 
 def good_load(stub) -> None:
@@ -194,9 +232,24 @@ def test_stage_survives_random_requests(models):
         def fuzz(data):
             method = data.draw(st.sampled_from([*STAGE.methods, *[STAGE.methods_by_name["Forward"]] * 4]))
             if method.name == "Forward":
-                parts = data.draw(st.lists(st.one_of(micro_batch(), valid_micro_batch(), valid_micro_batch(), st.lists(st.one_of(
-                    message(stage_pb2.ForwardRequest.DESCRIPTOR, STAGE_HINTS).map(serialize), st.binary(max_size=100)),
-                    max_size=3)), min_size=1, max_size=3))
+                parts = data.draw(
+                    st.lists(
+                        st.one_of(
+                            micro_batch(),
+                            valid_micro_batch(),
+                            valid_micro_batch(),
+                            st.lists(
+                                st.one_of(
+                                    message(stage_pb2.ForwardRequest.DESCRIPTOR, STAGE_HINTS).map(serialize),
+                                    st.binary(max_size=100),
+                                ),
+                                max_size=3,
+                            ),
+                        ),
+                        min_size=1,
+                        max_size=3,
+                    )
+                )
                 payload = [piece for part in parts for piece in part]
             else:
                 payload = raw_or_message(data, method, STAGE_HINTS)
@@ -223,7 +276,9 @@ def test_stage_survives_random_requests(models):
 # -- coordinator --------------------------------------------------------------------------------------
 def test_coordinator_survives_random_requests(models, tmp_path):
     root, model = models
-    stage_server, stage_port, stage_servicer = serve_stage(StageConfig("127.0.0.1:0", "cpu", 1 << 30, root, 4, "warning"))
+    stage_server, stage_port, stage_servicer = serve_stage(
+        StageConfig("127.0.0.1:0", "cpu", 1 << 30, root, 4, "warning")
+    )
     config = CoordinatorConfig("127.0.0.1:0", tmp_path, plan_for([f"127.0.0.1:{stage_port}"], 2, 3, [(0, 4)]),
                                "tiny-llama", 4, 40, model_root=root, log_level="warning", max_pending_jobs=6,
                                max_prompts_per_job=50)
@@ -238,13 +293,21 @@ def test_coordinator_survives_random_requests(models, tmp_path):
             params=coordinator_pb2.GenerationParams(max_new_tokens=new_tokens)), timeout=30).job_id
         final = list(stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=60))[-1]
         assert final.state == coordinator_pb2.JOB_STATE_SUCCEEDED, final
-        return job, [list(r.token_ids) for r in stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job), timeout=30).results]
+        return job, [
+            list(r.token_ids)
+            for r in stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job), timeout=30).results
+        ]
 
     try:
         known, _ = run([prompt])
-        hints = {"job_id": [known], "page_token": [_make_token(known, 0), _make_token("job-x", 0)],
-                 "ids": list(range(0, 8)) + [VOCAB - 1, VOCAB], "max_new_tokens": [1, 2, 3], "idempotency_key": ["k1", "k2"],
-                 "text": ["the cat sat", "w1 w2", " "]}
+        hints = {
+            "job_id": [known],
+            "page_token": [_make_token(known, 0), _make_token("job-x", 0)],
+            "ids": list(range(0, 8)) + [VOCAB - 1, VOCAB],
+            "max_new_tokens": [1, 2, 3],
+            "idempotency_key": ["k1", "k2"],
+            "text": ["the cat sat", "w1 w2", " "],
+        }
 
         @FUZZ
         @given(st.data())
@@ -291,25 +354,51 @@ def test_found_cases_get_precise_statuses(models, tmp_path):
         return lambda: list(stages.Forward(iter(requests), timeout=20))
 
     cases = {
-        "raw bytes to RegisterDevice": (lambda: chan_raw(planner_port, "/pqmesh.planner.v1.PlannerService/RegisterDevice", b"\x00"),
-                                        grpc.StatusCode.INVALID_ARGUMENT),
-        "device count 2^32-1 (hung)": (plan(devices=[planner_pb2.ClusterDevice(device_type="t4", count=2**32 - 1)]),
-                                       grpc.StatusCode.INVALID_ARGUMENT),
-        "batch 2^32-1 (hung)": (plan(workload=planner_pb2.Workload(batch_size=2**32 - 1, prompt_length=8, generation_length=8)),
-                                grpc.StatusCode.INVALID_ARGUMENT),
+        "raw bytes to RegisterDevice": (
+            lambda: chan_raw(planner_port, "/pqmesh.planner.v1.PlannerService/RegisterDevice", b"\x00"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "device count 2^32-1 (hung)": (
+            plan(devices=[planner_pb2.ClusterDevice(device_type="t4", count=2**32 - 1)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "batch 2^32-1 (hung)": (
+            plan(workload=planner_pb2.Workload(batch_size=2**32 - 1, prompt_length=8, generation_length=8)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         "theta NaN (INTERNAL)": (plan(theta=math.nan), grpc.StatusCode.INVALID_ARGUMENT),
         "time limit NaN (accepted)": (plan(time_limit_seconds=math.nan), grpc.StatusCode.INVALID_ARGUMENT),
-        "bandwidth NaN (accepted)": (plan(network=planner_pb2.Network(bandwidth_gbps=math.nan)), grpc.StatusCode.INVALID_ARGUMENT),
-        "4M-layer config (hung)": (plan(model_name=None, model_config_json='{"model_type": "opt", "hidden_size": 64, "ffn_dim": 128, '
-                                        '"num_hidden_layers": 4000000, "num_attention_heads": 4, "vocab_size": 10}'),
-                                   grpc.StatusCode.INVALID_ARGUMENT),
+        "bandwidth NaN (accepted)": (
+            plan(network=planner_pb2.Network(bandwidth_gbps=math.nan)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "4M-layer config (hung)": (
+            plan(
+                model_name=None,
+                model_config_json='{"model_type": "opt", "hidden_size": 64, "ffn_dim": 128, '
+                '"num_hidden_layers": 4000000, "num_attention_heads": 4, "vocab_size": 10}',
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         "token id = vocab (INTERNAL)": (forward([[1, 2, VOCAB]]), grpc.StatusCode.INVALID_ARGUMENT),
         "token id -1 (INTERNAL)": (forward([[-1, 2, 3]]), grpc.StatusCode.INVALID_ARGUMENT),
-        "temperature NaN (INTERNAL)": (forward([[1, 2, 3]], sampling=[tensor_pb2.SamplingParams(temperature=math.nan)]),
-                                       grpc.StatusCode.INVALID_ARGUMENT),
-        "decode of width 2 (INTERNAL)": (forward([[1, 2]], phase=tensor_pb2.PHASE_DECODE, lengths=[0]), grpc.StatusCode.INVALID_ARGUMENT),
-        "8 TiB declared tensor (MemoryError)": (forward([[1]], chunk=tensor_pb2.TensorChunk(
-            name="input_ids", dtype="int64", shape=[1, 2**40], total_bytes=8 * 2**40, data=b"\0" * 8)), grpc.StatusCode.INVALID_ARGUMENT),
+        "temperature NaN (INTERNAL)": (
+            forward([[1, 2, 3]], sampling=[tensor_pb2.SamplingParams(temperature=math.nan)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "decode of width 2 (INTERNAL)": (
+            forward([[1, 2]], phase=tensor_pb2.PHASE_DECODE, lengths=[0]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "8 TiB declared tensor (MemoryError)": (
+            forward(
+                [[1]],
+                chunk=tensor_pb2.TensorChunk(
+                    name="input_ids", dtype="int64", shape=[1, 2**40], total_bytes=8 * 2**40, data=b"\0" * 8
+                ),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     }
     try:
         for name, (request, expected) in cases.items():

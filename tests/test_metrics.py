@@ -8,25 +8,26 @@ from pathlib import Path
 
 import grpc
 import pytest
+import tiny_models
 import torch
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
-
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.grpc_server import channel
-from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
-from pqmesh.stage.v1 import stage_pb2
-from coordinator.config import CoordinatorConfig
-from coordinator.main import serve as serve_coordinator
-from planner.main import PlannerConfig, start as start_planner
-from planner.metrics import PlannerMetrics
-from stage_server.client import StageClient
-from stage_server.config import StageConfig
-from stage_server.main import serve as serve_stage
-import tiny_models
 from test_coordinator_e2e import Client, plan_for
 from test_planner_service import PLAN_REQUEST
 from tiny_models import build_checkpoint
+
+from coordinator.config import CoordinatorConfig
+from coordinator.main import serve as serve_coordinator
+from planner.main import PlannerConfig
+from planner.main import start as start_planner
+from planner.metrics import PlannerMetrics
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
+from pqmesh.api.stage.v1 import stage_pb2
+from pqmesh.grpc_server import channel
+from stage_server.client import StageClient
+from stage_server.config import StageConfig
+from stage_server.main import serve as serve_stage
 
 PREFILL = tensor_pb2.PHASE_PREFILL
 
@@ -90,7 +91,9 @@ def test_stage_forward_and_errors_move_the_counters(model_root):
         after = scrape(servicer.metrics.port)
         stream.close()
         assert value(after, "pqmesh_stage_compute_seconds_count", phase="prefill") == 1
-        assert value(after, "pqmesh_stage_compute_seconds_sum", phase="prefill") == pytest.approx(reply.compute_ns / 1e9)
+        assert value(after, "pqmesh_stage_compute_seconds_sum", phase="prefill") == pytest.approx(
+            reply.compute_ns / 1e9
+        )
         assert value(after, "pqmesh_stage_queue_wait_seconds_count", phase="prefill") == 1
         assert value(after, "pqmesh_stage_tokens_processed_total", phase="prefill") == 10
         assert value(after, "pqmesh_stage_tokens_sampled_total") == 2

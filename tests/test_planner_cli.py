@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pqmesh.cli import main
+from cli.main import main
 from planner.catalog import BUILTIN_CONFIGS
 
 CLUSTER = """
@@ -46,7 +46,9 @@ def test_json_report(cluster, capsys):
     assert all(len(s["bits"]) == s["layers"][1] - s["layers"][0] for s in stages)
     assert 16 % report["plan"]["prefill_micro_batch"] == 0 and 16 % report["plan"]["decode_micro_batch"] == 0
     predicted = report["predicted"]
-    assert predicted["throughput_tokens_per_s"] == pytest.approx(16 * 32 / (predicted["prefill_s"] + predicted["decode_s"]))
+    assert predicted["throughput_tokens_per_s"] == pytest.approx(
+        16 * 32 / (predicted["prefill_s"] + predicted["decode_s"])
+    )
     assert len(predicted["memory_bytes"]) == len(stages)
     assert set(report["baselines"]) == {"pipeedge", "uniform_int8", "uniform_int4", "adabits"}
     for baseline in report["baselines"].values():
@@ -98,5 +100,5 @@ def test_plot_is_imported_lazily():
     import subprocess
     import sys
 
-    code = "import sys, pqmesh.cli; pqmesh.cli.build_parser(); sys.exit('matplotlib' in sys.modules)"
+    code = "import sys, cli.main; cli.main.build_parser(); sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

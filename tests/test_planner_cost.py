@@ -10,7 +10,12 @@ from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile, LatencyModel, Roofline
 from planner.indicator import Quality, default_indicator
 from planner.memory import (
-    embedding_bytes, head_bytes, kv_cache_bytes_per_layer, layer_weight_bytes, linear_weight_bytes, stage_memory,
+    embedding_bytes,
+    head_bytes,
+    kv_cache_bytes_per_layer,
+    layer_weight_bytes,
+    linear_weight_bytes,
+    stage_memory,
     temp_activation_bytes,
 )
 from planner.model_shapes import ModelShape
@@ -79,11 +84,16 @@ def test_stage_memory_adds_up():
     assert first.embeddings_and_head == embedding_bytes(TINY)
     # one shared dequantization buffer for the 4-bit layer: the largest matrix (fc1) in fp16 + its codes
     assert first.workspace == 256 * 1024 * 2 + 256 * 1024
-    assert first.total == first.weights + first.kv_cache + first.activations + embedding_bytes(TINY) + 100 + first.workspace
+    assert (
+        first.total
+        == first.weights + first.kv_cache + first.activations + embedding_bytes(TINY) + 100 + first.workspace
+    )
     last = stage_memory(TINY, w, [Bits.B4], False, True, 2, 4, reserve=0)
     assert last.embeddings_and_head == head_bytes(TINY)
     # fp32 logits of each micro-batch's last positions: 2 x 1000 x 4 in prefill, 4 x 1000 x 4 in decode
-    assert last.activations == max(temp_activation_bytes(TINY, 2, 8, 8) + 8000, temp_activation_bytes(TINY, 4, 1, 11) + 16000)
+    assert last.activations == max(
+        temp_activation_bytes(TINY, 2, 8, 8) + 8000, temp_activation_bytes(TINY, 4, 1, 11) + 16000
+    )
 
 
 def test_roofline_decode_is_memory_bound_and_scales_with_bits():

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from pqmesh.errors import InvalidArgument, NotFound, UnsupportedModel
 from planner.bits import ALL_BITS, Bits, Phase, parse_bits_list
 from planner.catalog import BUILTIN_CONFIGS, builtin_model, canonical_name, resolve_model
 from planner.cluster import Cluster, ClusterEntry, Network, Workload, expand
@@ -15,6 +14,7 @@ from planner.indicator import Indicator, Quality, default_indicator
 from planner.model_shapes import ModelShape, from_hf_config
 from planner.plans import Baseline, PipelinePlan, PlanResult, Prediction, StagePlan
 from planner.request import PlanInputs
+from pqmesh.errors import InvalidArgument, NotFound, UnsupportedModel
 
 PUBLISHED_PARAMS = {  # billions, as published with the checkpoints
     "opt-13b": 12.85, "opt-30b": 29.97, "opt-66b": 65.7, "opt-175b": 174.6, "bloom-3b": 3.0, "bloom-176b": 176.2,
@@ -42,7 +42,9 @@ def test_model_names_and_configs_resolve(tmp_path):
     with pytest.raises(UnsupportedModel, match="gpt2"):
         from_hf_config({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 10})
     with pytest.raises(InvalidArgument, match="ffn_dim"):
-        from_hf_config({"model_type": "opt", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10})
+        from_hf_config(
+            {"model_type": "opt", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10}
+        )
 
 
 def test_bits_and_phases_parse():
@@ -126,8 +128,19 @@ def test_registered_profile_wins_over_builtin():
 
 
 def test_indicator_file_and_default(tmp_path):
-    text = json.dumps({"version": 1, "model": "m", "kind": "variance", "group_size": 128, "samples": 8,
-                       "layers": [{"layer": 1, "bits": {"8": 0.1, "4": 0.3}}, {"layer": 0, "bits": {"16": 0.0, "8": 0.2, "4": 0.5}}]})
+    text = json.dumps(
+        {
+            "version": 1,
+            "model": "m",
+            "kind": "variance",
+            "group_size": 128,
+            "samples": 8,
+            "layers": [
+                {"layer": 1, "bits": {"8": 0.1, "4": 0.3}},
+                {"layer": 0, "bits": {"16": 0.0, "8": 0.2, "4": 0.5}},
+            ],
+        }
+    )
     ind = Indicator.from_json(text)
     assert ind.value(0, Bits.B4) == 0.5 and ind.value(1, Bits.B16) == 0.0 and not ind.is_uniform()
     assert Indicator.from_json(ind.to_json()) == ind
@@ -164,13 +177,19 @@ def test_plans_round_trip_and_validate():
         StagePlan("a", 0, 2, (Bits.B8,))
     report = result.to_report()
     assert report["plan"]["stages"][0] == {"device": "t4:0", "layers": [0, 2], "bits": [8, 4]}
-    assert report["baselines"]["uniform_int8"] == {"feasible": False, "throughput_tokens_per_s": 0.0, "reason": "t4:0 short by 1 GiB"}
+    assert report["baselines"]["uniform_int8"] == {
+        "feasible": False,
+        "throughput_tokens_per_s": 0.0,
+        "reason": "t4:0 short by 1 GiB",
+    }
 
 
 def test_plan_request_round_trips():
     cluster = Cluster((ClusterEntry("T4", 3, host="a"), ClusterEntry("V100-32G")), Network(bandwidth_gbps=25))
     for quality in (Quality(), Quality(theta=0.5), Quality(bound=2.0)):
-        inputs = PlanInputs("opt-30b", cluster, Workload(32, 512, 100), quality, allowed_bits=(Bits.B8, Bits.B4), time_limit_s=3)
+        inputs = PlanInputs(
+            "opt-30b", cluster, Workload(32, 512, 100), quality, allowed_bits=(Bits.B8, Bits.B4), time_limit_s=3
+        )
         assert PlanInputs.from_proto(inputs.to_proto()) == inputs
         assert PlanInputs.from_json(inputs.to_json()) == inputs
     inline = PlanInputs(json.dumps(BUILTIN_CONFIGS["bloom-3b"]), cluster, Workload(1, 2, 3))

@@ -9,28 +9,44 @@ import pytest
 import torch
 from transformers import LlamaConfig, OPTConfig
 
-from pqmesh.cli import main
-from pqmesh.errors import InvalidArgument, ResourceExhausted
-from pqmesh.quant.memory import predict_layer_bytes
+from cli.main import main
 from planner import latency as lat
 from planner.bits import ALL_BITS, Bits, Phase
 from planner.catalog import model_from_config_json
 from planner.cluster import Cluster, ClusterEntry, Device, Network, Workload
 from planner.devices import DeviceProfile, Roofline, builtin_profile
 from planner.indicator import Quality, default_indicator
-from planner.memory import (DEFAULT_RESERVE_BYTES, element_bytes, embedding_bytes, head_bytes, kv_cache_bytes_per_layer,
-                            layer_weight_bytes, stage_memory)
+from planner.memory import (
+    DEFAULT_RESERVE_BYTES,
+    element_bytes,
+    embedding_bytes,
+    head_bytes,
+    kv_cache_bytes_per_layer,
+    layer_weight_bytes,
+    stage_memory,
+)
 from planner.plans import PipelinePlan, StagePlan
 from planner.problem import Problem, evaluate
 from planner.request import PlanInputs
 from planner.search import plan
 from planner.tables import budgets
+from pqmesh.errors import InvalidArgument, ResourceExhausted
 from pqmesh.model import Role
+from pqmesh.quant.memory import predict_layer_bytes
 from stage_server.runtime import ShardSpec, StageRuntime
 
 MIB = 1 << 20
-SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                      num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192)
+SMOLLM2 = LlamaConfig(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    num_hidden_layers=30,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
 OPT_125M = OPTConfig(hidden_size=768, ffn_dim=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=50272,
                      word_embed_proj_dim=768, max_position_embeddings=2048)
 # post-LayerNorm OPT with a projected embedding (opt-350m's layout), fewer layers
@@ -55,7 +71,9 @@ def test_layer_bytes_match_quant(config, dtype, bits):
 
 def _stage_bytes(config, start: int, end: int, bits: list[int], dtype: str, sequences: int, tokens: int) -> int:
     total = config.num_hidden_layers
-    role = {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get((start == 0, end == total), Role.MIDDLE)
+    role = {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get(
+        (start == 0, end == total), Role.MIDDLE
+    )
     spec = ShardSpec("p", "m", start, end, tuple(bits), role, sequences, tokens, next_hop="x:1", dtype=dtype)
     weights, kv = StageRuntime("cpu", 1 << 40, "/nonexistent").predict_bytes(spec, config, DTYPES[dtype])
     return weights + kv
@@ -104,7 +122,9 @@ def test_float32_roofline_and_links_move_four_bytes():
 
 
 def cpu_profile(name: str, budget: int, reserve: int | None = 0) -> DeviceProfile:
-    return DeviceProfile(name=name, device_type="cpu", memory_bytes=budget, roofline=Roofline(0.5, 20.0), reserve_bytes=reserve)
+    return DeviceProfile(
+        name=name, device_type="cpu", memory_bytes=budget, roofline=Roofline(0.5, 20.0), reserve_bytes=reserve
+    )
 
 
 def cpu_problem(budget: int, reserve: int | None = 0, dtype: str = "float32", stages: int = 2) -> Problem:
@@ -121,7 +141,10 @@ def test_reserve_bytes_round_trip_and_validation():
         assert DeviceProfile.from_json(profile.to_json()) == profile
         assert DeviceProfile.from_proto(profile.to_proto()) == profile
     assert '"reserve_bytes": "0"' in zero.to_json() and "reserve_bytes" not in unset.to_json()
-    assert DeviceProfile.from_json(zero.to_json().replace('"reserve_bytes": "0"', '"reserve_bytes": 4096')).reserve_bytes == 4096
+    assert (
+        DeviceProfile.from_json(zero.to_json().replace('"reserve_bytes": "0"', '"reserve_bytes": 4096')).reserve_bytes
+        == 4096
+    )
     assert builtin_profile("t4").reserve_bytes is None
     with pytest.raises(InvalidArgument, match="reserve_bytes"):
         cpu_profile("a", 300 * MIB, 300 * MIB)
@@ -181,8 +204,10 @@ def test_plan_request_dtype_round_trip():
 
 def test_cli_dtype_float32_with_cpu_profiles(tmp_path, capsys):
     cluster = tmp_path / "cluster.toml"
-    cluster.write_text('[[device]]\ntype = "cpu"\nname = "cpu0"\nhost = "a"\n[[device]]\ntype = "cpu"\nname = "cpu1"\nhost = "a"\n'
-                       "[network]\nbandwidth_gbps = 10\nlatency_us = 50\n")
+    cluster.write_text(
+        '[[device]]\ntype = "cpu"\nname = "cpu0"\nhost = "a"\n[[device]]\ntype = "cpu"\nname = "cpu1"\nhost = "a"\n'
+        "[network]\nbandwidth_gbps = 10\nlatency_us = 50\n"
+    )
     profiles = []
     for name in ("cpu0", "cpu1"):
         path = tmp_path / f"{name}.json"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import tiny_config
 
 from planner.model_shapes import from_hf_config
-from tiny_models import tiny_config
 
 
 def _first_layer(model):

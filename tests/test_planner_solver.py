@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from planner import latency as lat
 from planner.bits import Bits, Phase
 from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile, LatencyModel, Roofline
@@ -17,7 +18,6 @@ from planner.indicator import Indicator, Quality, default_indicator
 from planner.memory import stage_memory
 from planner.model_shapes import ModelShape
 from planner.orders import all_orders, order_key, representative_orders
-from planner import latency as lat
 from planner.problem import CostConfig, Problem, evaluate, link_times, stage_seconds
 from planner.search import plan
 from planner.tables import micro_batch_candidates
@@ -34,8 +34,14 @@ def profile(name: str, slow: float, memory_mb: float) -> DeviceProfile:
     for b in BITS:
         dq = 1.0 if b == Bits.B16 else 1.2
         models.append(LatencyModel(b, Phase.PREFILL, ("const", "tokens"), (0.002 * slow * dq, 2e-4 * slow * dq)))
-        models.append(LatencyModel(b, Phase.DECODE, ("const", "tokens*context"), (0.002 * slow * (int(b) / 16 + 0.1), 1e-6 * slow)))
-    return DeviceProfile(name, name, int(memory_mb * 2**20), Roofline(1e6, 1e9, 1.0, 1.0, 1.0, 0.0), tuple(models), "tiny")
+        models.append(
+            LatencyModel(
+                b, Phase.DECODE, ("const", "tokens*context"), (0.002 * slow * (int(b) / 16 + 0.1), 1e-6 * slow)
+            )
+        )
+    return DeviceProfile(
+        name, name, int(memory_mb * 2**20), Roofline(1e6, 1e9, 1.0, 1.0, 1.0, 0.0), tuple(models), "tiny"
+    )
 
 
 def problem(devices, quality: Quality, shape: ModelShape = SHAPE, indicator: Indicator | None = None) -> Problem:
@@ -70,7 +76,9 @@ class _Costs:
                          lambda: stage_seconds(self.pb, dev, dict(Counter(bits)), last, phase, size, context))
 
     def links(self, order: tuple, phase: Phase, size: int) -> list:
-        return self._get(("l", tuple(d.label for d in order), phase, size), lambda: link_times(self.pb, list(order), phase, size))
+        return self._get(
+            ("l", tuple(d.label for d in order), phase, size), lambda: link_times(self.pb, list(order), phase, size)
+        )
 
     def job_seconds(self, order: tuple, stages: list[tuple], p: int, d: int) -> float:
         """Prefill + decode seconds, composed here from the cost model's stage, link and pipeline pieces."""
@@ -78,7 +86,10 @@ class _Costs:
         pre = [self.stage(dev, st, i == last, Phase.PREFILL, p, s) for i, (dev, st) in enumerate(zip(order, stages))]
         total = lat.prefill_seconds(pre + self.links(order, Phase.PREFILL, p), pb.micro_batches(p))
         for rounds, context in pb.segments():
-            dec = [self.stage(dev, st, i == last, Phase.DECODE, d, context) for i, (dev, st) in enumerate(zip(order, stages))]
+            dec = [
+                self.stage(dev, st, i == last, Phase.DECODE, d, context)
+                for i, (dev, st) in enumerate(zip(order, stages))
+            ]
             total += rounds * lat.decode_round_seconds(dec + self.links(order, Phase.DECODE, d), pb.micro_batches(d))
         return total
 
@@ -125,8 +136,16 @@ def _uniform_brute_force(pb: Problem) -> float:
     return best
 
 
-MIXED = [Device("a", profile("a", 1.0, 2.5), "h1"), Device("b", profile("b", 1.6, 5.0), "h1"), Device("c", profile("c", 1.2, 3.0), "h2")]
-TWINS = [Device("a:0", profile("a", 1.0, 2.5), "h1"), Device("a:1", profile("a", 1.0, 2.5), "h1"), Device("c", profile("c", 1.3, 4.0), "h2")]
+MIXED = [
+    Device("a", profile("a", 1.0, 2.5), "h1"),
+    Device("b", profile("b", 1.6, 5.0), "h1"),
+    Device("c", profile("c", 1.2, 3.0), "h2"),
+]
+TWINS = [
+    Device("a:0", profile("a", 1.0, 2.5), "h1"),
+    Device("a:1", profile("a", 1.0, 2.5), "h1"),
+    Device("c", profile("c", 1.3, 4.0), "h2"),
+]
 
 
 def _check(pb: Problem, brute: float) -> None:
@@ -152,7 +171,14 @@ def test_instance_is_not_trivial():
     pb = problem(MIXED, Quality(bound=0.4))
     result = plan(pb, time_limit=20)
     assert len(set(result.plan.bits_per_layer)) > 1
-    assert not evaluate(pb, replace(result.plan, stages=tuple(replace(s, bits=(Bits.B16,) * len(s.bits)) for s in result.plan.stages), plan_id="x")).fits
+    assert not evaluate(
+        pb,
+        replace(
+            result.plan,
+            stages=tuple(replace(s, bits=(Bits.B16,) * len(s.bits)) for s in result.plan.stages),
+            plan_id="x",
+        ),
+    ).fits
 
 
 def test_per_layer_indicator_matches_brute_force():

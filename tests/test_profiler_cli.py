@@ -9,23 +9,23 @@ import time
 
 import pytest
 import torch
+from tiny_models import tiny_config
 
-from pqmesh.cli import main
-from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
-from pqmesh.grpc_server import channel
-from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
-from pqmesh.profiler.cache import ProfileCache
-from pqmesh.profiler.grid import PRESETS
-from pqmesh.profiler.run import ProfileRequest, profile, record_path
-from pqmesh.profiler.target import resolve_device, resolve_model
-from pqmesh.profiler.timing import TimingOptions
+from cli.main import main
 from planner.bits import Bits, Phase
 from planner.catalog import model_from_config_json
 from planner.commands import _model_text
 from planner.devices import DeviceProfile
 from planner.latency import layer_seconds
 from planner.main import PlannerConfig, start
-from tiny_models import tiny_config
+from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
+from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from pqmesh.grpc_server import channel
+from profiler.cache import ProfileCache
+from profiler.grid import PRESETS
+from profiler.run import ProfileRequest, profile, record_path
+from profiler.target import resolve_device, resolve_model
+from profiler.timing import TimingOptions
 
 FAST = ["--quick", "--repeats", "1", "--layers", "1"]
 
@@ -70,7 +70,9 @@ def test_profile_is_what_the_planner_takes(profiled, model_dir, tmp_path, capsys
     for phase in Phase:
         fitted = prof.fitted(shape.name, Bits.B4, phase)
         assert fitted is not None
-        assert layer_seconds(prof, shape, Bits.B4, phase, 1, 8, 9) == pytest.approx(fitted.seconds(1, 8 if phase == Phase.PREFILL else 1, 8 if phase == Phase.PREFILL else 9))
+        assert layer_seconds(prof, shape, Bits.B4, phase, 1, 8, 9) == pytest.approx(
+            fitted.seconds(1, 8 if phase == Phase.PREFILL else 1, 8 if phase == Phase.PREFILL else 9)
+        )
         assert layer_seconds(prof, shape, Bits.B4, phase, 1, 8, 9) > 0
     cluster = tmp_path / "cluster.toml"
     cluster.write_text('[[device]]\ntype = "cpu"\nname = "tiny-cpu"\n')
@@ -132,7 +134,7 @@ def test_register_with_a_running_planner(profiled, tmp_path, capsys):
 
 def test_link_probe_on_loopback(tmp_path):
     from planner.cluster import Cluster
-    from pqmesh.profiler import link
+    from profiler import link
 
     out = tmp_path / "link.json"
     result = link.profile_link(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20), repeats=1)

@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from pqmesh.errors import InvalidArgument
-from pqmesh.profiler.fit import PHASE_FEATURES, Sample, fit_latency, nnls, predict, relative_errors
-from pqmesh.profiler.grid import PRESETS, Grid, held_out, parse_ints
-from pqmesh.profiler.link import fit_link
 from planner.bits import Bits, Phase
 from planner.devices import LatencyModel
+from pqmesh.errors import InvalidArgument
+from profiler.fit import PHASE_FEATURES, Sample, fit_latency, nnls, predict, relative_errors
+from profiler.grid import PRESETS, Grid, held_out, parse_ints
+from profiler.link import fit_link
 
 GRID = PRESETS["cpu"]
 
@@ -56,7 +56,12 @@ def test_noisy_fit_stays_positive_at_batch_one_and_grid_edges():
     noisy = [Sample(s.phase, s.batch, s.length, s.seconds * rng.uniform(0.8, 1.25)) for s in _synthetic(truth, GRID)]
     fitted = fit_latency(Bits.B16, Phase.DECODE, noisy)
     assert all(c >= 0 for c in fitted.coefficients)
-    for batch, length in [(1, 2), (1, GRID.contexts[0]), (1, GRID.contexts[-1]), (GRID.decode_batches[-1], GRID.contexts[-1])]:
+    for batch, length in [
+        (1, 2),
+        (1, GRID.contexts[0]),
+        (1, GRID.contexts[-1]),
+        (GRID.decode_batches[-1], GRID.contexts[-1]),
+    ]:
         assert predict(fitted, batch, length) > 0
     assert np.mean(relative_errors(fitted, _synthetic(truth, GRID))) < 0.1  # closer to the truth than the noise
 

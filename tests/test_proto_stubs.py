@@ -13,16 +13,16 @@ REPO_ROOT = Path(protogen.__file__).resolve().parents[1]
 STALE = "stubs are stale: run `make proto`"
 
 SERVICES = {
-    "pqmesh.stage.v1.stage_pb2": {
+    "pqmesh.api.stage.v1.stage_pb2": {
         "StageService": ["LoadShard", "Forward", "Release", "GetInfo"],
     },
-    "pqmesh.coordinator.v1.coordinator_pb2": {
+    "pqmesh.api.coordinator.v1.coordinator_pb2": {
         "CoordinatorService": ["SubmitJob", "WatchJob", "GetResults", "ListJobs", "CancelJob"],
     },
-    "pqmesh.planner.v1.planner_pb2": {
+    "pqmesh.api.planner.v1.planner_pb2": {
         "PlannerService": ["RegisterDevice", "ListDevices", "GetDevice", "Plan"],
     },
-    "pqmesh.common.v1.tensor_pb2": {},
+    "pqmesh.api.common.v1.tensor_pb2": {},
 }
 
 
@@ -92,7 +92,7 @@ def test_enums_start_unspecified():
 
 
 def test_forward_stream_types():
-    from pqmesh.stage.v1 import stage_pb2
+    from pqmesh.api.stage.v1 import stage_pb2
 
     method = stage_pb2.DESCRIPTOR.services_by_name["StageService"].methods_by_name["Forward"]
     assert method.client_streaming and method.server_streaming

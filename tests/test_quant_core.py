@@ -7,20 +7,31 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import build_checkpoint
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import ModelShard
 from pqmesh.quant import Bits, QuantLinear, effective_group_size, parse_bits_spec, quantize_layer, quantize_weight
 from pqmesh.quant.layer import linear_children
 from pqmesh.quant.packing import pack, row_bytes, unpack
-from tiny_models import build_checkpoint
 
 QUANTIZED = [8, 4, 3, 2]
 
 
 # -- Bits ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [("4", Bits.B4), (" int8 ", Bits.B8), ("3bit", Bits.B3), ("BITS_2", Bits.B2), ("fp16", Bits.B16), (16, Bits.B16), (Bits.B3, Bits.B3)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4", Bits.B4),
+        (" int8 ", Bits.B8),
+        ("3bit", Bits.B3),
+        ("BITS_2", Bits.B2),
+        ("fp16", Bits.B16),
+        (16, Bits.B16),
+        (Bits.B3, Bits.B3),
+    ],
+)
 def test_bits_parse(text, expected):
     assert Bits.parse(text) is expected
 
@@ -116,7 +127,10 @@ ROUND_TRIP_BOUND = {8: 0.01, 4: 0.12, 3: 0.25, 2: 0.5}
 @pytest.mark.parametrize("bits", QUANTIZED)
 def test_layer_round_trip(tiny_dir, bits):
     layer = ModelShard.load(tiny_dir, 0, 1, max_slots=1, max_len=8).layers[0]
-    originals = [(name, lin.weight.clone(), None if lin.bias is None else lin.bias.clone()) for name, _, _, lin in linear_children(layer)]
+    originals = [
+        (name, lin.weight.clone(), None if lin.bias is None else lin.bias.clone())
+        for name, _, _, lin in linear_children(layer)
+    ]
     assert len(originals) >= 4
     quantize_layer(layer, bits, group_size=32)
     swapped = linear_children(layer)

@@ -7,14 +7,23 @@ import random
 
 import pytest
 import torch
+from quant_tiny import WIDE_FAMILIES, build_wide_checkpoint
+from tiny_models import build_checkpoint, reference_greedy
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import LocalPipeline, ModelShard
 from pqmesh.model.loading import load_config
-from pqmesh.quant import Bits, QuantLinear, Workspace, measure_layer_bytes, plan_hook, predict_layer_bytes, uniform_hook, workspace_bytes
+from pqmesh.quant import (
+    Bits,
+    QuantLinear,
+    Workspace,
+    measure_layer_bytes,
+    plan_hook,
+    predict_layer_bytes,
+    uniform_hook,
+    workspace_bytes,
+)
 from pqmesh.quant.layer import linear_children
-from quant_tiny import WIDE_FAMILIES, build_wide_checkpoint
-from tiny_models import build_checkpoint, reference_greedy
 
 ALL_BITS = [16, 8, 4, 3, 2]
 
@@ -38,7 +47,9 @@ def test_predicted_bytes_match_measured_tiny(tmp_path, family):
                 shard = ModelShard.load(tmp_path, 0, 1, max_slots=1, max_len=4, dtype=dtype, layer_hook=hook)
                 measured = measure_layer_bytes(shard.layers[0])
                 predicted = predict_layer_bytes(config, bits, group, dtype)
-                assert abs(predicted - measured) <= 0.03 * measured, f"{family} {bits}b g{group}: {predicted} vs {measured}"
+                assert abs(predicted - measured) <= 0.03 * measured, (
+                    f"{family} {bits}b g{group}: {predicted} vs {measured}"
+                )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -51,7 +62,10 @@ def test_predicted_bytes_match_measured_wide(wide_dir, dtype):
         assert abs(predict_layer_bytes(config, bits, 128, dtype) - measured) <= 0.03 * measured
         sizes[bits] = measured
     assert sizes[16] > sizes[8] > sizes[4] > sizes[3] > sizes[2]
-    params = sum(s.linear.weight.numel() for s in linear_children(ModelShard.load(wide_dir, 0, 1, max_slots=1, max_len=4).layers[0]))
+    params = sum(
+        s.linear.weight.numel()
+        for s in linear_children(ModelShard.load(wide_dir, 0, 1, max_slots=1, max_len=4).layers[0])
+    )
     assert sizes[4] < params * (4 + 0.5) / 8 + 4 * 256 * 4  # ~4 bits + fp16 scale/offset per 128 + norms
 
 
@@ -131,9 +145,15 @@ def test_sixteen_bits_through_hook_gives_exact_tokens(tiny_llama):
 def test_mixed_bits_across_two_shards_generate(tiny_llama):
     directory, prompts, expected = tiny_llama
     pipe = _pipeline(directory, [8, 4, 3, 16])
-    kinds = [[type(m).__name__ for m in layer.modules() if isinstance(m, (QuantLinear, torch.nn.Linear))] for s in pipe.shards for layer in s.layers]
+    kinds = [
+        [type(m).__name__ for m in layer.modules() if isinstance(m, (QuantLinear, torch.nn.Linear))]
+        for s in pipe.shards
+        for layer in s.layers
+    ]
     assert [k[0] for k in kinds] == ["QuantLinear", "QuantLinear", "QuantLinear", "Linear"]
-    assert [m.bits for s in pipe.shards for layer in s.layers for m in layer.modules() if isinstance(m, QuantLinear)][::7] == [Bits.B8, Bits.B4, Bits.B3]
+    assert [m.bits for s in pipe.shards for layer in s.layers for m in layer.modules() if isinstance(m, QuantLinear)][
+        ::7
+    ] == [Bits.B8, Bits.B4, Bits.B3]
     got = pipe.generate_greedy(prompts, 8, 2, 4)
     assert [len(t) for t in got] == [8] * 4 and all(0 <= t < 256 for seq in got for t in seq)
     eight = _pipeline(directory, [8] * 4).generate_greedy(prompts, 8, 2, 4)

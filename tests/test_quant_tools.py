@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_checkpoint
 
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.quant import Bits, commands, quantize_weight
 from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
 from pqmesh.quant.indicator import NoiseMeter, column_noise, compute_indicator, load_indicator
-from tiny_models import build_checkpoint
 
 TEXT = Path(__file__).parent / "data" / "quant_text.txt"
 
@@ -92,7 +92,10 @@ def test_noise_means_are_over_all_tokens(tmp_path):
         assert uneven.relative(b) == pytest.approx(whole.relative(b), rel=1e-9)
     # the q/k/v inputs are the same tensor: their share is sum_j c_j * E[x_j^2] with one global mean
     second_moment = x.double().square().mean(dim=0)
-    qkv = sum(float(column_noise(getattr(layer.self_attn, n).weight, Bits.B4, 32).double() @ second_moment) for n in ("q_proj", "k_proj", "v_proj"))
+    qkv = sum(
+        float(column_noise(getattr(layer.self_attn, n).weight, Bits.B4, 32).double() @ second_moment)
+        for n in ("q_proj", "k_proj", "v_proj")
+    )
     assert qkv < uneven.absolute(Bits.B4)
     assert uneven.absolute(Bits.B4) > uneven.absolute(Bits.B8) > 0
 
@@ -122,7 +125,24 @@ def test_indicator_loader_rejects_bad_files(tmp_path):
 
 def test_ppl_at_sixteen_bits_equals_hugging_face(tiny, capsys):
     directory, model = tiny
-    assert cli(["ppl", "--model", str(directory), "--bits", "16", "--text", str(TEXT), "--seq-len", "64", "--max-tokens", "600"]) == 0
+    assert (
+        cli(
+            [
+                "ppl",
+                "--model",
+                str(directory),
+                "--bits",
+                "16",
+                "--text",
+                str(TEXT),
+                "--seq-len",
+                "64",
+                "--max-tokens",
+                "600",
+            ]
+        )
+        == 0
+    )
     result = last_json_line(capsys.readouterr().out)
     assert result["windows"] == 9 and result["tokens"] == 9 * 63 and result["bits"] == "16"
     windows = token_windows(list(TEXT.read_bytes())[:600], 64)
@@ -135,7 +155,26 @@ def test_ppl_mixed_plan_from_json_file(tmp_path, capsys):
     build_checkpoint("bloom", tmp_path, layers=3)
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"bits": [16, 4, 2]}))
-    assert cli(["ppl", "--model", str(tmp_path), "--bits", str(plan), "--text", str(TEXT), "--seq-len", "32", "--group-size", "32", "--max-tokens", "256"]) == 0
+    assert (
+        cli(
+            [
+                "ppl",
+                "--model",
+                str(tmp_path),
+                "--bits",
+                str(plan),
+                "--text",
+                str(TEXT),
+                "--seq-len",
+                "32",
+                "--group-size",
+                "32",
+                "--max-tokens",
+                "256",
+            ]
+        )
+        == 0
+    )
     result = last_json_line(capsys.readouterr().out)
     assert result["bits"] == "16,4,2" and math.isfinite(result["ppl"]) and result["ppl"] > 1
     with pytest.raises(InvalidArgument, match="one per layer"):

@@ -12,23 +12,25 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from pqmesh.cli import main as cli
-from pqmesh.common.v1 import tensor_pb2
-from pqmesh.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.grpc_server import channel
-from pqmesh.planner.v1 import planner_pb2, planner_pb2_grpc
-from pqmesh.stage.v1 import stage_pb2, stage_pb2_grpc
-from coordinator.config import CoordinatorConfig
-from coordinator.main import serve as serve_coordinator
-from planner.main import PlannerConfig, parse_args as planner_args, start as start_planner
-from stage_server.config import StageConfig
-from stage_server.main import serve as serve_stage
-from stage_server.runtime import StageRuntime
 from test_coordinator_e2e import mixed_prompts, plan_for
 from tiny_models import build_checkpoint, reference_greedy
 from tls_certs import make_pki
+
+from cli.main import main as cli
+from coordinator.config import CoordinatorConfig
+from coordinator.main import serve as serve_coordinator
+from planner.main import PlannerConfig
+from planner.main import parse_args as planner_args
+from planner.main import start as start_planner
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
+from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
+from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.grpc_server import channel
+from stage_server.config import StageConfig
+from stage_server.main import serve as serve_stage
+from stage_server.runtime import StageRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,9 +64,16 @@ def stage(pki, models):
 def load_request(plan_id="plan-sec", next_hop="", start=0, end=4):
     role = {(True, True): stage_pb2.ROLE_ONLY, (True, False): stage_pb2.ROLE_FIRST,
             (False, True): stage_pb2.ROLE_LAST}[(start == 0, end == 4)]
-    return stage_pb2.LoadShardRequest(plan_id=plan_id, model_id="tiny-llama", layers=tensor_pb2.LayerRange(start=start, end=end),
-                                      bits=[16] * (end - start), role=role, max_sequences=2, max_tokens_per_sequence=16,
-                                      next_hop=next_hop)
+    return stage_pb2.LoadShardRequest(
+        plan_id=plan_id,
+        model_id="tiny-llama",
+        layers=tensor_pb2.LayerRange(start=start, end=end),
+        bits=[16] * (end - start),
+        role=role,
+        max_sequences=2,
+        max_tokens_per_sequence=16,
+        next_hop=next_hop,
+    )
 
 
 def code_of(call) -> tuple[grpc.StatusCode, str]:
@@ -166,9 +175,15 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterce
 def test_flags_read_files_at_start_and_name_the_bad_one(pki, tmp_path, capsys):
     base = ["--model-root", str(tmp_path), "--listen", "127.0.0.1:0"]
     cases = [
-        (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(pki.stage.key)], "--tls-cert .*nope.pem: no such file"),
+        (
+            ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(pki.stage.key)],
+            "--tls-cert .*nope.pem: no such file",
+        ),
         (["--tls-cert", str(pki.stage.cert)], "--tls-cert and --tls-key go together"),
-        (["--tls-cert", str(pki.stage.cert), "--tls-key", str(pki.token_file)], "--tls-key .* is not a PEM private key"),
+        (
+            ["--tls-cert", str(pki.stage.cert), "--tls-key", str(pki.token_file)],
+            "--tls-key .* is not a PEM private key",
+        ),
         (["--tls-ca", str(pki.ca)], "--tls-ca .*needs --tls-cert"),
         (["--allowed-client-cn", "coordinator"], "need mutual TLS"),
         (["--auth-token-file", str(tmp_path)], "is a directory"),
@@ -191,7 +206,9 @@ def test_flags_read_files_at_start_and_name_the_bad_one(pki, tmp_path, capsys):
 
 
 def test_planner_serves_tls_with_token(pki, tmp_path):
-    server, port, _ = start_planner(PlannerConfig("127.0.0.1:0", tmp_path, "warning", credentials=pki.server(mutual=False)))
+    server, port, _ = start_planner(
+        PlannerConfig("127.0.0.1:0", tmp_path, "warning", credentials=pki.server(mutual=False))
+    )
     try:
         address = f"127.0.0.1:{port}"
         ok = planner_pb2_grpc.PlannerServiceStub(channel(address, pki.client(None)))
@@ -204,7 +221,7 @@ def test_planner_serves_tls_with_token(pki, tmp_path):
         assert code == grpc.StatusCode.UNAVAILABLE
         # `pqmesh profile --register` is a planner client too
         from planner.devices import builtin_profile
-        from pqmesh.profiler.commands import register
+        from profiler.commands import register
         assert register(address, builtin_profile("t4", "t4-x"), pki.client(None)) is False
         with pytest.raises(InvalidArgument, match="UNAUTHENTICATED"):
             register(address, builtin_profile("t4", "t4-y"), pki.client(None, token=False))
@@ -216,9 +233,17 @@ def test_planner_serves_tls_with_token(pki, tmp_path):
 def test_coordinator_drives_a_two_stage_mtls_mesh_and_clients_need_its_token(pki, models, tmp_path, capsys):
     root, model = models
     stages = [secure_stage(pki, root) for _ in range(2)]
-    config = CoordinatorConfig("127.0.0.1:0", tmp_path / "state", plan_for([a for _, a, _ in stages], 2, 2, [(0, 2), (2, 4)]),
-                               "tiny-llama", 4, 32, log_level="warning", credentials=pki.server(mutual=False),
-                               stage_credentials=pki.client(pki.coordinator))
+    config = CoordinatorConfig(
+        "127.0.0.1:0",
+        tmp_path / "state",
+        plan_for([a for _, a, _ in stages], 2, 2, [(0, 2), (2, 4)]),
+        "tiny-llama",
+        4,
+        32,
+        log_level="warning",
+        credentials=pki.server(mutual=False),
+        stage_credentials=pki.client(pki.coordinator),
+    )
     coordinator = serve_coordinator(config)
     address = f"127.0.0.1:{coordinator.port}"
     try:

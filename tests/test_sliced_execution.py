@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+import tiny_models
 import torch
+from tiny_models import build_checkpoint, reference_greedy
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from pqmesh.model import LocalPipeline, ModelShard, left_pad
-import tiny_models
-from tiny_models import build_checkpoint, reference_greedy
 
 FAMILIES = ["llama", "opt", "opt-350m-style", "bloom"]
 CUTS = {1: [0, 4], 2: [0, 2, 4], 3: [0, 1, 3, 4]}
@@ -36,7 +36,9 @@ def pipeline(directory, cuts, max_slots=8, max_len=64) -> LocalPipeline:
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_greedy_tokens_equal_hf_generate(tiny, stages):
     directory, _, prompts, expected = tiny
-    got = pipeline(directory, CUTS[stages]).generate_greedy(prompts, NEW_TOKENS, prefill_micro_batch=3, decode_micro_batch=6)
+    got = pipeline(directory, CUTS[stages]).generate_greedy(
+        prompts, NEW_TOKENS, prefill_micro_batch=3, decode_micro_batch=6
+    )
     assert got == expected
     assert len({tuple(t) for t in expected}) > 1, "degenerate reference: every prompt gave the same tokens"
 

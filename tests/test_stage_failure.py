@@ -23,13 +23,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from pqmesh.coordinator.v1 import coordinator_pb2
-from pqmesh.demo.processes import Child
-from stage_server.config import StageConfig
-from stage_server.main import serve as serve_stage
 from test_coordinator_e2e import Client, mixed_prompts, start_coordinator
 from tiny_models import build_checkpoint, reference_greedy
+
+from localmesh.processes import Child
+from pqmesh.api.coordinator.v1 import coordinator_pb2
+from stage_server.config import StageConfig
+from stage_server.main import serve as serve_stage
 
 STAGE = str(Path(sys.executable).parent / "pqmesh-stage")
 MAX_NEW = 24
@@ -123,9 +123,11 @@ def test_killed_middle_stage_restarted_on_its_port_job_finishes_identical(tmp_pa
         assert "Forward stream failed: UNAVAILABLE" in outage.reason and outage.in_flight
         assert outage.resumed > 0 and outage.resumed_tokens > 0  # re-prefilled from prompt + generated tokens
         assert client.submit(prompts, MAX_NEW, key="nightly") == job
-        print(f"\nkilled after {at_kill.tokens_generated} tokens ({at_kill.sequences_done} sequences done); "
-              f"paused {outage.seconds:.1f} s, {outage.attempts} bring-up attempts, {outage.resumed} sequences "
-              f"re-prefilled with {outage.resumed_tokens} generated tokens; job done {recovered_in:.1f} s after the kill")
+        print(
+            f"\nkilled after {at_kill.tokens_generated} tokens ({at_kill.sequences_done} sequences done); "
+            f"paused {outage.seconds:.1f} s, {outage.attempts} bring-up attempts, {outage.resumed} sequences "
+            f"re-prefilled with {outage.resumed_tokens} generated tokens; job done {recovered_in:.1f} s after the kill"
+        )
     finally:
         client.close()
         coordinator.stop(grace=None)

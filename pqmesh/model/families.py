@@ -64,7 +64,9 @@ class Family:
         """Per-step tensors shared by all layers (rotary cos/sin, ALiBi bias)."""
         return {}
 
-    def layer(self, module: nn.Module, cache_index: int, hidden: torch.Tensor, step: AttentionStep, extras: dict) -> torch.Tensor:
+    def layer(
+        self, module: nn.Module, cache_index: int, hidden: torch.Tensor, step: AttentionStep, extras: dict
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def final(self, parts: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,7 +183,10 @@ class OptFamily(Family):
             ),
         }
         if self._projects():
-            parts["project_in"] = (nn.Linear(c.word_embed_proj_dim, c.hidden_size, bias=False), "model.decoder.project_in")
+            parts["project_in"] = (
+                nn.Linear(c.word_embed_proj_dim, c.hidden_size, bias=False),
+                "model.decoder.project_in",
+            )
         return parts
 
     def build_final(self):
@@ -191,7 +196,10 @@ class OptFamily(Family):
             norm = nn.LayerNorm(c.hidden_size, elementwise_affine=c.layer_norm_elementwise_affine)
             parts["final_layer_norm"] = (norm, "model.decoder.final_layer_norm")
         if self._projects():
-            parts["project_out"] = (nn.Linear(c.hidden_size, c.word_embed_proj_dim, bias=False), "model.decoder.project_out")
+            parts["project_out"] = (
+                nn.Linear(c.hidden_size, c.word_embed_proj_dim, bias=False),
+                "model.decoder.project_out",
+            )
         return parts
 
     def embed(self, parts, input_ids, step):

@@ -106,7 +106,9 @@ class AttentionStep:
             if n > cache.max_len:
                 raise OutOfRange(f"prompt of {n} tokens for slot {s} exceeds the KV capacity of {cache.max_len} tokens")
             if cache.lengths[s]:
-                raise FailedPrecondition(f"slot {s} still holds a sequence of {cache.lengths[s]} tokens; release it first")
+                raise FailedPrecondition(
+                    f"slot {s} still holds a sequence of {cache.lengths[s]} tokens; release it first"
+                )
         slot_t = torch.tensor(list(slots), dtype=torch.long, device=device)
         pad = width - torch.tensor(list(lengths), dtype=torch.long, device=device)  # [B]
         t = torch.arange(width, device=device)

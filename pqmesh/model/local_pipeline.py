@@ -43,9 +43,13 @@ class LocalPipeline:
             raise InvalidArgument("a pipeline needs shards from the first layer through the LM head")
         for before, after in zip(self.shards, self.shards[1:]):
             if before.end != after.start:
-                raise InvalidArgument(f"shards [{before.start}, {before.end}) and [{after.start}, {after.end}) are not contiguous")
+                raise InvalidArgument(
+                    f"shards [{before.start}, {before.end}) and [{after.start}, {after.end}) are not contiguous"
+                )
 
-    def prefill(self, slots: Sequence[int], ids: torch.Tensor, lengths: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+    def prefill(
+        self, slots: Sequence[int], ids: torch.Tensor, lengths: Sequence[int], all_logits: bool = False
+    ) -> torch.Tensor:
         x = ids
         for shard in self.shards:
             if shard.head is not None:

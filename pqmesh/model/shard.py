@@ -80,7 +80,9 @@ class ModelShard(nn.Module):
         family = family_for(config)
         total = config.num_hidden_layers
         if not 0 <= start < end <= total:
-            raise InvalidArgument(f"layer range [{start}, {end}) must lie within the model's {total} layers and be non-empty")
+            raise InvalidArgument(
+                f"layer range [{start}, {end}) must lie within the model's {total} layers and be non-empty"
+            )
         if max_slots < 1 or max_len < 1:
             raise InvalidArgument(f"KV capacity must be positive, got {max_slots} slots x {max_len} tokens")
         device = torch.device(device)

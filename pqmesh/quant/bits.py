@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from pqmesh.common.v1 import tensor_pb2
+from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument, NotFound
 
 _PREFIXES = ("bits_", "bits", "int", "uint", "w", "b", "fp", "bf")
@@ -104,7 +104,9 @@ def parse_bits_spec(spec: str, num_layers: int) -> list[Bits]:
     else:
         return [Bits.parse(text)] * num_layers
     if len(plan) != num_layers:
-        raise InvalidArgument(f"bits spec has {len(plan)} entries but the model has {num_layers} layers; give one per layer")
+        raise InvalidArgument(
+            f"bits spec has {len(plan)} entries but the model has {num_layers} layers; give one per layer"
+        )
     return plan
 
 

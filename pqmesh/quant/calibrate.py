@@ -45,7 +45,9 @@ def load_tokens(model_dir: str | Path, text_path: str | Path, max_tokens: int | 
     else:
         vocab = load_config(model_dir).vocab_size
         if vocab < 256:
-            raise FailedPrecondition(f"{model_dir} has no tokenizer and a vocabulary of {vocab} < 256 for byte ids; add tokenizer files")
+            raise FailedPrecondition(
+                f"{model_dir} has no tokenizer and a vocabulary of {vocab} < 256 for byte ids; add tokenizer files"
+            )
         log.warning("byte_tokens", model_dir=str(model_dir), reason="checkpoint ships no tokenizer")
         ids = list(text.encode("utf-8"))
     return ids[:max_tokens] if max_tokens else ids
@@ -107,7 +109,9 @@ class LayerwiseRunner:
     def _step(self, batch: int) -> tuple[AttentionStep, dict]:
         """A prefill step over full windows (no padding); never committed, so reusable."""
         if batch not in self._steps:
-            step = AttentionStep.for_prefill(self._cache, list(range(batch)), [self.width] * batch, self.width, self.device)
+            step = AttentionStep.for_prefill(
+                self._cache, list(range(batch)), [self.width] * batch, self.width, self.device
+            )
             self._steps[batch] = (step, self.family.step_extras(self._runtime, step, self.dtype))
         return self._steps[batch]
 

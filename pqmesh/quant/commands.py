@@ -35,7 +35,9 @@ def _dtype(name: str) -> torch.dtype:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="weights per quantization group (default 128)")
+    parser.add_argument(
+        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="weights per quantization group (default 128)"
+    )
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
     parser.add_argument("--device", default="cpu")
@@ -64,7 +66,9 @@ def run_indicator(args) -> int:
     windows = token_windows(tokens, args.seq_len, args.samples)
     runner = LayerwiseRunner(args.model, windows, micro_batch=args.batch, dtype=_dtype(args.dtype), device=args.device)
     try:
-        table = compute_indicator(runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model))
+        table = compute_indicator(
+            runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model)
+        )
     finally:
         runner.close()
     table.save(args.out)

@@ -22,7 +22,9 @@ INNER_K_TILES = 2
 _GROUPS = (32, 64, 128, 256)
 
 
-def eligible(in_features: int, out_features: int, group_size: int, bits: int, device: torch.device, dtype: torch.dtype) -> bool:
+def eligible(
+    in_features: int, out_features: int, group_size: int, bits: int, device: torch.device, dtype: torch.dtype
+) -> bool:
     if device.type != "cuda" or bits != 4 or dtype != torch.bfloat16 or not hasattr(torch, "_weight_int4pack_mm"):
         return False
     if group_size not in _GROUPS or in_features % (INNER_K_TILES * 16) or out_features % 8:
@@ -40,7 +42,9 @@ def _pack(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tup
     return packed, scale_zero
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
+def matmul(
+    x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, out_features: int
+) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     out = torch._weight_int4pack_mm(flat, packed, group_size, scale_zero)
     return out.view(*x.shape[:-1], out_features).to(x.dtype)
@@ -63,7 +67,9 @@ def prepare(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, grou
     return packed, scale_zero
 
 
-def unpack_weight(packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int, out_features: int, dtype) -> torch.Tensor:
+def unpack_weight(
+    packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int, out_features: int, dtype
+) -> torch.Tensor:
     """The dequantized ``[out, in]`` weight, read back through the kernel with an identity input."""
     eye = torch.eye(in_features, device=packed.device, dtype=torch.bfloat16)
     return matmul(eye, packed, scale_zero, group_size, out_features).T.contiguous().to(dtype)

@@ -75,7 +75,9 @@ class IndicatorTable:
             return 0.0
         if bits not in self.values[layer]:
             have = sorted(b.count for b in self.values[layer])
-            raise InvalidArgument(f"the indicator table has no {bits.count}-bit value (it has {have}); rerun `pqmesh indicator --bits`")
+            raise InvalidArgument(
+                f"the indicator table has no {bits.count}-bit value (it has {have}); rerun `pqmesh indicator --bits`"
+            )
         return self.values[layer][bits]
 
     def to_json(self) -> dict:
@@ -92,7 +94,10 @@ class IndicatorTable:
     def from_json(cls, data: dict, source: str = "indicator") -> "IndicatorTable":
         if not isinstance(data, dict) or data.get("version") != VERSION:
             found = data.get("version") if isinstance(data, dict) else None
-            raise InvalidArgument(f"{source}: version {found!r}, this build reads version {VERSION}; regenerate it with `pqmesh indicator`")
+            raise InvalidArgument(
+                f"{source}: version {found!r}, this build reads version {VERSION}; "
+                "regenerate it with `pqmesh indicator`"
+            )
         if data.get("kind") not in KINDS:
             raise InvalidArgument(f"{source}: kind must be one of {KINDS}, got {data.get('kind')!r}")
         rows = data.get("layers")
@@ -110,9 +115,14 @@ class IndicatorTable:
             values.append(parsed)
         known = {"version", "model", "kind", "group_size", "samples", "seq_len", "tokens", "layers"}
         return cls(
-            model=str(data.get("model", "")), kind=data["kind"], group_size=int(data.get("group_size", DEFAULT_GROUP_SIZE)),
-            values=tuple(values), samples=int(data.get("samples", 0)), seq_len=int(data.get("seq_len", 0)),
-            tokens=int(data.get("tokens", 0)), meta={k: v for k, v in data.items() if k not in known},
+            model=str(data.get("model", "")),
+            kind=data["kind"],
+            group_size=int(data.get("group_size", DEFAULT_GROUP_SIZE)),
+            values=tuple(values),
+            samples=int(data.get("samples", 0)),
+            seq_len=int(data.get("seq_len", 0)),
+            tokens=int(data.get("tokens", 0)),
+            meta={k: v for k, v in data.items() if k not in known},
         )
 
     def save(self, path: str | Path) -> None:
@@ -203,7 +213,11 @@ def compute_indicator(
     for index in range(runner.num_layers):
         layer = runner.load_layer(index)
         meter = NoiseMeter(layer, widths, group_size) if kind != "direct" else None
-        quantized = {b: quantize_layer(runner.load_layer(index), b, group_size, Workspace()) for b in widths} if meter is None else {}
+        quantized = (
+            {b: quantize_layer(runner.load_layer(index), b, group_size, Workspace()) for b in widths}
+            if meter is None
+            else {}
+        )
         err, tokens, outputs = {b: 0.0 for b in widths}, 0, []
         for part in runner.batches():
             x = runner.hidden[part]
@@ -225,4 +239,6 @@ def compute_indicator(
         runner.advance(outputs)
         log.info("indicator_layer", layer=index, kind=kind, **{f"b{b.count}": v for b, v in row.items() if b.quantized})
     windows, width = runner.hidden.shape[0], runner.width
-    return IndicatorTable(model_name or runner.model_dir.name, kind, group_size, tuple(values), windows, width, windows * width)
+    return IndicatorTable(
+        model_name or runner.model_dir.name, kind, group_size, tuple(values), windows, width, windows * width
+    )

@@ -85,7 +85,9 @@ def plan_hook(
     return hook
 
 
-def uniform_hook(bits: Bits | int | str, group_size: int = DEFAULT_GROUP_SIZE, workspace: Workspace | None = None) -> LayerHook:
+def uniform_hook(
+    bits: Bits | int | str, group_size: int = DEFAULT_GROUP_SIZE, workspace: Workspace | None = None
+) -> LayerHook:
     """A ``layer_hook`` quantizing every layer it sees to the same width."""
     chosen = Bits.parse(bits)
     shared = workspace if workspace is not None else Workspace()

@@ -109,7 +109,9 @@ def measure_layer_bytes(layer: nn.Module) -> int:
     """Bytes of distinct parameter and buffer storage ``layer`` holds."""
     return storage_bytes(layer)
 
-def workspace_bytes(config: PretrainedConfig, dtype: torch.dtype | str = torch.float16, bits: Bits | int | str = 4) -> int:
+def workspace_bytes(
+    config: PretrainedConfig, dtype: torch.dtype | str = torch.float16, bits: Bits | int | str = 4
+) -> int:
     """Bytes of the per-stage dequantization `Workspace` for ``config`` at ``bits`` (0 at 16): its
     buffers grow to the largest linear's weight in ``dtype`` and, below 8 bits, its unpacked codes
     (a second code buffer at 3 bits). Counted once per stage, not per layer."""

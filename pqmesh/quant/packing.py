@@ -101,7 +101,8 @@ def unpack(
     width = padded_width(in_features, bits)
     if packed.shape[1] != row_bytes(in_features, bits):
         raise InvalidArgument(
-            f"packed rows hold {packed.shape[1]} bytes; {in_features} codes at {bits} bits need {row_bytes(in_features, bits)}"
+            f"packed rows hold {packed.shape[1]} bytes; {in_features} codes at {bits} bits "
+            f"need {row_bytes(in_features, bits)}"
         )
     if out is None:
         out = torch.empty(rows, width, dtype=torch.uint8, device=packed.device)

@@ -46,7 +46,9 @@ def nll_sum(shard: ModelShard, inputs: torch.Tensor, targets: torch.Tensor) -> t
     logits = shard.prefill(slots, inputs, [width] * batch, all_logits=True)
     shard.release(slots)
     vocab = logits.shape[-1]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), targets[:, 1:].reshape(-1).to(logits.device), reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), targets[:, 1:].reshape(-1).to(logits.device), reduction="sum"
+    )
     return float(loss), batch * (width - 1)
 
 
@@ -70,7 +72,10 @@ def perplexity(
         layer_hook=plan_hook(plan, 0, len(plan), group_size),
     )
     if shard.head is None:
-        raise InvalidArgument(f"the plan has {len(plan)} entries but the model has {shard.config.num_hidden_layers} layers; give one per layer")
+        raise InvalidArgument(
+            f"the plan has {len(plan)} entries but the model has {shard.config.num_hidden_layers} layers; "
+            "give one per layer"
+        )
     total, count = 0.0, 0
     for first in range(0, windows.shape[0], batch):
         ids = windows[first:first + batch]

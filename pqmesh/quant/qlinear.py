@@ -25,8 +25,8 @@ its qbits weights also raise "Cannot set version_counter for inference tensor" u
 torch's ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` (0.9-1.7x at 16 tokens but
 2.1-3.1x at 512, bf16 activations only, int8 per-channel only). Only the dequantize path avoids a
 2-3x loss in one of the two phases: a whole SmolLM2 layer (attention and KV cache included) costs
-1.06-1.21x the fp32 layer in prefill and 1.25-1.74x in decode. The same code runs on CUDA, where 4-bit bf16 linears use torch's
-fused tinygemm kernel instead when it is available (`pqmesh.quant.cuda`).
+1.06-1.21x the fp32 layer in prefill and 1.25-1.74x in decode. The same code runs on CUDA, where
+4-bit bf16 linears use torch's fused tinygemm kernel instead when it is available (`pqmesh.quant.cuda`).
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ class QuantLinear(nn.Module):
         """A fresh ``[out, in]`` weight tensor (default dtype: the bias's, else float32)."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         if self.layout == "tinygemm":
-            return cuda.unpack_weight(self.packed, self.scale, self.group_size, self.in_features, self.out_features, dtype)
+            return cuda.unpack_weight(
+                self.packed, self.scale, self.group_size, self.in_features, self.out_features, dtype
+            )
         return self._dequantize_into(Workspace(), dtype, self.packed.device).clone()
 
     def _dequantize_into(self, workspace: Workspace, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -226,7 +228,9 @@ class QuantLinear(nn.Module):
         else:
             width = padded_width(cols, bits)
             out = workspace.get("codes", rows * width, torch.uint8, device).view(rows, width)
-            scratch = workspace.get("scratch", rows * width, torch.uint8, device).view(rows, width) if bits == 3 else None
+            scratch = (
+                workspace.get("scratch", rows * width, torch.uint8, device).view(rows, width) if bits == 3 else None
+            )
             codes = unpack(self.packed, bits, cols, out=out, scratch=scratch)
             codes = codes[:, :cols] if width != cols else codes
         weight.copy_(codes)

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs, one sub-package per proto package (`make proto`); do not edit."""
