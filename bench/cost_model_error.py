@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.bits import Bits, Phase  # noqa: E402
 from pqmesh.log import configure  # noqa: E402
+from pqmesh.types import Bits, Phase  # noqa: E402
 from profiler import validate  # noqa: E402
 from profiler.cache import ProfileCache, default_cache_dir  # noqa: E402
 from profiler.grid import PRESETS, default_grid  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pqmesh.log import configure
-from pqmesh.quant import QuantLinear
+from pqmesh.quant.qlinear import QuantLinear
 
 
 def best_ms(fn, calls: int = 20, runs: int = 5) -> float:

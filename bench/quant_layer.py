@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
-from pqmesh.quant import measure_layer_bytes, predict_layer_bytes, uniform_hook
+from pqmesh.quant.layer import uniform_hook
+from pqmesh.quant.memory import measure_layer_bytes, predict_layer_bytes
 
 SHAPES = {
     "smollm2": lambda n: LlamaConfig(

@@ -33,9 +33,9 @@ from pqmesh.errors import FailedPrecondition
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
 from pqmesh.model.embedded import cache_root, prepare
-from pqmesh.quant import plan_hook
 from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
 from pqmesh.quant.indicator import compute_indicator
+from pqmesh.quant.layer import plan_hook
 from pqmesh.quant.ppl import nll_sum, perplexity
 
 BOOKS = {"calib": "Genesis 1:1-50:26", "eval": "John 1:1-21:25"}

@@ -27,7 +27,7 @@ from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
 from pqmesh.model.embedded import prepare
-from stage_server.client import StageClient
+from pqmesh.stage_client import StageClient
 from stage_server.config import StageConfig
 from stage_server.main import serve
 
@@ -87,12 +87,12 @@ def over_grpc(model_dir: Path, prompts: torch.Tensor, steps: int, args) -> tuple
             )
         )
         stream, ids, slots = client.forward(), itertools.count(), list(range(batch))
-        stream.send("bench", next(ids), tensor_pb2.PHASE_PREFILL, slots, [width] * batch, prompts)
+        stream.send_batch("bench", next(ids), tensor_pb2.PHASE_PREFILL, slots, [width] * batch, prompts)
         reply = next(stream.responses)
         started, compute_ns = time.perf_counter(), 0
         for step in range(steps):
             tokens = torch.tensor(list(reply.token_ids)).view(-1, 1)
-            stream.send("bench", next(ids), tensor_pb2.PHASE_DECODE, slots, [width + step] * batch, tokens)
+            stream.send_batch("bench", next(ids), tensor_pb2.PHASE_DECODE, slots, [width + step] * batch, tokens)
             reply = next(stream.responses)
             compute_ns += reply.compute_ns
         elapsed = time.perf_counter() - started

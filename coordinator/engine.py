@@ -28,13 +28,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import grpc
 import structlog
 import torch
 
-from coordinator.mesh import ForwardLink, Mesh, StageUnavailable
+from coordinator.mesh import Mesh, StageUnavailable
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, Outage, StepClock
 from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult, capacity_error
@@ -43,6 +43,8 @@ from coordinator.store import JobState, JobStore, ResultRecord
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.errors import PqmeshError
+from pqmesh.stage_client import ForwardStream
+from pqmesh.stage_wire import left_pad
 
 log = structlog.get_logger(__name__)
 
@@ -57,14 +59,6 @@ def sequence_seed(job_seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-    return ids
 
 
 @dataclass(frozen=True)
@@ -88,7 +82,7 @@ class Engine:
         self.decode_text = decode_text
         self._events: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="coordinator-engine", daemon=True)
-        self._link: ForwardLink | None = None
+        self._link: ForwardStream | None = None
         self._generation = 0
         self._loaded: set[str] = set()
         self._mesh_ok = True
@@ -245,7 +239,7 @@ class Engine:
             if self.board.running(job_id, batch.phase):
                 self.store.set_state(job_id, JobState.RUNNING)
         rows = batch.rows()
-        tensor = left_pad(rows) if batch.phase is Phase.PREFILL else torch.tensor(rows, dtype=torch.long)
+        tensor = left_pad(rows)[0] if batch.phase is Phase.PREFILL else torch.tensor(rows, dtype=torch.long)
         header = stage_pb2.MicroBatchHeader(
             plan_id=self.mesh.plan_id, micro_batch_id=batch.id, phase=int(batch.phase), slots=list(batch.slots),
             lengths=list(batch.lengths), sampling=[s.sampling for s in batch.sequences])
@@ -261,7 +255,7 @@ class Engine:
         threading.Thread(target=self._read, args=(self._link, self._generation), name="coordinator-stream",
                          daemon=True).start()
 
-    def _read(self, link: ForwardLink, generation: int) -> None:
+    def _read(self, link: ForwardStream, generation: int) -> None:
         try:
             for reply in link.responses:
                 self._events.put(("reply", generation, reply))

@@ -12,27 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import grpc
 import structlog
-import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.plan import MeshPlan, StageSpec
-from pqmesh import codec
 from pqmesh.api.common.v1 import tensor_pb2
-from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
+from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.errors import FailedPrecondition, Unavailable
-from pqmesh.grpc_server import channel
 from pqmesh.security import Credentials
+from pqmesh.stage_client import ForwardStream, StageClient
+from pqmesh.types import Role
 
 log = structlog.get_logger(__name__)
 
-RPC_TIMEOUT_S = 30.0  # GetInfo and Release: a stage that takes longer counts as unreachable
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -63,9 +59,7 @@ class MeshSpec:
         return "mesh-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def role(self, stage: StageSpec) -> int:
-        first, last = stage.start == 0, stage.end == self.plan.num_layers
-        return {(True, True): stage_pb2.ROLE_ONLY, (True, False): stage_pb2.ROLE_FIRST,
-                (False, True): stage_pb2.ROLE_LAST}.get((first, last), stage_pb2.ROLE_MIDDLE)
+        return Role.of(stage.start, stage.end, self.plan.num_layers).to_proto()
 
     def load_request(self, index: int) -> stage_pb2.LoadShardRequest:
         stages = self.plan.stages
@@ -86,65 +80,6 @@ class MeshSpec:
         )
 
 
-class StageLink:
-    """Unary calls to one stage (LoadShard, Release, GetInfo) over its own channel."""
-
-    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
-        self.address = address
-        self.channel = channel(address, credentials)
-        self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
-
-    def load_shard(
-        self, request: stage_pb2.LoadShardRequest, timeout: float | None = None
-    ) -> stage_pb2.LoadShardResponse:
-        return self.stub.LoadShard(request, timeout=timeout)
-
-    def release(self, plan_id: str, slots: Sequence[int], timeout: float = RPC_TIMEOUT_S) -> int:
-        return self.stub.Release(stage_pb2.ReleaseRequest(plan_id=plan_id, slots=list(slots)), timeout=timeout).released
-
-    def info(self, timeout: float = RPC_TIMEOUT_S) -> stage_pb2.GetInfoResponse:
-        return self.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout)
-
-    def health(self, timeout: float) -> str | None:
-        """None when the stage's health service says SERVING, else why not."""
-        try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                                   timeout=timeout)
-        except grpc.RpcError as err:
-            return f"{err.code().name}: {err.details()}"
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
-        return None
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-_CLOSE = object()
-
-
-class ForwardLink:
-    """One Forward stream into the first stage: `send` token-id micro-batches, iterate `responses`
-    (one ForwardResponse per micro-batch, in the order sent)."""
-
-    def __init__(self, stub: stage_pb2_grpc.StageServiceStub) -> None:
-        self._outgoing: queue.Queue = queue.Queue()
-        self.responses = stub.Forward(iter(self._outgoing.get, _CLOSE))
-
-    def send(self, header: stage_pb2.MicroBatchHeader, token_ids: torch.Tensor) -> None:
-        chunks = list(codec.chunk(token_ids, "input_ids"))
-        header.chunk_count = len(chunks)
-        self._outgoing.put(stage_pb2.ForwardRequest(header=header))
-        for piece in chunks:
-            self._outgoing.put(stage_pb2.ForwardRequest(chunk=piece))
-
-    def close(self) -> None:
-        self._outgoing.put(_CLOSE)
-
-    def cancel(self) -> None:
-        self.responses.cancel()
-
-
 class Mesh:
     """Clients of every stage in pipeline order; the first one takes the Forward stream."""
 
@@ -152,7 +87,7 @@ class Mesh:
         spec.plan.require_addresses()
         self.spec = spec
         self.plan_id = spec.plan_id
-        self.clients = [StageLink(s.address, credentials) for s in spec.plan.stages]
+        self.clients = [StageClient(s.address, credentials) for s in spec.plan.stages]
 
     def _name(self, index: int) -> str:
         stage = self.spec.plan.stages[index]
@@ -234,8 +169,8 @@ class Mesh:
             )
 
     # -- running ------------------------------------------------------------------------------------
-    def forward(self) -> ForwardLink:
-        return ForwardLink(self.clients[0].stub)
+    def forward(self) -> ForwardStream:
+        return self.clients[0].forward()
 
     def health(self, index: int, timeout: float = 5.0) -> str | None:
         """None when stage ``index`` answers its health check as SERVING, else the reason, naming the stage."""

@@ -34,13 +34,7 @@ from typing import Iterable
 from typing import Sequence as Seq
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument
-
-
-class Phase(enum.IntEnum):
-    """Numbers match pqmesh.common.v1.Phase."""
-
-    PREFILL = 1
-    DECODE = 2
+from pqmesh.types import Phase
 
 
 class FinishReason(enum.IntEnum):

@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from planner.bits import ALL_BITS, Bits, Phase
 from planner.cluster import Device
 from planner.memory import GIB
 from planner.orders import representative_orders
 from planner.plans import Baseline, PipelinePlan
 from planner.problem import Evaluation, Problem, evaluate, head_cost, layer_bytes, layer_cost
 from planner.tables import budgets, micro_batch_candidates, plan_from_bits
+from pqmesh.types import ALL_BITS, Bits, Phase
 
 
 def _gib(n: float) -> str:

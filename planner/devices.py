@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from planner.bits import Bits, Phase
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.types import Bits, Phase
 
 PROFILE_VERSION = 1
 MIB = 1 << 20

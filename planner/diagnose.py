@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.bits import ALL_BITS, Bits, Phase
 from planner.cluster import Device, Workload
 from planner.memory import GIB
 from planner.orders import representative_orders
@@ -20,6 +19,7 @@ from planner.problem import Problem, layer_bytes
 from planner.solver_ortools import solve_order
 from planner.tables import QualityScale, budgets, build_input
 from pqmesh.errors import FailedPrecondition, ResourceExhausted
+from pqmesh.types import ALL_BITS, Bits, Phase
 
 
 def _gib(n: float) -> str:

@@ -1,11 +1,8 @@
 """Per-layer quantization sensitivity indicators and the quality setting of a plan.
 
-File format (written by `pqmesh.quant`)::
-
-    {"version": 1, "model": "opt-30b", "kind": "variance" | "direct", "group_size": 128,
-     "layers": [{"layer": 0, "bits": {"16": 0.0, "8": 1e-4, "4": 0.02, "3": 0.09, "2": 0.4}}, ...]}
-
-"16" may be absent (0). Without a file the planner uses `default_indicator`: the expected noise
+Files (written by `pqmesh indicator`) are read by `pqmesh.quant.indicator_file`, the one reader
+of that format; `Indicator` is the planner's hashable view of one. Without a file the planner uses
+`default_indicator`: the expected noise
 of b-bit uniform quantization is proportional to its step squared, 2^(-2b), equal for every layer,
 normalized so that all layers at 4 bits sum to 1.0. A plan's quality is the sum of its layers'
 indicators at their chosen bits; lower is better.
@@ -23,8 +20,9 @@ from pathlib import Path
 
 import structlog
 
-from planner.bits import ALL_BITS, Bits
-from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.errors import InvalidArgument
+from pqmesh.quant.indicator_file import IndicatorTable, load_indicator
+from pqmesh.types import ALL_BITS, Bits
 
 log = structlog.get_logger(__name__)
 INDICATOR_VERSION = 1
@@ -91,32 +89,21 @@ class Indicator:
         return sum(self.value(i, b) for i, b in enumerate(bits_per_layer))
 
     def to_json(self) -> str:
-        layers = [{"layer": i, "bits": {str(int(b)): v for b, v in row.items()}} for i, row in enumerate(self._rows)]
-        return json.dumps({"version": self.version, "model": self.model, "kind": self.kind,
-                           "group_size": self.group_size, "layers": layers})
+        """The indicator file's JSON (`pqmesh.quant.indicator_file`)."""
+        table = IndicatorTable(self.model, self.kind, self.group_size, self._rows)
+        return json.dumps(table.to_json())
+
+    @classmethod
+    def from_table(cls, table: IndicatorTable) -> Indicator:
+        return cls(table.values, table.model, table.kind, table.group_size)
 
     @classmethod
     def from_json(cls, text: str, source: str = "indicator") -> Indicator:
-        try:
-            data = json.loads(text)
-            layers = sorted(data["layers"], key=lambda entry: entry["layer"])
-            if [entry["layer"] for entry in layers] != list(range(len(layers))):
-                raise InvalidArgument(f"{source}: layers must be numbered 0..{len(layers) - 1}, each once")
-            rows = tuple(
-                {Bits.B16: 0.0} | {Bits.parse(k): float(v) for k, v in entry["bits"].items()} for entry in layers
-            )
-            return cls(rows, str(data.get("model", "")), str(data.get("kind", "")), int(data.get("group_size", 128)),
-                       int(data.get("version", 0)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise InvalidArgument(f"{source} is not an indicator file ({type(err).__name__}: {err}); "
-                                  'expected {"version": 1, "layers": [{"layer": 0, "bits": {"8": ...}}]}') from None
+        return cls.from_table(IndicatorTable.from_text(text, source))
 
     @classmethod
     def load(cls, path: str | Path) -> Indicator:
-        path = Path(path)
-        if not path.is_file():
-            raise NotFound(f"indicator file {path} does not exist")
-        return cls.from_json(path.read_text(), source=str(path))
+        return cls.from_table(load_indicator(path))
 
 
 def default_indicator(num_layers: int) -> Indicator:

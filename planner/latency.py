@@ -23,10 +23,10 @@ pipeline pays both, sum):
 
 from __future__ import annotations
 
-from planner.bits import Bits, Phase
 from planner.devices import DeviceProfile
-from planner.memory import DTYPE_BYTES, kv_cache_bytes_per_layer, layer_weight_bytes
+from planner.memory import DEFAULT_ELEMENT_BYTES, kv_cache_bytes_per_layer, layer_weight_bytes
 from planner.model_shapes import ModelShape
+from pqmesh.types import Bits, Phase
 
 TOKEN_ID_BYTES = 4
 DEFAULT_DECODE_SEGMENTS = 4
@@ -38,7 +38,7 @@ def layer_flops(shape: ModelShape, tokens: int, context: int) -> float:
 
 
 def layer_seconds(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: Phase,
-                  micro_batch: int, prompt_length: int, context: int, element: int = DTYPE_BYTES) -> float:
+                  micro_batch: int, prompt_length: int, context: int, element: int = DEFAULT_ELEMENT_BYTES) -> float:
     """One decoder layer, one micro-batch. Prefill: `context` is ignored (= prompt length)."""
     new_tokens = prompt_length if phase == Phase.PREFILL else 1
     context = prompt_length if phase == Phase.PREFILL else context
@@ -52,14 +52,16 @@ def layer_seconds(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: 
     return profile.roofline.seconds(layer_flops(shape, tokens, context), moved, quantized=bits != Bits.B16)
 
 
-def head_seconds(profile: DeviceProfile, shape: ModelShape, micro_batch: int, element: int = DTYPE_BYTES) -> float:
+def head_seconds(
+    profile: DeviceProfile, shape: ModelShape, micro_batch: int, element: int = DEFAULT_ELEMENT_BYTES
+) -> float:
     """Final norm + LM head on the last position of each sequence (both phases), always roofline."""
     flops = 2.0 * micro_batch * shape.vocab_size * shape.token_dim
     moved = shape.head_params() * element + micro_batch * shape.vocab_size * 4
     return profile.roofline.seconds(flops, moved, quantized=False)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, new_tokens: int, element: int = DTYPE_BYTES) -> int:
+def activation_bytes(shape: ModelShape, micro_batch: int, new_tokens: int, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """Hidden states one stage sends the next for a micro-batch (in the stage dtype)."""
     return micro_batch * new_tokens * shape.hidden_size * element
 

@@ -20,29 +20,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.bits import Bits
 from planner.cluster import Workload
 from planner.model_shapes import ModelShape
-from pqmesh.errors import InvalidArgument
+from pqmesh.types import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DTYPE_BYTES, Bits, parse_dtype
 
 GIB = 1 << 30
-DTYPE_BYTES = 2  # default element size: float16 activations, KV cache, embeddings, norms and biases
+DEFAULT_ELEMENT_BYTES = 2  # default element size: float16 activations, KV cache, embeddings, norms and biases
 SCALE_BYTES = 2  # quantized layers keep fp16 scales and offsets (pqmesh.quant.qlinear.SCALE_DTYPE)
-GROUP_SIZE = 128
 DEFAULT_RESERVE_BYTES = 1 * GIB  # for a device whose profile sets no reserve_bytes
-DEFAULT_DTYPE = "float16"
-#: Stage dtypes the planner knows (`PlanRequest.dtype`), and their bytes per element.
-DTYPES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 _PLANE_ROW_MULTIPLE = {8: 1, 4: 2, 3: 8, 2: 4}  # pqmesh.quant.packing.row_multiple
 
 
 def element_bytes(dtype: str) -> int:
     """Bytes per unquantized value for a stage dtype name; "" means float16."""
-    try:
-        return DTYPES[dtype or DEFAULT_DTYPE]
-    except KeyError:
-        raise InvalidArgument(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} "
-                              "(float32 for stages on a CPU)") from None
+    return DTYPE_BYTES[parse_dtype(dtype or DEFAULT_DTYPE, hint=" (float32 for stages on a CPU)")]
 
 
 def effective_group_size(in_features: int, group_size: int) -> int:
@@ -58,8 +49,8 @@ def padded_width(in_features: int, bits: Bits) -> int:
     return -(-in_features // step) * step
 
 
-def linear_weight_bytes(in_features: int, out_features: int, bits: Bits, group_size: int = GROUP_SIZE,
-                        element: int = DTYPE_BYTES) -> int:
+def linear_weight_bytes(in_features: int, out_features: int, bits: Bits, group_size: int = DEFAULT_GROUP_SIZE,
+                        element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """Bytes of one linear weight matrix at `bits`, weight-only group-wise quantization.
 
     16 bits: `element` bytes per weight. Below 16: each output row's packed codes (padded to the bit
@@ -72,13 +63,15 @@ def linear_weight_bytes(in_features: int, out_features: int, bits: Bits, group_s
     return out_features * (packed + 2 * groups * SCALE_BYTES)
 
 
-def layer_weight_bytes(shape: ModelShape, bits: Bits, group_size: int = GROUP_SIZE, element: int = DTYPE_BYTES) -> int:
+def layer_weight_bytes(
+    shape: ModelShape, bits: Bits, group_size: int = DEFAULT_GROUP_SIZE, element: int = DEFAULT_ELEMENT_BYTES
+) -> int:
     """One decoder layer: its (quantized) linear matrices plus its unquantized norms and biases."""
     linear = sum(linear_weight_bytes(i, o, bits, group_size, element) for i, o in shape.linear_shapes())
     return linear + shape.layer_fp16_params() * element
 
 
-def workspace_bytes(shape: ModelShape, bits: Bits, element: int = DTYPE_BYTES) -> int:
+def workspace_bytes(shape: ModelShape, bits: Bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """The stage's shared dequantization buffer for layers at `bits` (0 at 16), as
     `pqmesh.quant.memory.workspace_bytes`: the largest linear's weight in the stage dtype plus, below
     8 bits, its unpacked codes (twice at 3 bits). Counted once per stage."""
@@ -91,18 +84,20 @@ def workspace_bytes(shape: ModelShape, bits: Bits, element: int = DTYPE_BYTES) -
     return weight + codes * (2 if bits == Bits.B3 else 1)
 
 
-def stage_workspace_bytes(shape: ModelShape, bits, element: int = DTYPE_BYTES) -> int:
+def stage_workspace_bytes(shape: ModelShape, bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """Workspace of a stage whose layers use `bits` (any iterable): the largest of theirs."""
     return max((workspace_bytes(shape, b, element) for b in set(bits)), default=0)
 
 
-def kv_cache_bytes_per_layer(shape: ModelShape, sequences: int, tokens: int, element: int = DTYPE_BYTES) -> int:
+def kv_cache_bytes_per_layer(
+    shape: ModelShape, sequences: int, tokens: int, element: int = DEFAULT_ELEMENT_BYTES
+) -> int:
     """K and V of `sequences` x `tokens` positions for one layer: 2 x seq x tokens x kv_dim x element."""
     return 2 * sequences * tokens * shape.kv_dim * element
 
 
 def temp_activation_bytes(shape: ModelShape, micro_batch: int, new_tokens: int, context: int,
-                          element: int = DTYPE_BYTES) -> int:
+                          element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """Largest transient of one layer's forward for one micro-batch.
 
     The layer input and output hidden states, its widest intermediate (fused QKV or the MLP's up
@@ -120,11 +115,11 @@ def logits_bytes(shape: ModelShape, micro_batch: int) -> int:
     return micro_batch * shape.vocab_size * 4
 
 
-def embedding_bytes(shape: ModelShape, element: int = DTYPE_BYTES) -> int:
+def embedding_bytes(shape: ModelShape, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     return shape.embedding_params() * element
 
 
-def head_bytes(shape: ModelShape, single_stage: bool = False, element: int = DTYPE_BYTES) -> int:
+def head_bytes(shape: ModelShape, single_stage: bool = False, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """Final norm, projection and LM head; a tied head shares the embedding when on the same stage."""
     params = shape.head_params()
     if single_stage and shape.tied_embeddings:
@@ -152,7 +147,7 @@ class StageMemory:
 
 def stage_memory(shape: ModelShape, workload: Workload, bits: list[Bits], first: bool, last: bool,
                  prefill_micro_batch: int, decode_micro_batch: int, reserve: int = DEFAULT_RESERVE_BYTES,
-                 element: int = DTYPE_BYTES) -> StageMemory:
+                 element: int = DEFAULT_ELEMENT_BYTES) -> StageMemory:
     """Memory of a stage holding `len(bits)` decoder layers at those bitwidths, unquantized values
     taking `element` bytes."""
     weights = sum(layer_weight_bytes(shape, b, element=element) for b in bits)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from planner.bits import Bits
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import Bits
 
 PLAN_VERSION = 1
 BASELINE_NAMES = ("pipeedge", "uniform_int8", "uniform_int4", "adabits")

@@ -13,10 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.bits import ALL_BITS, Bits, Phase
 from planner.memory import GIB, layer_weight_bytes
 from planner.plans import PipelinePlan, PlanResult
 from planner.problem import Problem, evaluate, stage_seconds
+from pqmesh.types import ALL_BITS, Bits, Phase
 
 FIGSIZE = (16, 10)  # inches
 DPI = 100  # -> 1600 x 1000 pixels

@@ -19,7 +19,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 from planner import latency as lat
-from planner.bits import ALL_BITS, Bits, Phase
 from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile
 from planner.indicator import Indicator, Quality
@@ -35,6 +34,7 @@ from planner.memory import (
 from planner.model_shapes import ModelShape
 from planner.plans import PipelinePlan, Prediction
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import ALL_BITS, Bits, Phase
 
 QUALITY_TOLERANCE = 1e-6  # relative; the solver's integer scaling rounds indicators
 
@@ -96,12 +96,14 @@ class Problem:
 
 @functools.lru_cache(maxsize=65536)
 def layer_cost(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: Phase, micro_batch: int,
-               prompt_length: int, context: float, element: int = lat.DTYPE_BYTES) -> float:
+               prompt_length: int, context: float, element: int = lat.DEFAULT_ELEMENT_BYTES) -> float:
     return lat.layer_seconds(profile, shape, bits, phase, micro_batch, prompt_length, context, element)
 
 
 @functools.lru_cache(maxsize=4096)
-def head_cost(profile: DeviceProfile, shape: ModelShape, micro_batch: int, element: int = lat.DTYPE_BYTES) -> float:
+def head_cost(
+    profile: DeviceProfile, shape: ModelShape, micro_batch: int, element: int = lat.DEFAULT_ELEMENT_BYTES
+) -> float:
     return lat.head_seconds(profile, shape, micro_batch, element)
 
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format
 
-from planner.bits import ALL_BITS, Bits, parse_bits_list
 from planner.catalog import builtin_model, model_from_config_json
 from planner.cluster import Cluster, ProfileLookup, Workload, expand
 from planner.indicator import Indicator, Quality, default_indicator
@@ -15,6 +14,8 @@ from planner.problem import Problem
 from planner.search import DEFAULT_TIME_LIMIT_S
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import ALL_BITS, Bits
+from pqmesh.types import allowed_bits as parse_allowed_bits
 
 REQUEST_VERSION = 1
 
@@ -41,7 +42,7 @@ class PlanInputs:
             raise InvalidArgument("the plan request names no model; set model_name or model_config_json")
         if not self.time_limit_s > 0:  # NaN fails too
             raise InvalidArgument(f"time limit must be positive seconds, got {self.time_limit_s}")
-        object.__setattr__(self, "allowed_bits", parse_bits_list(self.allowed_bits))
+        object.__setattr__(self, "allowed_bits", parse_allowed_bits(self.allowed_bits))
         object.__setattr__(self, "dtype", self.dtype or DEFAULT_DTYPE)
         element_bytes(self.dtype)  # InvalidArgument names the supported dtypes
 

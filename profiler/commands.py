@@ -84,7 +84,7 @@ def _grid(args, device_kind: str):
 
 
 def _bits(text: str):
-    from planner.bits import Bits
+    from pqmesh.types import Bits
 
     values = [v for v in text.split(",") if v.strip()]
     if not values:

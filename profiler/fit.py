@@ -30,9 +30,9 @@ from typing import Sequence
 
 import numpy as np
 
-from planner.bits import Bits, Phase
 from planner.devices import LatencyModel
 from pqmesh.errors import FailedPrecondition, InvalidArgument
+from pqmesh.types import Bits, Phase
 
 PHASE_FEATURES: dict[Phase, tuple[str, ...]] = {
     Phase.PREFILL: ("const", "batch", "tokens", "tokens*context"),

@@ -11,8 +11,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from planner.bits import Phase
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import Phase
 
 GRID_VERSION = 1
 

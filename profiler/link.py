@@ -122,7 +122,7 @@ def measure(address: str, sizes=DEFAULT_SIZES, repeats: int = 5) -> list[tuple[i
     """(bytes, median seconds) per size: Forward round trip minus the server's compute and queue time."""
     from pqmesh.api.common.v1 import tensor_pb2
     from pqmesh.api.stage.v1 import stage_pb2
-    from stage_server.client import StageClient
+    from pqmesh.stage_client import StageClient
 
     shapes = [_shape(n) for n in sizes]
     max_batch = max(b for b, _ in shapes)
@@ -138,7 +138,7 @@ def measure(address: str, sizes=DEFAULT_SIZES, repeats: int = 5) -> list[tuple[i
                 slots, times = list(range(batch)), []
                 for i in range(repeats + 1):  # the first is a warm-up
                     started = time.perf_counter()
-                    stream.send("link-probe", next(ids), tensor_pb2.PHASE_PREFILL, slots, [width] * batch, hidden)
+                    stream.send_batch("link-probe", next(ids), tensor_pb2.PHASE_PREFILL, slots, [width] * batch, hidden)
                     reply = next(stream.responses)
                     elapsed = time.perf_counter() - started - (reply.compute_ns + reply.queue_ns) / 1e9
                     client.release("link-probe", slots)

@@ -17,9 +17,9 @@ from pathlib import Path
 import structlog
 import torch
 
-from planner.bits import Bits, Phase
 from planner.devices import DeviceProfile
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import Bits, Phase
 from profiler.cache import ProfileCache, cache_key, shape_key
 from profiler.fit import Sample, fit_latency
 from profiler.grid import Grid

@@ -23,11 +23,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from planner.bits import Bits, Phase
 from pqmesh.model.families import family_for
 from pqmesh.model.kv_cache import StaticKVCache
 from pqmesh.model.shard import ModelShard
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, uniform_hook
+from pqmesh.types import Bits, Phase
 from profiler.fit import Sample
 from profiler.target import DeviceTarget, ModelTarget
 

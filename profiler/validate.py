@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.bits import Bits, Phase
 from planner.devices import DeviceProfile
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import Bits, Phase
 from profiler.fit import Sample, fit_latency, predict
 from profiler.grid import Grid, held_out
 from profiler.run import ProfileRequest, grid_points, measure_bits, progress_bar

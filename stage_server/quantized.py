@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 
 from pqmesh.model import ModelShard
-from pqmesh.quant.bits import Bits, parse_bits_list
 from pqmesh.quant.layer import plan_hook
 from pqmesh.quant.memory import layer_shape, predict_layer_bytes, workspace_bytes
+from pqmesh.types import Bits, parse_bits_list
 
 
 def layer_hook(start: int, bits: Sequence[int], group_size: int):

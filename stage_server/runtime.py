@@ -4,7 +4,6 @@ release KV slots, report state. The servicer decodes requests into these plain o
 
 from __future__ import annotations
 
-import enum
 import gc
 import threading
 import time
@@ -15,19 +14,14 @@ import structlog
 import torch
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
-from pqmesh.model import ModelShard, Role
+from pqmesh.model import ModelShard
 from pqmesh.model.kv_cache import StaticKVCache
 from pqmesh.model.loading import load_config
+from pqmesh.types import Phase, Role, parse_dtype
 from stage_server.sampling import Sampling, sample
 
 log = structlog.get_logger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class Phase(enum.Enum):
-    PREFILL = 1
-    DECODE = 2
 
 
 @dataclass(frozen=True)
@@ -75,13 +69,6 @@ class LoadResult:
     load_seconds: float
 
 
-def expected_role(start: int, end: int, total: int) -> Role:
-    first, last = start == 0, end == total
-    return {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get(
-        (first, last), Role.MIDDLE
-    )
-
-
 class StageRuntime:
     """One shard at a time; thread-safe (a lock serializes load, compute and release)."""
 
@@ -117,9 +104,7 @@ class StageRuntime:
     def _dtype(self, name: str) -> torch.dtype:
         if not name:
             return torch.float32 if self.device.type == "cpu" else torch.float16
-        if name not in DTYPES:
-            raise InvalidArgument(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
-        return DTYPES[name]
+        return getattr(torch, parse_dtype(name))
 
     def _validate(self, spec: ShardSpec, total_layers: int) -> None:
         if not 0 <= spec.start < spec.end <= total_layers:
@@ -128,13 +113,14 @@ class StageRuntime:
             )
         if len(spec.bits) != spec.end - spec.start:
             raise InvalidArgument(f"{len(spec.bits)} bitwidths for {spec.end - spec.start} layers; give one per layer")
-        role = expected_role(spec.start, spec.end, total_layers)
+        role = Role.of(spec.start, spec.end, total_layers)
         if spec.role != role:
             raise InvalidArgument(
-                f"layers [{spec.start}, {spec.end}) of {total_layers} make a {role.value} stage, not {spec.role.value}"
+                f"layers [{spec.start}, {spec.end}) of {total_layers} make a {role.name.lower()} stage, "
+                f"not {spec.role.name.lower()}"
             )
         if role in (Role.FIRST, Role.MIDDLE) and not spec.next_hop:
-            raise InvalidArgument(f"a {role.value} stage needs next_hop (host:port of the following stage)")
+            raise InvalidArgument(f"a {role.name.lower()} stage needs next_hop (host:port of the following stage)")
         if spec.max_sequences < 1 or spec.max_tokens < 1:
             raise InvalidArgument("max_sequences and max_tokens_per_sequence must be positive")
 

@@ -6,29 +6,19 @@ from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
 from pqmesh.errors import InvalidArgument
 from pqmesh.grpc_server import rpc_errors
-from pqmesh.model import Role
 from pqmesh.security import Credentials
+from pqmesh.types import Role
 from stage_server.metrics import StageMetrics
 from stage_server.runtime import ShardSpec, StageRuntime
 from stage_server.streaming import Session, Worker, abort_with
-
-_ROLES = {
-    stage_pb2.ROLE_FIRST: Role.FIRST,
-    stage_pb2.ROLE_MIDDLE: Role.MIDDLE,
-    stage_pb2.ROLE_LAST: Role.LAST,
-    stage_pb2.ROLE_ONLY: Role.ONLY,
-}
-_ROLE_NUMBERS = {role: number for number, role in _ROLES.items()}
 
 
 def shard_spec(request: stage_pb2.LoadShardRequest) -> ShardSpec:
     if not request.plan_id:
         raise InvalidArgument("plan_id is required")
-    if request.role not in _ROLES:
-        raise InvalidArgument("role must be ROLE_FIRST, ROLE_MIDDLE, ROLE_LAST or ROLE_ONLY")
     return ShardSpec(
         plan_id=request.plan_id, model_id=request.model_id, start=request.layers.start, end=request.layers.end,
-        bits=tuple(request.bits), role=_ROLES[request.role], max_sequences=request.max_sequences,
+        bits=tuple(request.bits), role=Role.from_proto(request.role), max_sequences=request.max_sequences,
         max_tokens=request.max_tokens_per_sequence, next_hop=request.next_hop, dtype=request.dtype,
         group_size=request.group_size or 128,
     )
@@ -75,6 +65,6 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         if "plan_id" in info:
             reply.plan_id, reply.model_id = info["plan_id"], info["model_id"]
             reply.layers.CopyFrom(tensor_pb2.LayerRange(start=info["start"], end=info["end"]))
-            reply.role = _ROLE_NUMBERS[info["role"]]
+            reply.role = info["role"].to_proto()
             reply.kv_slots_total, reply.kv_slots_used = info["kv_slots_total"], info["kv_slots_used"]
         return reply

@@ -21,9 +21,11 @@ import structlog
 from pqmesh import codec
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
-from pqmesh.errors import InvalidArgument, PqmeshError, Unavailable
+from pqmesh.errors import PqmeshError, Unavailable
 from pqmesh.grpc_server import channel, status_code
-from stage_server.runtime import MicroBatch, Output, Phase, StageRuntime
+from pqmesh.stage_wire import micro_batch_requests, read_frames
+from pqmesh.types import Phase
+from stage_server.runtime import MicroBatch, Output, StageRuntime
 from stage_server.sampling import Sampling
 
 log = structlog.get_logger(__name__)
@@ -31,40 +33,15 @@ log = structlog.get_logger(__name__)
 _END = object()
 
 
-def micro_batch_requests(header: stage_pb2.MicroBatchHeader, tensor, name: str) -> Iterator[stage_pb2.ForwardRequest]:
-    """The messages of one micro-batch: its header, then its tensor in chunks."""
-    chunks = list(codec.chunk(tensor, name, codec.DEFAULT_CHUNK_BYTES))
-    header.chunk_count = len(chunks)
-    yield stage_pb2.ForwardRequest(header=header)
-    for piece in chunks:
-        yield stage_pb2.ForwardRequest(chunk=piece)
-
-
 def read_micro_batches(
     requests: Iterator[stage_pb2.ForwardRequest], device
 ) -> Iterator[tuple[stage_pb2.MicroBatchHeader, MicroBatch]]:
     """Assembles (header, micro-batch) pairs from a request stream; malformed input -> InvalidArgument."""
-    requests = iter(requests)
-    for request in requests:
-        if request.WhichOneof("item") != "header":
-            raise InvalidArgument("a micro-batch must start with a header message, got a tensor chunk")
-        header = request.header
-        if header.phase not in (tensor_pb2.PHASE_PREFILL, tensor_pb2.PHASE_DECODE):
-            raise InvalidArgument(f"micro-batch {header.micro_batch_id}: phase must be PREFILL or DECODE")
-        pieces = []
-        for _ in range(header.chunk_count):
-            piece = next(requests, None)
-            if piece is None or piece.WhichOneof("item") != "chunk":
-                raise InvalidArgument(
-                    f"micro-batch {header.micro_batch_id} announced {header.chunk_count} chunks "
-                    "but the stream broke off"
-                )
-            pieces.append(piece.chunk)
-        tensor = codec.join(pieces, device=device)
+    for header, pieces in read_frames(requests):
         yield header, MicroBatch(
             plan_id=header.plan_id, micro_batch_id=header.micro_batch_id, phase=Phase(header.phase),
             slots=list(header.slots), lengths=list(header.lengths),
-            sampling=[Sampling.from_proto(s) for s in header.sampling], tensor=tensor,
+            sampling=[Sampling.from_proto(s) for s in header.sampling], tensor=codec.join(pieces, device=device),
         )
 
 

@@ -11,9 +11,9 @@ import pytest
 from coordinator.plan import MeshPlan, StageSpec, even_plan
 from coordinator.scheduler import FinishReason
 from coordinator.store import JobState, JobStore, ResultRecord
-from planner.bits import Bits
 from planner.plans import PipelinePlan, PlanResult, Prediction, StagePlan
 from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from pqmesh.types import Bits
 
 
 def planner_answer() -> dict:

@@ -7,8 +7,9 @@ import torch
 from tiny_models import reference_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pqmesh.model import LocalPipeline, ModelShard, left_pad
+from pqmesh.model import LocalPipeline, ModelShard
 from pqmesh.model.embedded import prepare
+from pqmesh.stage_wire import left_pad
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.grpc_server import channel
-from stage_server.client import StageClient
+from pqmesh.stage_client import StageClient
 from stage_server.config import StageConfig
 from stage_server.main import serve as serve_stage
 
@@ -83,7 +83,7 @@ def test_stage_forward_and_errors_move_the_counters(model_root):
             plan_id="p", model_id="tiny-llama", layers=tensor_pb2.LayerRange(start=0, end=4), bits=[16] * 4,
             role=stage_pb2.ROLE_ONLY, max_sequences=3, max_tokens_per_sequence=16))
         stream = client.forward()
-        stream.send("p", 0, PREFILL, [0, 1], [5, 5], torch.randint(4, 200, (2, 5)))
+        stream.send_batch("p", 0, PREFILL, [0, 1], [5, 5], torch.randint(4, 200, (2, 5)))
         reply = next(iter(stream.responses))
         assert len(reply.token_ids) == 2
         # scraped before closing the stream: the close puts an end-of-stream marker through the
@@ -104,7 +104,7 @@ def test_stage_forward_and_errors_move_the_counters(model_root):
 
         # a streaming call that fails: a micro-batch for a plan this stage does not hold
         stream = client.forward()
-        stream.send("other-plan", 1, PREFILL, [2], [3], torch.randint(4, 200, (1, 3)))
+        stream.send_batch("other-plan", 1, PREFILL, [2], [3], torch.randint(4, 200, (1, 3)))
         assert status_of(lambda: next(iter(stream.responses))) == grpc.StatusCode.FAILED_PRECONDITION
         stream.close()
         errors = value(scrape(servicer.metrics.port), "pqmesh_rpc_errors_total", method="StageService/Forward",

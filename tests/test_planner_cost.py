@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from planner import latency as lat
-from planner.bits import Bits, Phase
 from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile, LatencyModel, Roofline
 from planner.indicator import Quality, default_indicator
@@ -21,6 +20,7 @@ from planner.memory import (
 from planner.model_shapes import ModelShape
 from planner.plans import PipelinePlan, StagePlan
 from planner.problem import CostConfig, Problem, evaluate
+from pqmesh.types import Bits, Phase
 
 # hidden 256, ffn 1024, 4 heads: q,k,v,o are 256x256, fc1 256x1024, fc2 1024x256
 TINY = ModelShape(name="tiny", family="opt", num_layers=4, hidden_size=256, intermediate_size=1024, num_heads=4,

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from planner.bits import ALL_BITS, Bits, Phase, parse_bits_list
 from planner.catalog import BUILTIN_CONFIGS, builtin_model, canonical_name, resolve_model
 from planner.cluster import Cluster, ClusterEntry, Network, Workload, expand
 from planner.devices import BUILTIN_GPUS, DeviceProfile, LatencyModel, Roofline, builtin_profile, normalize_type
@@ -15,6 +14,7 @@ from planner.model_shapes import ModelShape, from_hf_config
 from planner.plans import Baseline, PipelinePlan, PlanResult, Prediction, StagePlan
 from planner.request import PlanInputs
 from pqmesh.errors import InvalidArgument, NotFound, UnsupportedModel
+from pqmesh.types import ALL_BITS, Bits, Phase, allowed_bits
 
 PUBLISHED_PARAMS = {  # billions, as published with the checkpoints
     "opt-13b": 12.85, "opt-30b": 29.97, "opt-66b": 65.7, "opt-175b": 174.6, "bloom-3b": 3.0, "bloom-176b": 176.2,
@@ -49,8 +49,8 @@ def test_model_names_and_configs_resolve(tmp_path):
 
 def test_bits_and_phases_parse():
     assert Bits.parse("int8") is Bits.B8 and Bits.parse("BITS_16") is Bits.B16 and Bits.parse(3) is Bits.B3
-    assert parse_bits_list(["4", "16", "4"]) == (Bits.B16, Bits.B4)
-    assert parse_bits_list([]) == ALL_BITS
+    assert allowed_bits(["4", "16", "4"]) == (Bits.B16, Bits.B4)
+    assert allowed_bits([]) == ALL_BITS
     with pytest.raises(InvalidArgument, match="16"):
         Bits.parse(5)
     with pytest.raises(InvalidArgument, match="BITS_UNSPECIFIED"):

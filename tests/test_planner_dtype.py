@@ -11,7 +11,6 @@ from transformers import LlamaConfig, OPTConfig
 
 from cli.main import main
 from planner import latency as lat
-from planner.bits import ALL_BITS, Bits, Phase
 from planner.catalog import model_from_config_json
 from planner.cluster import Cluster, ClusterEntry, Device, Network, Workload
 from planner.devices import DeviceProfile, Roofline, builtin_profile
@@ -31,8 +30,8 @@ from planner.request import PlanInputs
 from planner.search import plan
 from planner.tables import budgets
 from pqmesh.errors import InvalidArgument, ResourceExhausted
-from pqmesh.model import Role
 from pqmesh.quant.memory import predict_layer_bytes
+from pqmesh.types import ALL_BITS, Bits, Phase, Role
 from stage_server.runtime import ShardSpec, StageRuntime
 
 MIB = 1 << 20
@@ -71,9 +70,7 @@ def test_layer_bytes_match_quant(config, dtype, bits):
 
 def _stage_bytes(config, start: int, end: int, bits: list[int], dtype: str, sequences: int, tokens: int) -> int:
     total = config.num_hidden_layers
-    role = {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get(
-        (start == 0, end == total), Role.MIDDLE
-    )
+    role = Role.of(start, end, total)
     spec = ShardSpec("p", "m", start, end, tuple(bits), role, sequences, tokens, next_hop="x:1", dtype=dtype)
     weights, kv = StageRuntime("cpu", 1 << 40, "/nonexistent").predict_bytes(spec, config, DTYPES[dtype])
     return weights + kv

@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from planner.bits import Bits
 from planner.cluster import Cluster, ClusterEntry, Workload
 from planner.diagnose import fits
 from planner.indicator import Quality
 from planner.request import PlanInputs
 from planner.search import plan
 from pqmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from pqmesh.types import Bits
 
 
 def _plan(model, devices, workload=Workload(32, 512, 100), quality=Quality(), bits=()):

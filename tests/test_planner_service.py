@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from planner.bits import Bits, Phase
 from planner.devices import DeviceProfile, LatencyModel, Roofline
 from planner.main import PlannerConfig, start
 from planner.registry import DB_NAME
 from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from pqmesh.grpc_server import channel
+from pqmesh.types import Bits, Phase
 
 BIN = Path(sys.executable).parent
 PLAN_REQUEST = {"model_name": "opt-13b", "devices": [{"device_type": "V100-32G", "count": 1}],

@@ -11,7 +11,6 @@ from dataclasses import replace
 import pytest
 
 from planner import latency as lat
-from planner.bits import Bits, Phase
 from planner.cluster import Device, Network, Workload
 from planner.devices import DeviceProfile, LatencyModel, Roofline
 from planner.indicator import Indicator, Quality, default_indicator
@@ -21,6 +20,7 @@ from planner.orders import all_orders, order_key, representative_orders
 from planner.problem import CostConfig, Problem, evaluate, link_times, stage_seconds
 from planner.search import plan
 from planner.tables import micro_batch_candidates
+from pqmesh.types import Bits, Phase
 
 BITS = (Bits.B16, Bits.B8, Bits.B4)
 SHAPE = ModelShape(name="tiny", family="opt", num_layers=8, hidden_size=256, intermediate_size=1024, num_heads=4,

@@ -12,7 +12,6 @@ import torch
 from tiny_models import tiny_config
 
 from cli.main import main
-from planner.bits import Bits, Phase
 from planner.catalog import model_from_config_json
 from planner.commands import _model_text
 from planner.devices import DeviceProfile
@@ -21,6 +20,7 @@ from planner.main import PlannerConfig, start
 from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from pqmesh.grpc_server import channel
+from pqmesh.types import Bits, Phase
 from profiler.cache import ProfileCache
 from profiler.grid import PRESETS
 from profiler.run import ProfileRequest, profile, record_path

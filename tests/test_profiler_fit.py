@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from planner.bits import Bits, Phase
 from planner.devices import LatencyModel
 from pqmesh.errors import InvalidArgument
+from pqmesh.types import Bits, Phase
 from profiler.fit import PHASE_FEATURES, Sample, fit_latency, nnls, predict, relative_errors
 from profiler.grid import PRESETS, Grid, held_out, parse_ints
 from profiler.link import fit_link

@@ -12,9 +12,11 @@ from tiny_models import build_checkpoint
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import ModelShard
-from pqmesh.quant import Bits, QuantLinear, effective_group_size, parse_bits_spec, quantize_layer, quantize_weight
-from pqmesh.quant.layer import linear_children
+from pqmesh.quant.bit_plan import parse_bits_spec
+from pqmesh.quant.layer import linear_children, quantize_layer
 from pqmesh.quant.packing import pack, row_bytes, unpack
+from pqmesh.quant.qlinear import QuantLinear, effective_group_size, quantize_weight
+from pqmesh.types import Bits
 
 QUANTIZED = [8, 4, 3, 2]
 

@@ -13,17 +13,10 @@ from tiny_models import build_checkpoint, reference_greedy
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import LocalPipeline, ModelShard
 from pqmesh.model.loading import load_config
-from pqmesh.quant import (
-    Bits,
-    QuantLinear,
-    Workspace,
-    measure_layer_bytes,
-    plan_hook,
-    predict_layer_bytes,
-    uniform_hook,
-    workspace_bytes,
-)
-from pqmesh.quant.layer import linear_children
+from pqmesh.quant.layer import linear_children, plan_hook, uniform_hook
+from pqmesh.quant.memory import measure_layer_bytes, predict_layer_bytes, workspace_bytes
+from pqmesh.quant.qlinear import QuantLinear, Workspace
+from pqmesh.types import Bits
 
 ALL_BITS = [16, 8, 4, 3, 2]
 

@@ -12,9 +12,12 @@ import torch
 from tiny_models import build_checkpoint
 
 from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.quant import Bits, commands, quantize_weight
+from pqmesh.quant import commands
 from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
-from pqmesh.quant.indicator import NoiseMeter, column_noise, compute_indicator, load_indicator
+from pqmesh.quant.indicator import NoiseMeter, column_noise, compute_indicator
+from pqmesh.quant.indicator_file import load_indicator
+from pqmesh.quant.qlinear import quantize_weight
+from pqmesh.types import Bits
 
 TEXT = Path(__file__).parent / "data" / "quant_text.txt"
 

@@ -10,7 +10,8 @@ import torch
 from tiny_models import build_checkpoint, reference_greedy
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument, OutOfRange
-from pqmesh.model import LocalPipeline, ModelShard, left_pad
+from pqmesh.model import LocalPipeline, ModelShard
+from pqmesh.stage_wire import left_pad
 
 FAMILIES = ["llama", "opt", "opt-350m-style", "bloom"]
 CUTS = {1: [0, 4], 2: [0, 2, 4], 3: [0, 1, 3, 4]}

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from stage_server.client import StageClient
+from pqmesh.stage_client import StageClient
 
 STAGE = str(Path(sys.executable).parent / "pqmesh-stage")
 

@@ -14,8 +14,8 @@ from tiny_models import build_checkpoint, reference_greedy
 
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2
-from pqmesh.model import left_pad
-from stage_server.client import StageClient
+from pqmesh.stage_client import StageClient
+from pqmesh.stage_wire import left_pad
 from stage_server.config import StageConfig
 from stage_server.main import serve
 
@@ -59,11 +59,11 @@ def mesh_greedy(first: StageClient, plan_id, prompts, new_tokens, prefill_mb, de
         group = slots[start:start + prefill_mb]
         batch, group_lengths = left_pad([prompts[s] for s in group])
         pending[mb := next(ids)] = (PREFILL, group)
-        stream.send(plan_id, mb, PREFILL, group, group_lengths, batch)
+        stream.send_batch(plan_id, mb, PREFILL, group, group_lengths, batch)
 
     def send_decode(group):
         pending[mb := next(ids)] = (DECODE, group)
-        stream.send(
+        stream.send_batch(
             plan_id, mb, DECODE, group, [lengths[s] for s in group], torch.tensor([[out[s][-1]] for s in group])
         )
         for s in group:
@@ -136,7 +136,7 @@ def test_three_stage_mesh_equals_hf_generate(model_root, mesh, family):
 
 def expect_stream_error(first, send_args, code, match):
     stream = first.forward()
-    stream.send(*send_args)
+    stream.send_batch(*send_args)
     stream.close()
     with pytest.raises(grpc.RpcError) as caught:
         list(stream.responses)

@@ -5,7 +5,7 @@ demo, in-process baselines). Family specifics (OPT, BLOOM, Llama-style) live in 
 """
 
 from pqmesh.model.kv_cache import StaticKVCache
-from pqmesh.model.local_pipeline import LocalPipeline, left_pad
-from pqmesh.model.shard import ModelShard, Role
+from pqmesh.model.local_pipeline import LocalPipeline
+from pqmesh.model.shard import ModelShard
 
-__all__ = ["StaticKVCache", "ModelShard", "Role", "LocalPipeline", "left_pad"]
+__all__ = ["StaticKVCache", "ModelShard", "LocalPipeline"]

@@ -14,18 +14,7 @@ import torch
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.shard import ModelShard
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """[B, T] int64 ids with each prompt right-aligned, and the prompt lengths."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InvalidArgument("every prompt needs at least one token")
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-    return ids, lengths
+from pqmesh.stage_wire import left_pad
 
 
 def _batches(items: Sequence[int], size: int) -> list[list[int]]:

@@ -8,7 +8,6 @@ of different lengths; `decode` takes one token per sequence. Sequences are addre
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,15 +18,9 @@ from pqmesh.errors import InvalidArgument
 from pqmesh.model.families import Family, family_for
 from pqmesh.model.kv_cache import AttentionStep, StaticKVCache
 from pqmesh.model.loading import CheckpointReader, fill_module, load_config, storage_bytes
+from pqmesh.types import Role
 
 LayerHook = Callable[[int, nn.Module], nn.Module]
-
-
-class Role(enum.Enum):
-    FIRST = "first"
-    MIDDLE = "middle"
-    LAST = "last"
-    ONLY = "only"
 
 
 def _module_dict(parts: dict[str, tuple[nn.Module, str]]) -> nn.ModuleDict:
@@ -154,10 +147,7 @@ class ModelShard(nn.Module):
     # -- facts ------------------------------------------------------------------------------------
     @property
     def role(self) -> Role:
-        first, last = self.embed is not None, self.head is not None
-        return {(True, True): Role.ONLY, (True, False): Role.FIRST, (False, True): Role.LAST}.get(
-            (first, last), Role.MIDDLE
-        )
+        return Role.of(self.start, self.end, self.config.num_hidden_layers)
 
     @property
     def hidden_size(self) -> int:

@@ -16,9 +16,10 @@ import torch
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.loading import load_config
-from pqmesh.quant.bits import parse_bits_spec
+from pqmesh.quant.bit_plan import parse_bits_spec
 from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
-from pqmesh.quant.indicator import KINDS, compute_indicator
+from pqmesh.quant.indicator import compute_indicator
+from pqmesh.quant.indicator_file import KINDS
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE
 from pqmesh.quant.ppl import perplexity
 

@@ -28,118 +28,20 @@ micro-batches weigh their tokens equally. File format, version 1 (JSON): ``{"ver
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import structlog
 import torch
 from torch import nn
 
-from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.quant.bits import Bits, parse_bits_list
+from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner
+from pqmesh.quant.indicator_file import KINDS, IndicatorTable
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children, quantize_layer
 from pqmesh.quant.qlinear import Workspace, quantize_weight
+from pqmesh.types import Bits, parse_bits_list
 
 log = structlog.get_logger(__name__)
-
-VERSION = 1
-KINDS = ("variance", "variance-abs", "direct")
-
-
-@dataclass(frozen=True)
-class IndicatorTable:
-    """Indicator value per layer and bitwidth; 16 bits is always 0."""
-
-    model: str
-    kind: str
-    group_size: int
-    values: tuple[dict[Bits, float], ...]
-    samples: int = 0
-    seq_len: int = 0
-    tokens: int = 0
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.values)
-
-    def value(self, layer: int, bits: Bits | int | str) -> float:
-        bits = Bits.parse(bits)
-        if not 0 <= layer < self.num_layers:
-            raise InvalidArgument(f"layer {layer} is outside the indicator table's {self.num_layers} layers")
-        if not bits.quantized:
-            return 0.0
-        if bits not in self.values[layer]:
-            have = sorted(b.count for b in self.values[layer])
-            raise InvalidArgument(
-                f"the indicator table has no {bits.count}-bit value (it has {have}); rerun `pqmesh indicator --bits`"
-            )
-        return self.values[layer][bits]
-
-    def to_json(self) -> dict:
-        return {
-            "version": VERSION, "model": self.model, "kind": self.kind, "group_size": self.group_size,
-            "samples": self.samples, "seq_len": self.seq_len, "tokens": self.tokens, **self.meta,
-            "layers": [
-                {"layer": i, "bits": {str(b.count): v for b, v in sorted(row.items(), key=lambda kv: -kv[0].count)}}
-                for i, row in enumerate(self.values)
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict, source: str = "indicator") -> "IndicatorTable":
-        if not isinstance(data, dict) or data.get("version") != VERSION:
-            found = data.get("version") if isinstance(data, dict) else None
-            raise InvalidArgument(
-                f"{source}: version {found!r}, this build reads version {VERSION}; "
-                "regenerate it with `pqmesh indicator`"
-            )
-        if data.get("kind") not in KINDS:
-            raise InvalidArgument(f"{source}: kind must be one of {KINDS}, got {data.get('kind')!r}")
-        rows = data.get("layers")
-        if not isinstance(rows, list) or not rows:
-            raise InvalidArgument(f"{source}: 'layers' must be a non-empty list")
-        values = []
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict) or row.get("layer") != i or not isinstance(row.get("bits"), dict):
-                raise InvalidArgument(f"{source}: entry {i} must be {{'layer': {i}, 'bits': {{...}}}}")
-            parsed = {Bits.parse(k): float(v) for k, v in row["bits"].items()}
-            bad = {b.count: v for b, v in parsed.items() if not math.isfinite(v) or v < 0}
-            if bad:
-                raise InvalidArgument(f"{source}: layer {i} has negative or non-finite values {bad}")
-            parsed[Bits.B16] = 0.0
-            values.append(parsed)
-        known = {"version", "model", "kind", "group_size", "samples", "seq_len", "tokens", "layers"}
-        return cls(
-            model=str(data.get("model", "")),
-            kind=data["kind"],
-            group_size=int(data.get("group_size", DEFAULT_GROUP_SIZE)),
-            values=tuple(values),
-            samples=int(data.get("samples", 0)),
-            seq_len=int(data.get("seq_len", 0)),
-            tokens=int(data.get("tokens", 0)),
-            meta={k: v for k, v in data.items() if k not in known},
-        )
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
-
-
-def load_indicator(path: str | Path) -> IndicatorTable:
-    """Reads and validates an indicator file written by `pqmesh indicator`."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"indicator file {path} does not exist; create it with `pqmesh indicator`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InvalidArgument(f"indicator file {path} is not valid JSON: {err}") from err
-    return IndicatorTable.from_json(data, str(path))
-
 
 def column_noise(weight: torch.Tensor, bits: Bits, group_size: int) -> torch.Tensor:
     """``c[j] = (1/12) sum_n s[n, g(j)]**2``: the output error variance (summed over outputs) that

@@ -14,13 +14,12 @@ import structlog
 from torch import nn
 
 from pqmesh.errors import InvalidArgument
-from pqmesh.quant.bits import Bits, parse_bits_list
 from pqmesh.quant.qlinear import QuantLinear, Workspace
+from pqmesh.types import DEFAULT_GROUP_SIZE, Bits, parse_bits_list
 
 log = structlog.get_logger(__name__)
 
 LayerHook = Callable[[int, nn.Module], nn.Module]
-DEFAULT_GROUP_SIZE = 128
 
 
 class LinearSlot(NamedTuple):

@@ -20,10 +20,10 @@ from transformers import PretrainedConfig
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.families import family_for
 from pqmesh.model.loading import storage_bytes
-from pqmesh.quant.bits import Bits
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children
 from pqmesh.quant.packing import padded_width, row_bytes
 from pqmesh.quant.qlinear import SCALE_DTYPE, effective_group_size
+from pqmesh.types import Bits
 
 
 @dataclass(frozen=True)

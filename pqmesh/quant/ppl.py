@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import ModelShard
-from pqmesh.quant.bits import Bits, describe_plan, parse_bits_list
+from pqmesh.quant.bit_plan import describe_plan
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, plan_hook
+from pqmesh.types import Bits, parse_bits_list
 
 
 @dataclass(frozen=True)

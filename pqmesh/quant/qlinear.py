@@ -40,8 +40,8 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant import cuda
-from pqmesh.quant.bits import Bits
 from pqmesh.quant.packing import pack, padded_width, unpack
+from pqmesh.types import Bits
 
 SCALE_DTYPE = torch.float16
 CLIP_STEPS = 16
