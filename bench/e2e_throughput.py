@@ -30,12 +30,12 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.main import serve
-from coordinator.plan import even_plan
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.grpc_server import channel
 from pqmesh.log import configure
 from pqmesh.model.embedded import prepare
+from pqmesh.plan import even_plan
 
 STAGE = str(Path(sys.executable).parent / "pqmesh-stage")
 

@@ -6,10 +6,10 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.plan import MeshPlan
 from pqmesh import security
 from pqmesh.errors import PqmeshError
 from pqmesh.metrics import add_metrics_flag
+from pqmesh.plan import PipelinePlan
 
 
 def _address(text: str) -> str:
@@ -37,7 +37,7 @@ def _positive(text: str) -> int:
 class CoordinatorConfig:
     listen: str
     state_dir: Path
-    plan: MeshPlan  # with every stage's address
+    plan: PipelinePlan  # with every stage's address
     model_id: str
     max_sequences: int = 32
     max_tokens_per_sequence: int = 1024
@@ -118,7 +118,7 @@ class CoordinatorConfig:
         add_metrics_flag(parser)
         args = parser.parse_args(argv)
         try:
-            plan = MeshPlan.from_file(args.plan)
+            plan = PipelinePlan.from_file(args.plan)
             if args.stage:
                 plan = plan.with_addresses(args.stage)
             plan.require_addresses()

@@ -19,10 +19,10 @@ from typing import Sequence
 import grpc
 import structlog
 
-from coordinator.plan import MeshPlan, StageSpec
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.errors import FailedPrecondition, Unavailable
+from pqmesh.plan import PipelinePlan, StagePlan
 from pqmesh.security import Credentials
 from pqmesh.stage_client import ForwardStream, StageClient
 from pqmesh.types import Role
@@ -44,7 +44,7 @@ class StageUnavailable(Unavailable):
 class MeshSpec:
     """What the stages are asked to hold: the plan, the checkpoint and the KV capacity."""
 
-    plan: MeshPlan
+    plan: PipelinePlan
     model_id: str
     max_sequences: int
     max_tokens: int
@@ -58,7 +58,7 @@ class MeshSpec:
                            self.group_size])
         return "mesh-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def role(self, stage: StageSpec) -> int:
+    def role(self, stage: StagePlan) -> int:
         return Role.of(stage.start, stage.end, self.plan.num_layers).to_proto()
 
     def load_request(self, index: int) -> stage_pb2.LoadShardRequest:

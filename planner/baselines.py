@@ -21,9 +21,10 @@ from typing import Callable
 from planner.cluster import Device
 from planner.memory import GIB
 from planner.orders import representative_orders
-from planner.plans import Baseline, PipelinePlan
+from planner.plans import Baseline
 from planner.problem import Evaluation, Problem, evaluate, head_cost, layer_bytes, layer_cost
 from planner.tables import budgets, micro_batch_candidates, plan_from_bits
+from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
 
 

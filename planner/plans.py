@@ -1,24 +1,21 @@
 """Plans and predictions as frozen, validated data with proto and JSON forms.
 
-`PipelinePlan` is what the coordinator and stage servers execute; `Prediction` is what the cost model
-expects of it; `PlanResult` is the whole answer of the planner, including the baselines.
+The plan itself is `pqmesh.plan.PipelinePlan` (the coordinator runs the same type); `Prediction` is
+what the cost model expects of it; `PlanResult` is the whole answer of the planner, including the
+baselines.
 `PlanResult.to_report()` is the JSON object printed by `pqmesh plan --json`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument
-from pqmesh.types import Bits
+from pqmesh.plan import PLAN_VERSION, PipelinePlan
 
-PLAN_VERSION = 1
 BASELINE_NAMES = ("pipeedge", "uniform_int8", "uniform_int4", "adabits")
 
 
@@ -31,94 +28,6 @@ def _parse(text: str, msg):
         return json_format.Parse(text, msg)
     except json_format.ParseError as err:
         raise InvalidArgument(f"JSON does not match {msg.DESCRIPTOR.full_name}: {err}") from None
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    device: str
-    start: int
-    end: int
-    bits: tuple[Bits, ...]
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise InvalidArgument(f"stage {self.device!r}: layer range [{self.start}, {self.end}) is empty or negative")
-        if len(self.bits) != self.end - self.start:
-            raise InvalidArgument(
-                f"stage {self.device!r}: {len(self.bits)} bitwidths for {self.end - self.start} layers"
-            )
-        object.__setattr__(self, "bits", tuple(Bits(b) for b in self.bits))
-
-    def to_proto(self) -> planner_pb2.Stage:
-        return planner_pb2.Stage(device=self.device, layers=tensor_pb2.LayerRange(start=self.start, end=self.end),
-                                 bits=[b.to_proto() for b in self.bits])
-
-    @classmethod
-    def from_proto(cls, msg: planner_pb2.Stage) -> StagePlan:
-        return cls(msg.device, msg.layers.start, msg.layers.end, tuple(Bits.from_proto(b) for b in msg.bits))
-
-
-@dataclass(frozen=True)
-class PipelinePlan:
-    stages: tuple[StagePlan, ...]
-    prefill_micro_batch: int
-    decode_micro_batch: int
-    plan_id: str = ""
-    version: int = PLAN_VERSION
-
-    def __post_init__(self) -> None:
-        if self.version != PLAN_VERSION:
-            raise InvalidArgument(f"plan version {self.version} is not supported; this planner writes {PLAN_VERSION}")
-        if not self.stages:
-            raise InvalidArgument("a plan needs at least one stage")
-        for before, after in zip(self.stages, self.stages[1:]):
-            if after.start != before.end:
-                raise InvalidArgument(f"stages {before.device!r} and {after.device!r} are not contiguous")
-        if self.stages[0].start != 0:
-            raise InvalidArgument("the first stage must start at layer 0")
-        if self.prefill_micro_batch < 1 or self.decode_micro_batch < 1:
-            raise InvalidArgument("micro-batch sizes must be >= 1")
-        if not self.plan_id:
-            object.__setattr__(self, "plan_id", self._content_id())
-
-    def _content_id(self) -> str:
-        content = [(s.device, s.start, s.end, [int(b) for b in s.bits]) for s in self.stages]
-        text = json.dumps([content, self.prefill_micro_batch, self.decode_micro_batch])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    @property
-    def num_layers(self) -> int:
-        return self.stages[-1].end
-
-    @property
-    def bits_per_layer(self) -> tuple[Bits, ...]:
-        return tuple(b for s in self.stages for b in s.bits)
-
-    def to_proto(self) -> planner_pb2.Plan:
-        return planner_pb2.Plan(
-            plan_id=self.plan_id,
-            stages=[s.to_proto() for s in self.stages],
-            version=self.version,
-            prefill_micro_batch=self.prefill_micro_batch,
-            decode_micro_batch=self.decode_micro_batch,
-        )
-
-    @classmethod
-    def from_proto(cls, msg: planner_pb2.Plan) -> PipelinePlan:
-        return cls(tuple(StagePlan.from_proto(s) for s in msg.stages), msg.prefill_micro_batch,
-                   msg.decode_micro_batch, msg.plan_id, msg.version)
-
-    def to_json(self) -> str:
-        return _to_json(self.to_proto())
-
-    @classmethod
-    def from_json(cls, text: str) -> PipelinePlan:
-        return cls.from_proto(_parse(text, planner_pb2.Plan()))
-
-    def to_report(self) -> dict:
-        return {"stages": [{"device": s.device, "layers": [s.start, s.end], "bits": [int(b) for b in s.bits]}
-                           for s in self.stages],
-                "prefill_micro_batch": self.prefill_micro_batch, "decode_micro_batch": self.decode_micro_batch}
 
 
 @dataclass(frozen=True)
@@ -172,7 +81,7 @@ class Baseline:
         if self.predicted:
             out |= {k: v for k, v in self.predicted.to_report().items() if k != "throughput_tokens_per_s"}
         if self.plan:
-            out["plan"] = self.plan.to_report()
+            out["plan"] = self.plan.to_json_obj()
         if self.reason:
             out["reason"] = self.reason
         return out
@@ -213,6 +122,6 @@ class PlanResult:
 
     def to_report(self) -> dict:
         """The `pqmesh plan --json` object."""
-        return {"plan": self.plan.to_report(), "predicted": self.predicted.to_report(),
+        return {"plan": self.plan.to_json_obj(), "predicted": self.predicted.to_report(),
                 "baselines": {k: self.baselines[k].to_report() for k in sorted(self.baselines)},
                 "solve_seconds": self.solve_seconds, "optimality_gap": self.optimality_gap}

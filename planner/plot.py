@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.memory import GIB, layer_weight_bytes
-from planner.plans import PipelinePlan, PlanResult
+from planner.plans import PlanResult
 from planner.problem import Problem, evaluate, stage_seconds
+from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
 
 FIGSIZE = (16, 10)  # inches

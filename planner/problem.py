@@ -32,8 +32,9 @@ from planner.memory import (
     stage_memory,
 )
 from planner.model_shapes import ModelShape
-from planner.plans import PipelinePlan, Prediction
+from planner.plans import Prediction
 from pqmesh.errors import InvalidArgument
+from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
 
 QUALITY_TOLERANCE = 1e-6  # relative; the solver's integer scaling rounds indicators

@@ -25,7 +25,7 @@ import structlog
 from planner.baselines import all_baselines, balanced_sizes, busy_seconds, layer_caps
 from planner.diagnose import raise_infeasible
 from planner.orders import all_orders, order_key, representative_orders
-from planner.plans import PipelinePlan, PlanResult
+from planner.plans import PlanResult
 from planner.problem import Problem, evaluate
 from planner.solver_ortools import TIME_SCALE, Hint, lower_bound, solve_order
 from planner.tables import (
@@ -37,6 +37,7 @@ from planner.tables import (
     plan_from_units,
 )
 from pqmesh.errors import InvalidArgument
+from pqmesh.plan import PipelinePlan
 
 log = structlog.get_logger(__name__)
 DEFAULT_TIME_LIMIT_S = 10.0

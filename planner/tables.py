@@ -11,9 +11,9 @@ import math
 
 from planner.cluster import Device
 from planner.memory import embedding_bytes, head_bytes, logits_bytes, stage_workspace_bytes, temp_activation_bytes
-from planner.plans import PipelinePlan, StagePlan
 from planner.problem import Problem, head_cost, layer_bytes, layer_cost, link_times
 from planner.solver_ortools import TIME_SCALE, OrderInput
+from pqmesh.plan import PipelinePlan, StagePlan
 from pqmesh.types import Bits, Phase
 
 MAX_UNITS = 24  # per-layer model: at most this many layer groups

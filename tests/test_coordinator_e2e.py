@@ -15,10 +15,10 @@ from tiny_models import build_checkpoint, reference_greedy
 
 from coordinator.config import CoordinatorConfig
 from coordinator.main import serve
-from coordinator.plan import MeshPlan
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.grpc_server import channel
+from pqmesh.plan import PipelinePlan
 from stage_server.config import StageConfig
 from stage_server.main import serve as serve_stage
 
@@ -42,8 +42,8 @@ def stop_stages(stages) -> None:
         servicer.worker.stop()
 
 
-def plan_for(addresses, prefill, decode, cuts=CUTS) -> MeshPlan:
-    return MeshPlan.from_json(json.dumps({"plan": {
+def plan_for(addresses, prefill, decode, cuts=CUTS) -> PipelinePlan:
+    return PipelinePlan.from_json(json.dumps({"plan": {
         "stages": [{"device": f"cpu{i}", "layers": [a, b], "bits": [16] * (b - a), "address": address}
                    for i, ((a, b), address) in enumerate(zip(cuts, addresses))],
         "prefill_micro_batch": prefill, "decode_micro_batch": decode}, "predicted": {}}))

@@ -8,11 +8,11 @@ import sqlite3
 
 import pytest
 
-from coordinator.plan import MeshPlan, StageSpec, even_plan
 from coordinator.scheduler import FinishReason
 from coordinator.store import JobState, JobStore, ResultRecord
-from planner.plans import PipelinePlan, PlanResult, Prediction, StagePlan
+from planner.plans import PlanResult, Prediction
 from pqmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from pqmesh.plan import PipelinePlan, StagePlan, even_plan
 from pqmesh.types import Bits
 
 
@@ -28,12 +28,15 @@ def planner_answer() -> dict:
 
 def test_reads_the_planners_answer_or_its_plan_and_round_trips():
     answer = planner_answer()
-    whole, inner = MeshPlan.from_json(json.dumps(answer)), MeshPlan.from_json(json.dumps(answer["plan"]))
+    whole, inner = PipelinePlan.from_json(json.dumps(answer)), PipelinePlan.from_json(json.dumps(answer["plan"]))
     assert whole == inner
     assert (whole.num_layers, whole.prefill_micro_batch, whole.decode_micro_batch) == (30, 1, 8)
     assert whole.stages[1].bits == (16,) * 8 + (8,) * 12 and whole.stages[0].device == "T4"
     placed = whole.with_addresses(["10.0.0.1:50061", "10.0.0.2:50061"])
-    assert MeshPlan.from_json(placed.to_json()) == placed and placed.addresses == ("10.0.0.1:50061", "10.0.0.2:50061")
+    assert PipelinePlan.from_json(placed.to_json()) == placed and placed.addresses == (
+        "10.0.0.1:50061",
+        "10.0.0.2:50061",
+    )
     with pytest.raises(InvalidArgument, match="1 stage addresses for a plan of 2 stages"):
         whole.with_addresses(["10.0.0.1:50061"])
     with pytest.raises(InvalidArgument, match=r"stages \[0, 1\] have no address"):
@@ -60,7 +63,7 @@ def test_reads_the_planners_answer_or_its_plan_and_round_trips():
 ])
 def test_invalid_plans_say_what_to_change(stages, message):
     with pytest.raises(InvalidArgument, match=message):
-        MeshPlan.from_json(json.dumps({"stages": stages, "prefill_micro_batch": 1, "decode_micro_batch": 1}))
+        PipelinePlan.from_json(json.dumps({"stages": stages, "prefill_micro_batch": 1, "decode_micro_batch": 1}))
 
 
 def test_invalid_plan_files():
@@ -68,9 +71,9 @@ def test_invalid_plan_files():
                           (json.dumps({"stages": [{"layers": [0, 1], "bits": [16]}], "prefill_micro_batch": 0,
                                        "decode_micro_batch": 1}), ">= 1")]:
         with pytest.raises(InvalidArgument, match=message):
-            MeshPlan.from_json(text)
+            PipelinePlan.from_json(text)
     with pytest.raises(InvalidArgument):
-        StageSpec(0, 2, (16, 16), address="host:port")
+        StagePlan("", 0, 2, (16, 16), address="host:port")
 
 
 def test_store_keeps_jobs_and_results_durably_and_once(tmp_path):

@@ -18,8 +18,8 @@ from planner.memory import (
     temp_activation_bytes,
 )
 from planner.model_shapes import ModelShape
-from planner.plans import PipelinePlan, StagePlan
 from planner.problem import CostConfig, Problem, evaluate
+from pqmesh.plan import PipelinePlan, StagePlan
 from pqmesh.types import Bits, Phase
 
 # hidden 256, ffn 1024, 4 heads: q,k,v,o are 256x256, fc1 256x1024, fc2 1024x256

@@ -11,9 +11,10 @@ from planner.cluster import Cluster, ClusterEntry, Network, Workload, expand
 from planner.devices import BUILTIN_GPUS, DeviceProfile, LatencyModel, Roofline, builtin_profile, normalize_type
 from planner.indicator import Indicator, Quality, default_indicator
 from planner.model_shapes import ModelShape, from_hf_config
-from planner.plans import Baseline, PipelinePlan, PlanResult, Prediction, StagePlan
+from planner.plans import Baseline, PlanResult, Prediction
 from planner.request import PlanInputs
 from pqmesh.errors import InvalidArgument, NotFound, UnsupportedModel
+from pqmesh.plan import PipelinePlan, StagePlan
 from pqmesh.types import ALL_BITS, Bits, Phase, allowed_bits
 
 PUBLISHED_PARAMS = {  # billions, as published with the checkpoints

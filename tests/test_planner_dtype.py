@@ -24,12 +24,12 @@ from planner.memory import (
     layer_weight_bytes,
     stage_memory,
 )
-from planner.plans import PipelinePlan, StagePlan
 from planner.problem import Problem, evaluate
 from planner.request import PlanInputs
 from planner.search import plan
 from planner.tables import budgets
 from pqmesh.errors import InvalidArgument, ResourceExhausted
+from pqmesh.plan import PipelinePlan, StagePlan
 from pqmesh.quant.memory import predict_layer_bytes
 from pqmesh.types import ALL_BITS, Bits, Phase, Role
 from stage_server.runtime import ShardSpec, StageRuntime
