@@ -69,53 +69,7 @@ class CoordinatorConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "CoordinatorConfig":
-        parser = argparse.ArgumentParser(prog="pqmesh-coordinator",
-                                         description="Run batch generation jobs on a mesh of stage servers.")
-        parser.add_argument(
-            "--listen", type=_address, default="0.0.0.0:50051", help="HOST:PORT (port 0 picks a free one)"
-        )
-        parser.add_argument("--state-dir", type=Path, required=True, help="directory of the job database")
-        parser.add_argument("--plan", type=Path, required=True,
-                            help="plan JSON: `pqmesh plan --json` output or its \"plan\" object")
-        parser.add_argument("--stage", type=_address, action="append", default=[], metavar="HOST:PORT",
-                            help="stage address, once per stage in pipeline order (default: \"address\" in the plan)")
-        parser.add_argument(
-            "--model-id", required=True, help="checkpoint directory name under each stage's --model-root"
-        )
-        parser.add_argument("--max-sequences", type=_positive, default=32, help="KV-cache slots per stage (default 32)")
-        parser.add_argument("--max-tokens-per-sequence", type=_positive, default=1024,
-                            help="prompt + generated tokens per sequence (default 1024)")
-        parser.add_argument("--model-root", type=Path, default=None,
-                            help="local copy of the stages' model root: layer count, vocabulary and EOS checks")
-        parser.add_argument("--tokenizer", type=Path, default=None,
-                            help="tokenizer directory for text prompts (default: the model directory, if visible)")
-        parser.add_argument("--eos-token-id", type=int, action="append", default=[],
-                            help="end-of-sequence id (repeatable; default: from the model or tokenizer)")
-        parser.add_argument("--max-in-flight", type=int, default=0,
-                            help="micro-batches in the pipeline at once (default: the number of stages)")
-        parser.add_argument("--dtype", default="", help="activation dtype on the stages (default: the stage's choice)")
-        parser.add_argument("--connect-timeout", type=float, default=30.0,
-                            help="seconds to wait for every stage to answer at bring-up (default 30)")
-        parser.add_argument("--log-level", default="info")
-        parser.add_argument("--step-timeout", type=_seconds, default=120.0,
-                            help="seconds the next micro-batch reply may take before its stage counts as hung "
-                                 "(a prefill of more than 4096 tokens gets proportionally more; default 120)")
-        parser.add_argument("--stage-recovery-timeout", type=_seconds, default=600.0,
-                            help="seconds to get a failed stage back (reconnecting with backoff) before the unfinished "
-                                 "jobs fail; finished results are kept (default 600)")
-        parser.add_argument("--health-interval", type=float, default=5.0,
-                            help="seconds between health checks of every stage; 0 turns them off (default 5)")
-        parser.add_argument("--max-pending-jobs", type=_positive, default=64,
-                            help="queued + running jobs; past it SubmitJob answers RESOURCE_EXHAUSTED (default 64)")
-        parser.add_argument("--max-prompts-per-job", type=_positive, default=10_000,
-                            help="prompts in one SubmitJob (default 10000)")
-        parser.add_argument("--max-watchers", type=_positive, default=32,
-                            help="open WatchJob streams; past it WatchJob answers RESOURCE_EXHAUSTED (default 32)")
-        parser.add_argument("--max-concurrent-rpcs", type=_positive, default=256,
-                            help="calls in progress or queued for a thread; past it RESOURCE_EXHAUSTED (default 256)")
-        security.add_flags(parser)
-        security.add_flags(parser, prefix="stage-", server=False, peer="the stages")
-        add_metrics_flag(parser)
+        parser = build_parser()
         args = parser.parse_args(argv)
         try:
             plan = PipelinePlan.from_file(args.plan)
@@ -134,3 +88,55 @@ class CoordinatorConfig:
                    credentials=credentials, stage_credentials=stage_credentials,
                    max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`pqmesh-coordinator`'s flags (systemd passes them from the env file)."""
+    parser = argparse.ArgumentParser(prog="pqmesh-coordinator",
+                                     description="Run batch generation jobs on a mesh of stage servers.")
+    parser.add_argument(
+        "--listen", type=_address, default="0.0.0.0:50051", help="HOST:PORT (port 0 picks a free one)"
+    )
+    parser.add_argument("--state-dir", type=Path, required=True, help="directory of the job database")
+    parser.add_argument("--plan", type=Path, required=True,
+                        help="plan JSON: `pqmesh plan --json` output or its \"plan\" object")
+    parser.add_argument("--stage", type=_address, action="append", default=[], metavar="HOST:PORT",
+                        help="stage address, once per stage in pipeline order (default: \"address\" in the plan)")
+    parser.add_argument(
+        "--model-id", required=True, help="checkpoint directory name under each stage's --model-root"
+    )
+    parser.add_argument("--max-sequences", type=_positive, default=32, help="KV-cache slots per stage (default 32)")
+    parser.add_argument("--max-tokens-per-sequence", type=_positive, default=1024,
+                        help="prompt + generated tokens per sequence (default 1024)")
+    parser.add_argument("--model-root", type=Path, default=None,
+                        help="local copy of the stages' model root: layer count, vocabulary and EOS checks")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer directory for text prompts (default: the model directory, if visible)")
+    parser.add_argument("--eos-token-id", type=int, action="append", default=[],
+                        help="end-of-sequence id (repeatable; default: from the model or tokenizer)")
+    parser.add_argument("--max-in-flight", type=int, default=0,
+                        help="micro-batches in the pipeline at once (default: the number of stages)")
+    parser.add_argument("--dtype", default="", help="activation dtype on the stages (default: the stage's choice)")
+    parser.add_argument("--connect-timeout", type=float, default=30.0,
+                        help="seconds to wait for every stage to answer at bring-up (default 30)")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--step-timeout", type=_seconds, default=120.0,
+                        help="seconds the next micro-batch reply may take before its stage counts as hung "
+                             "(a prefill of more than 4096 tokens gets proportionally more; default 120)")
+    parser.add_argument("--stage-recovery-timeout", type=_seconds, default=600.0,
+                        help="seconds to get a failed stage back (reconnecting with backoff) before the unfinished "
+                             "jobs fail; finished results are kept (default 600)")
+    parser.add_argument("--health-interval", type=float, default=5.0,
+                        help="seconds between health checks of every stage; 0 turns them off (default 5)")
+    parser.add_argument("--max-pending-jobs", type=_positive, default=64,
+                        help="queued + running jobs; past it SubmitJob answers RESOURCE_EXHAUSTED (default 64)")
+    parser.add_argument("--max-prompts-per-job", type=_positive, default=10_000,
+                        help="prompts in one SubmitJob (default 10000)")
+    parser.add_argument("--max-watchers", type=_positive, default=32,
+                        help="open WatchJob streams; past it WatchJob answers RESOURCE_EXHAUSTED (default 32)")
+    parser.add_argument("--max-concurrent-rpcs", type=_positive, default=256,
+                        help="calls in progress or queued for a thread; past it RESOURCE_EXHAUSTED (default 256)")
+    security.add_flags(parser)
+    security.add_flags(parser, prefix="stage-", server=False, peer="the stages")
+    add_metrics_flag(parser)
+    return parser

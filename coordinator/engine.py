@@ -23,7 +23,6 @@ early when stages *refused* (rather than lost) a micro-batch carrying one of its
 from __future__ import annotations
 
 import queue
-import random
 import threading
 import time
 from collections import Counter
@@ -34,15 +33,14 @@ import grpc
 import structlog
 import torch
 
-from coordinator.mesh import Mesh, StageUnavailable
+from coordinator.mesh import Mesh
 from coordinator.progress import ProgressBoard
-from coordinator.recovery import Backoff, HealthWatch, Outage, StepClock
+from coordinator.recovery import Backoff, HealthWatch, OutageHandling, StepClock
 from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult, capacity_error
 from coordinator.scheduler import Sequence as Seq
 from coordinator.store import JobState, JobStore, ResultRecord
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2
-from pqmesh.errors import PqmeshError
 from pqmesh.stage_client import ForwardStream
 from pqmesh.stage_wire import left_pad
 
@@ -72,7 +70,7 @@ class EngineSettings:
     backoff: Backoff = Backoff()
 
 
-class Engine:
+class Engine(OutageHandling):
     def __init__(self, store: JobStore, mesh: Mesh, scheduler: Scheduler, board: ProgressBoard,
                  settings: EngineSettings, decode_text: Callable[[list[int]], str] | None = None,
                  metrics=None) -> None:
@@ -87,12 +85,8 @@ class Engine:
         self._loaded: set[str] = set()
         self._mesh_ok = True
         self._clock = StepClock(settings.step_timeout)
-        self._outage: Outage | None = None
-        self._down: str | None = None  # set when the mesh was given up on: why new jobs are refused
-        self._retry_token = 0
-        self._rng = random.Random()
         self._stopping = threading.Event()
-        self.recoveries: list[Outage] = []  # outages the mesh came back from, oldest first
+        self._init_recovery()
         self._health = HealthWatch(mesh.health, len(mesh.clients), settings.health_interval,
                                    lambda index, problem: self._events.put(("unhealthy", problem)),
                                    lambda: self._mesh_ok) if settings.health_interval > 0 else None
@@ -280,115 +274,6 @@ class Engine:
     def _on_unhealthy(self, problem: str) -> None:
         if self._mesh_ok:
             self._recover(problem, blame=False)
-
-    # -- recovery -----------------------------------------------------------------------------------
-    def _recover(self, reason: str, blame: bool = True) -> None:
-        """Pauses the pipeline (keeping every generated token) and tries to bring the mesh up again."""
-        self._pause(reason, blame)
-        self._try_bring_up()
-
-    def _pause(self, reason: str, blame: bool) -> None:
-        lost = [(s.job_id, s.index, len(s.generated)) for b in self.scheduler.in_flight.values()
-                for s in b.sequences if not s.cancelled]
-        if self._outage is None:
-            self._outage = Outage(reason, time.monotonic(), self.settings.recovery_timeout, lost)
-        else:  # failed again before the first reply: the same outage, the same deadline
-            self._outage.last_error = reason
-        self._mesh_ok = False
-        running = self.scheduler.running
-        self.scheduler.reset(blame)  # every running sequence waits for a re-prefill from prompt + generated
-        self._clock.clear()
-        if self._link is not None:
-            self._generation += 1  # what the cancelled stream still reports is ignored
-            self._link.cancel()
-            self._link = None
-        doomed = sorted({s.job_id for s in self.scheduler.waiting if s.attempts >= self.settings.max_failures})
-        for job_id in doomed:
-            self._fail(
-                job_id, f"the mesh lost this job's micro-batches {self.settings.max_failures} times; last: {reason}"
-            )
-        for job_id in {s.job_id for s in self.scheduler.waiting}:
-            self.board.note(job_id, f"paused, reconnecting: {reason}")
-        log.warning("pipeline_paused", reason=reason, running=running, in_flight=len(lost), lost=lost[:64],
-                    failed_jobs=doomed)
-        if self.metrics is not None:
-            self.metrics.recoveries.inc()
-
-    def _try_bring_up(self) -> None:
-        """One bring-up attempt (a restarted stage loads its shard, the others free their stale KV slots);
-        on failure another one after a backoff."""
-        outage = self._outage
-        outage.attempts += 1
-        try:
-            self.mesh.bring_up(0.0, load_timeout=self.settings.recovery_timeout)
-        except StageUnavailable as err:  # down, hung or still busy: worth retrying
-            outage.stage, outage.last_error = err.stage, str(err)
-            self._wait_for_mesh(str(err), retryable=True)
-            return
-        except (PqmeshError, grpc.RpcError) as err:  # refused for good (e.g. the shard no longer fits)
-            outage.stage, outage.last_error = "", str(err)
-            self._wait_for_mesh(str(err), retryable=False)
-            return
-        self.scheduler.all_released()
-        self._mesh_ok, self._down = True, None
-        waiting = list(self.scheduler.waiting)
-        outage.resumed = sum(1 for s in waiting if s.generated)
-        outage.resumed_tokens = sum(len(s.generated) for s in waiting)
-        for job_id in {s.job_id for s in waiting}:
-            self.board.note(job_id, "")
-        log.info("mesh_back", attempts=outage.attempts, seconds=round(time.monotonic() - outage.started, 3),
-                 resumed=outage.resumed, resumed_tokens=outage.resumed_tokens)
-        self._open_stream()
-        if outage.given_up or not self.scheduler.has_work():
-            self._recovered()
-
-    def _wait_for_mesh(self, error: str, retryable: bool) -> None:
-        outage, now = self._outage, time.monotonic()
-        if not outage.given_up and (not retryable or outage.expired(now)):
-            self._give_up(outage.give_up_message(now) if retryable else f"a stage refused to come back: {error}")
-        if outage.given_up:
-            delay = self.settings.backoff.maximum
-            log.info("mesh_still_down", error=error, retry_s=delay)
-        else:
-            delay = min(self.settings.backoff.delay(outage.attempts - 1, self._rng), outage.left(now) + 0.05)
-            for job_id in {s.job_id for s in self.scheduler.waiting}:
-                self.board.note(job_id, f"paused, reconnecting ({outage.left(now):.0f} s left): {error}")
-            log.warning("mesh_unavailable", error=error, attempt=outage.attempts, retry_s=round(delay, 2),
-                        left_s=round(outage.left(now), 1))
-        self._retry_later(delay)
-
-    def _give_up(self, message: str) -> None:
-        """Fails every job with unfinished sequences (stored results stay) and refuses new jobs until the
-        mesh is back."""
-        self._outage.given_up = True
-        self._down = message
-        jobs = sorted({s.job_id for s in self.scheduler.waiting})
-        for job_id in jobs:
-            record = self.store.job(job_id)
-            self._fail(job_id, f"{message}; {record.num_results} of {record.num_prompts} results finished and kept "
-                               "(GetResults returns them)")
-        log.error("mesh_given_up", reason=message, failed_jobs=jobs)
-
-    def _recovered(self) -> None:
-        outage, self._outage = self._outage, None
-        outage.seconds = time.monotonic() - outage.started
-        self.recoveries.append(outage)
-        log.info("mesh_recovered", reason=outage.reason, seconds=round(outage.seconds, 3), attempts=outage.attempts,
-                 lost=len(outage.in_flight), resumed=outage.resumed, resumed_tokens=outage.resumed_tokens)
-
-    def _retry_later(self, delay: float) -> None:
-        self._mesh_ok = False
-        self._retry_token += 1  # only the latest timer counts
-        timer = threading.Timer(delay, self._events.put, args=(("retry", self._retry_token),))
-        timer.daemon = True
-        timer.start()
-
-    def _on_retry(self, token: int) -> None:
-        if token != self._retry_token or self._mesh_ok:
-            return
-        if self._outage is None:  # a recovery that broke half-way
-            self._pause("retrying after a failed recovery", blame=False)
-        self._try_bring_up()
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.set_state(job_id, JobState.FAILED, message)

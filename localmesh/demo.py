@@ -200,76 +200,23 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = sys.s
     out.write(f"model {model_dir.name} ({model_dir}); {len(prompts)} prompts of up to {prompt_len} tokens, "
               f"{options.max_new_tokens} new tokens each; logs in {workdir}\n")
     profile = profile_cpu(model_dir, workdir, options, env, out)
-    figures: dict = {}
     with Children(workdir) as children:
         planner = children.start("planner", [_bin("pqmesh-planner"), "--listen", "127.0.0.1:0",
                                              "--state-dir", str(workdir / "planner")], env)
-        stages = [
-            children.start(
-                f"stage-{i}",
-                [
-                    _bin("pqmesh-stage"),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--device",
-                    "cpu",
-                    "--memory-budget",
-                    str(mb << 20),
-                    "--model-root",
-                    str(model_dir.parent),
-                ],
-                env,
-            )
-            for i, mb in enumerate(options.budgets_mb)
-        ]
+        stages = [children.start(f"stage-{i}", _stage_command(model_dir, mb), env)
+                  for i, mb in enumerate(options.budgets_mb)]
         planner.wait_ready()
-        with channel(planner.address) as ch:
-            stub = planner_pb2_grpc.PlannerServiceStub(ch)
-            names = register_devices(stub, profile, options.budgets_mb)
-            request = plan_request(
-                (model_dir / "config.json").read_text(), profile.get("model", ""), names, prompt_len, options
-            )
-            started = time.perf_counter()
-            reply = stub.Plan(request, timeout=120)
-        out.write(f"planner answered in {time.perf_counter() - started:.1f} s\n")
-        budgets = {n: mb << 20 for n, mb in zip(names, options.budgets_mb)}
+        names, reply = _ask_for_plan(planner.address, model_dir, profile, prompt_len, options, out)
         for stage in stages:
             stage.wait_ready()
         addresses = {n: s.address for n, s in zip(names, stages)}
-        out.write(describe_plan("LLM-PQ plan", reply.plan, reply.predicted, budgets) + "\n")
-        baseline = reply.baselines.get("pipeedge")
-        if baseline is not None and baseline.feasible:
-            out.write(describe_plan("PipeEdge-style baseline", baseline.plan, baseline.predicted, budgets) + "\n")
-        else:
-            out.write(f"PipeEdge-style baseline: infeasible ({baseline.reason if baseline else 'not offered'})\n")
-        runs = [("pqmesh plan", reply.plan, reply.predicted)]
-        if baseline is not None and baseline.feasible:
-            runs.append(("pipeedge baseline", baseline.plan, baseline.predicted))
+        runs = _plans_to_run(reply, {n: mb << 20 for n, mb in zip(names, options.budgets_mb)}, out)
         results = []
         for i, (name, plan, predicted) in enumerate(runs):
             plan_path = workdir / f"plan-{i}.json"
             plan_path.write_text(mesh_plan_json(plan, addresses))
-            coordinator = children.start(
-                f"coordinator-{i}",
-                [
-                    _bin("pqmesh-coordinator"),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--state-dir",
-                    str(workdir / f"coordinator-{i}"),
-                    "--plan",
-                    str(plan_path),
-                    "--model-id",
-                    model_dir.name,
-                    "--model-root",
-                    str(model_dir.parent),
-                    "--max-sequences",
-                    str(options.prompts),
-                    "--max-tokens-per-sequence",
-                    str(prompt_len + options.max_new_tokens),
-                ],
-                env,
-            )
+            command = _coordinator_command(model_dir, workdir / f"coordinator-{i}", plan_path, options, prompt_len)
+            coordinator = children.start(f"coordinator-{i}", command, env)
             coordinator.wait_ready("coordinator_serving", timeout=300)
             result = run_batch(coordinator.address, prompts, options.max_new_tokens, name, err)
             children.stop(coordinator)
@@ -278,14 +225,63 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = sys.s
                 f"  {name}: {result.tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_s:.1f} tokens/s "
                 f"(predicted job time {predicted.prefill_s + predicted.decode_s:.1f} s)\n"
             )
-    ours, ours_predicted = results[0]
+    _print_samples(tokenizer, prompts, results[0][0], out)
+    return _report(results, reply, options, out)
+
+
+def _stage_command(model_dir: Path, budget_mb: int) -> list[str]:
+    return [_bin("pqmesh-stage"), "--listen", "127.0.0.1:0", "--device", "cpu", "--memory-budget",
+            str(budget_mb << 20), "--model-root", str(model_dir.parent)]
+
+
+def _coordinator_command(model_dir: Path, state_dir: Path, plan_path: Path, options: DemoOptions,
+                         prompt_len: int) -> list[str]:
+    return [_bin("pqmesh-coordinator"), "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
+            "--plan", str(plan_path), "--model-id", model_dir.name, "--model-root", str(model_dir.parent),
+            "--max-sequences", str(options.prompts),
+            "--max-tokens-per-sequence", str(prompt_len + options.max_new_tokens)]
+
+
+def _ask_for_plan(address: str, model_dir: Path, profile: dict, prompt_len: int, options: DemoOptions,
+                  out: TextIO) -> tuple[list[str], planner_pb2.PlanResponse]:
+    """Registers the demo's devices and asks the planner for a plan; the device names and its answer."""
+    with channel(address) as ch:
+        stub = planner_pb2_grpc.PlannerServiceStub(ch)
+        names = register_devices(stub, profile, options.budgets_mb)
+        request = plan_request((model_dir / "config.json").read_text(), profile.get("model", ""), names, prompt_len,
+                               options)
+        started = time.perf_counter()
+        reply = stub.Plan(request, timeout=120)
+    out.write(f"planner answered in {time.perf_counter() - started:.1f} s\n")
+    return names, reply
+
+
+def _plans_to_run(reply: planner_pb2.PlanResponse, budgets: dict, out: TextIO) -> list[tuple]:
+    """(name, plan, prediction) of the LLM-PQ plan and, when it fits, the PipeEdge-style baseline; printed."""
+    out.write(describe_plan("LLM-PQ plan", reply.plan, reply.predicted, budgets) + "\n")
+    runs = [("pqmesh plan", reply.plan, reply.predicted)]
+    baseline = reply.baselines.get("pipeedge")
+    if baseline is not None and baseline.feasible:
+        out.write(describe_plan("PipeEdge-style baseline", baseline.plan, baseline.predicted, budgets) + "\n")
+        runs.append(("pipeedge baseline", baseline.plan, baseline.predicted))
+    else:
+        out.write(f"PipeEdge-style baseline: infeasible ({baseline.reason if baseline else 'not offered'})\n")
+    return runs
+
+
+def _print_samples(tokenizer, prompts: list, ours, out: TextIO) -> None:
     out.write("\nsample outputs (pqmesh plan):\n")
     eos = tokenizer.eos_token_id
     for prompt, tokens in list(zip(prompts, ours.outputs))[:4]:
         question = tokenizer.decode(prompt, skip_special_tokens=True).split("user\n")[-1].split("\n")[0]
         shown = tokens[:tokens.index(eos)] if eos in tokens else tokens  # the job ran on past EOS (equal work per plan)
         out.write(f"> {question}\n  {tokenizer.decode(shown, skip_special_tokens=True).strip()}\n")
-    figures["ours_tokens_per_s"] = ours.tokens_per_s
+
+
+def _report(results: list, reply: planner_pb2.PlanResponse, options: DemoOptions, out: TextIO) -> dict:
+    """Prints tokens/s, the cost model's error and the measured plan / baseline ratio; returns them."""
+    ours, ours_predicted = results[0]
+    figures: dict = {"ours_tokens_per_s": ours.tokens_per_s}
     predicted_s = ours_predicted.prefill_s + ours_predicted.decode_s
     figures["prediction_error"] = (predicted_s - ours.seconds) / ours.seconds
     out.write(f"\npqmesh plan: {ours.tokens_per_s:.1f} tokens/s measured; cost model predicted the job at "
@@ -298,10 +294,10 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = sys.s
             "to exceed the prediction (one stage, --budgets-mb 2000, checks the cost model itself)\n"
         )
     if len(results) > 1:
-        base, _ = results[1]
+        base, base_predicted = results[1]
         figures["baseline_tokens_per_s"] = base.tokens_per_s
         figures["ratio"] = ours.tokens_per_s / base.tokens_per_s
-        predicted_ratio = reply.predicted.throughput_tokens_per_s / baseline.predicted.throughput_tokens_per_s
+        predicted_ratio = reply.predicted.throughput_tokens_per_s / base_predicted.throughput_tokens_per_s
         out.write(f"measured throughput, pqmesh plan / PipeEdge-style baseline: {figures['ratio']:.2f}x "
                   f"(predicted {predicted_ratio:.2f}x)\n")
     return figures

@@ -82,6 +82,36 @@ def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int,
                 per_layer: bool, relaxed_indicator: bool = False) -> OrderInput:
     """The solver's tables for `order`. `relaxed_indicator`: count model in which each layer keeps its
     own indicator but is not tied to a stage (a lower bound when indicators differ by layer)."""
+    common = _time_and_memory_tables(problem, order, prefill_sizes, decode_sizes)
+    shape, bits = problem.shape, problem.allowed_bits
+    qs, ind, theta = QualityScale(problem), problem.indicator, problem.quality.theta
+    bounded = problem.quality.bound is not None
+    common["quality_bound"] = qs.bound(shape.num_layers)
+    if per_layer and not relaxed_indicator:
+        sizes = unit_sizes(shape.num_layers)
+        starts = [sum(sizes[:u]) for u in range(len(sizes))]
+        unit_value = [[sum(ind.value(li, b) for li in range(a, a + n)) for b in bits] for a, n in zip(starts, sizes)]
+        return OrderInput(
+            **common,
+            unit_sizes=sizes,
+            unit_quality=tuple(tuple(qs.value(v) for v in row) for row in unit_value) if bounded else (),
+            unit_theta=tuple(tuple(_t(theta * v) for v in row) for row in unit_value) if theta else (),
+        )
+    if relaxed_indicator:  # layers keep their own indicator but may sit anywhere
+        rows = [[ind.value(li, b) for b in bits] for li in range(ind.num_layers)]
+        return OrderInput(
+            **common,
+            free_quality=tuple(tuple(qs.value(v) for v in r) for r in rows) if bounded else (),
+            free_theta=tuple(tuple(_t(theta * v) for v in r) for r in rows) if theta else (),
+        )
+    row = [ind.value(0, b) for b in bits]  # layer-uniform
+    return OrderInput(**common, quality_per_bits=tuple(qs.value(v) for v in row) if bounded else (),
+                      theta_per_bits=tuple(_t(theta * v) for v in row) if theta else ())
+
+
+def _time_and_memory_tables(problem: Problem, order: list[Device], prefill_sizes: tuple[int, ...],
+                            decode_sizes: tuple[int, ...]) -> dict:
+    """The OrderInput fields that do not depend on the quality setting: costs, budgets, links, counts."""
     shape, s, bits, last = problem.shape, problem.workload.prompt_length, problem.allowed_bits, len(order) - 1
     segments, e = problem.segments(), problem.element
     pre_layer = tuple(
@@ -90,24 +120,19 @@ def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int,
         )
         for d in order
     )
-    pre_fixed = tuple(
-        tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for k in prefill_sizes)
-        for i, d in enumerate(order)
-    )
+    pre_fixed = tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for k in prefill_sizes)
+                      for i, d in enumerate(order))
     dec_layer = tuple(
         tuple(
-            tuple(
-                tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
-                for k in decode_sizes
-            )
+            tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
+                  for k in decode_sizes)
             for b in bits
         )
         for d in order
     )
     dec_fixed = tuple(tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for _ in segments)
                             for k in decode_sizes) for i, d in enumerate(order))
-    qs, ind, theta = QualityScale(problem), problem.indicator, problem.quality.theta
-    common = dict(
+    return dict(
         num_layers=shape.num_layers,
         stages=len(order),
         layer_bytes=tuple(layer_bytes(problem, b) for b in bits),
@@ -123,33 +148,6 @@ def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int,
         decode_links=tuple(tuple(_t(t) for t in link_times(problem, order, Phase.DECODE, k)) for k in decode_sizes),
         segment_rounds=tuple(r for r, _ in segments),
     )
-    if per_layer and not relaxed_indicator:
-        sizes = unit_sizes(shape.num_layers)
-        starts = [sum(sizes[:u]) for u in range(len(sizes))]
-        unit_value = [[sum(ind.value(li, b) for li in range(a, a + n)) for b in bits] for a, n in zip(starts, sizes)]
-        return OrderInput(
-            **common,
-            unit_sizes=sizes,
-            quality_bound=qs.bound(shape.num_layers),
-            unit_quality=tuple(tuple(qs.value(v) for v in row) for row in unit_value)
-            if problem.quality.bound is not None
-            else (),
-            unit_theta=tuple(tuple(_t(theta * v) for v in row) for row in unit_value) if theta else (),
-        )
-    if relaxed_indicator:  # layers keep their own indicator but may sit anywhere
-        rows = [[ind.value(li, b) for b in bits] for li in range(ind.num_layers)]
-        return OrderInput(
-            **common,
-            quality_bound=qs.bound(shape.num_layers),
-            free_quality=tuple(tuple(qs.value(v) for v in r) for r in rows)
-            if problem.quality.bound is not None
-            else (),
-            free_theta=tuple(tuple(_t(theta * v) for v in r) for r in rows) if theta else (),
-        )
-    row = [ind.value(0, b) for b in bits]  # layer-uniform
-    return OrderInput(**common, quality_bound=qs.bound(shape.num_layers),
-                      quality_per_bits=tuple(qs.value(v) for v in row) if problem.quality.bound is not None else (),
-                      theta_per_bits=tuple(_t(theta * v) for v in row) if theta else ())
 
 
 def arrange(problem: Problem, counts: list[list[int]]) -> list[list[Bits]]:
