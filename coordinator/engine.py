@@ -42,7 +42,7 @@ from coordinator.store import JobState, JobStore, ResultRecord
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.stage_client import ForwardStream
-from pqmesh.stage_wire import left_pad
+from pqmesh.stage_wire import left_pad, micro_batch_header
 
 log = structlog.get_logger(__name__)
 
@@ -234,9 +234,8 @@ class Engine(OutageHandling):
                 self.store.set_state(job_id, JobState.RUNNING)
         rows = batch.rows()
         tensor = left_pad(rows)[0] if batch.phase is Phase.PREFILL else torch.tensor(rows, dtype=torch.long)
-        header = stage_pb2.MicroBatchHeader(
-            plan_id=self.mesh.plan_id, micro_batch_id=batch.id, phase=int(batch.phase), slots=list(batch.slots),
-            lengths=list(batch.lengths), sampling=[s.sampling for s in batch.sequences])
+        header = micro_batch_header(self.mesh.plan_id, batch.id, batch.phase, batch.slots, batch.lengths,
+                                    [s.sampling for s in batch.sequences])
         self._link.send(header, tensor)
         self._clock.sent(batch, time.monotonic())
         if self.metrics is not None:

@@ -1,7 +1,8 @@
 """Domain errors shared by every part; each names the gRPC status it maps to.
 
-Library code raises these; one function per server (``grpc_status``) turns them into a status code
-and message, so the mapping lives in one place and messages say what the caller should change.
+Library code raises these; `pqmesh.grpc_server.status_code` (used by the `rpc_errors` decorator on
+every servicer method) turns them into a status code and message, so the mapping lives in one place
+and messages say what the caller should change.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class StageConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "StageConfig":
         parser = argparse.ArgumentParser(prog="pqmesh-stage", description="Serve one pipeline stage over gRPC.")
-        parser.add_argument("--listen", default="0.0.0.0:50061", help="HOST:PORT (port 0 picks a free one)")
+        parser.add_argument("--listen", default="0.0.0.0:50060",
+                            help="HOST:PORT (port 0 picks a free one; default 0.0.0.0:50060, as pqmesh-stage@0)")
         parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
         parser.add_argument("--memory-budget", type=parse_bytes, default=0,
                             help="bytes for weights + KV cache, e.g. 20GiB (default: 90%% of the device)")

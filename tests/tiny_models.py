@@ -1,11 +1,19 @@
-"""Tiny random OPT, BLOOM and Llama checkpoints built from configs (no downloads)."""
+"""Tiny random OPT, BLOOM, Llama, Mistral and Qwen2 checkpoints built from configs (no downloads)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, OPTConfig, PretrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
 
 VOCAB = 256
 #: Torch device of the mesh tests and their references; set from pytest's --device (tests/conftest.py).
@@ -18,6 +26,18 @@ def tiny_config(family: str, layers: int = 4) -> PretrainedConfig:
         return LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+            initializer_range=0.1, **common,
+        )
+    if family == "mistral":  # no sliding window: the only mistral form the model core supports
+        return MistralConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, sliding_window=None,
+            initializer_range=0.1, **common,
+        )
+    if family == "qwen2":  # q/k/v projections with biases, tied embeddings
+        return Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, use_sliding_window=False,
             initializer_range=0.1, **common,
         )
     if family == "opt":
