@@ -87,7 +87,7 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
                           plan.decode_micro_batch, config.in_flight)
     board = ProgressBoard()
     resolver = Resolver(config.max_tokens_per_sequence, codec, facts.vocab_size, eos_ids,
-                        served_names(config.model_id, config.model_dir))
+                        served_names(config.model_id, config.model_dir), config.model_id)
     engine = Engine(store, mesh, scheduler, board, EngineSettings(
         eos_ids, connect_timeout=config.connect_timeout, step_timeout=config.step_timeout,
         recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval,

@@ -18,8 +18,7 @@ class ProgressDisplay:
         self.desc, self.total, self.unit, self.interval = desc, total, unit, interval
         self.n, self.postfix = 0, ""
         tty = self.stream.isatty() if tty is None else tty
-        self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
-                         unit_scale=True) if tty else None
+        self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True) if tty else None
         self._started = self._last = time.monotonic()
 
     def update(self, count: int = 1) -> None:
@@ -51,7 +50,7 @@ class ProgressDisplay:
     def _line(self) -> None:
         self._last = time.monotonic()
         meter = tqdm.format_meter(self.n, self.total, self._last - self._started, prefix=self.desc, unit=self.unit,
-                                  unit_scale=True, ncols=0)
+                                  ncols=0)
         self.stream.write(meter + (f" {self.postfix}" if self.postfix else "") + "\n")
         self.stream.flush()
 

@@ -63,9 +63,10 @@ def served_names(model_id: str, model_dir: Path | None = None) -> frozenset[str]
 
 class Resolver:
     def __init__(self, max_tokens: int, codec: TextCodec | None = None, vocab_size: int | None = None,
-                 eos_ids: frozenset[int] = frozenset(), model_names: frozenset[str] = frozenset({"default"})) -> None:
+                 eos_ids: frozenset[int] = frozenset(), model_names: frozenset[str] = frozenset({"default"}),
+                 served_model: str = "") -> None:
         self.max_tokens, self.codec, self.vocab_size, self.eos_ids = max_tokens, codec, vocab_size, eos_ids
-        self.model_names = model_names
+        self.model_names, self.served_model = model_names, served_model
         self._end_of_turn = codec.end_of_turn_ids() if codec is not None else frozenset()
 
     def stored(self, pending: PendingPrompt, settings: GenerationSettings) -> Resolved | ResultRecord:
@@ -104,7 +105,8 @@ class Resolver:
                 raise RequestError("unsupported_parameter", "stop strings need a tokenizer; this coordinator has "
                                                             "none (start it with --tokenizer DIR)")
             stops = StopStrings(p.stop, self.codec.decode)
-        meta = ResultMeta(request.custom_id, request.endpoint, request.model, len(prompt), stops)
+        model = self.served_model if request.model in ("", "default") else request.model
+        meta = ResultMeta(request.custom_id, request.endpoint, model or request.model, len(prompt), stops)
         return Resolved(tuple(prompt), max_new, frozenset(stop_ids), sampling, meta)
 
     def _ids(self, request: Request) -> list[int]:
