@@ -1,17 +1,17 @@
 """`pqmesh submit`, `pqmesh results`, `pqmesh jobs` and `pqmesh cancel`: the coordinator's clients.
 
-`submit` reads a jsonl file (one ``{"prompt": "text"}`` or ``{"token_ids": [...]}`` per line), submits
-it as one job, draws a progress bar on stderr from WatchJob and writes the results as jsonl (one
-``{"index", "token_ids", "text", "finish_reason"}`` per prompt, in file order). Its idempotency key
-defaults to a hash of the file and the settings, so running the same command again after a crash
-or a coordinator restart finds the same job instead of starting a second one.
+`submit` uploads a jsonl file of any size as one job (`coordinator.batch_client`: CreateJob, chunked
+AppendPrompts, StartJob), one line per prompt: OpenAI Batch API request lines, or plain
+``{"prompt": "text"}`` / ``{"token_ids": [...]}`` lines (with optional ``custom_id`` and generation
+keys). It follows the results as they finish and writes them as jsonl: OpenAI Batch output lines for an
+OpenAI file, otherwise ``{"index", "token_ids", "text", "finish_reason", "usage"}`` per prompt. Its
+idempotency key defaults to a hash of the file and the settings, so running the same command again
+after a crash or a coordinator restart finds (and resumes) the same job instead of starting a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +19,9 @@ from typing import TextIO
 
 import grpc
 
+from coordinator import batch_client
+from coordinator.openai_batch import result_line
+from coordinator.progress_display import ProgressDisplay
 from pqmesh import security
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -27,17 +30,18 @@ from pqmesh.grpc_server import channel
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 STATES = {v.number: v.name.removeprefix("JOB_STATE_").lower() for v in coordinator_pb2.JobState.DESCRIPTOR.values}
-REASONS = {coordinator_pb2.FINISH_REASON_EOS: "eos", coordinator_pb2.FINISH_REASON_LENGTH: "length"}
 PHASES = {tensor_pb2.PHASE_PREFILL: "prefill", tensor_pb2.PHASE_DECODE: "decode"}
 RECONNECT_S = 120.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    submit = sub.add_parser("submit", help="run a jsonl file of prompts as one batch job on a coordinator")
-    submit.add_argument("prompts", type=Path, help='jsonl: one {"prompt": "text"} or {"token_ids": [ids]} per line')
+    submit = sub.add_parser("submit", help="run a jsonl file of prompts (OpenAI Batch or plain lines) as one job")
+    submit.add_argument("prompts", type=Path, help='jsonl: OpenAI Batch request lines, or {"prompt": "text"} / '
+                                                   '{"token_ids": [ids]} lines')
     _coordinator_flag(submit)
     submit.add_argument("--out", type=Path, default=None, help="results jsonl (default: stdout)")
-    submit.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    submit.add_argument("--max-new-tokens", type=int, default=64,
+                        help="tokens to generate per prompt without its own max_tokens (default 64)")
     submit.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     submit.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     submit.add_argument("--top-k", type=int, default=0)
@@ -53,6 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _coordinator_flag(results)
     results.add_argument("--out", type=Path, default=None, help="results jsonl (default: stdout)")
     results.add_argument("--wait", action="store_true", help="wait for the job to finish first, with a progress bar")
+    results.add_argument("--follow", action="store_true",
+                         help="stream results as they finish (finishing order) until the job ends")
+    results.add_argument("--format", choices=("auto", "openai", "plain"), default="auto",
+                         help="output lines: OpenAI Batch, plain, or auto (per result: OpenAI for OpenAI requests)")
     results.set_defaults(func=_results)
 
     jobs = sub.add_parser("jobs", help="list the coordinator's jobs, newest first")
@@ -87,71 +95,75 @@ class _Failed(Exception):
     """A call the coordinator refused; reported as one line on stderr."""
 
 
-def read_prompts(path: Path) -> list[coordinator_pb2.Prompt]:
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InvalidArgument(f"{path}:{number}: not JSON ({err})") from None
-        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(coordinator_pb2.Prompt(text=item["prompt"]))
-        elif isinstance(item, dict) and isinstance(item.get("token_ids"), list):
-            prompts.append(coordinator_pb2.Prompt(token_ids=coordinator_pb2.TokenIds(ids=item["token_ids"])))
-        else:
-            raise InvalidArgument(f'{path}:{number}: expected {{"prompt": "text"}} or {{"token_ids": [ids]}}')
-    if not prompts:
-        raise InvalidArgument(f"{path} holds no prompts")
-    return prompts
-
-
-def _submit(args) -> int:
-    prompts = read_prompts(args.prompts)
-    params = coordinator_pb2.GenerationParams(
+def generation_params(args) -> coordinator_pb2.GenerationParams:
+    return coordinator_pb2.GenerationParams(
         max_new_tokens=args.max_new_tokens, stop_on_eos=not args.ignore_eos,
         sampling=tensor_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                            seed=args.seed))
-    key = args.idempotency_key
-    if key is None:
-        digest = hashlib.sha256(args.prompts.read_bytes() + params.SerializeToString(deterministic=True))
-        key = "cli-" + digest.hexdigest()[:24]
-    request = coordinator_pb2.SubmitJobRequest(idempotency_key=key, prompts=prompts, params=params)
+
+
+def _submit(args) -> int:
+    if not args.prompts.is_file():
+        raise InvalidArgument(f"{args.prompts} is not a file")
+    params = generation_params(args)
+    key = args.idempotency_key or batch_client.default_key(args.prompts, params)
     stub = _stub(args)
     try:
-        reply = _rpc("SubmitJob", lambda: stub.SubmitJob(request, timeout=120))
-        sys.stderr.write(f"job {reply.job_id}: {len(prompts)} prompts\n")
         if args.no_wait:
-            sys.stdout.write(reply.job_id + "\n")
+            with ProgressDisplay("upload", None, "prompt") as display:
+                job = batch_client.upload(stub, args.prompts, params, key, display)
+            sys.stderr.write(f"job {job.job_id}: {job.total} prompts\n")
+            sys.stdout.write(job.job_id + "\n")
             return 0
-        return _finish(stub, reply.job_id, args.out)
-    except _Failed as err:
+        if args.out is None:
+            return _submit_to_stdout(stub, args.prompts, params, key)
+        final, written = batch_client.run_file(stub, args.prompts, args.out, params, key)
+    except batch_client.BatchFailed as err:
         sys.stderr.write(f"pqmesh submit: {err}\n")
         return 2
+    sys.stderr.write(f"{written} results written to {args.out}\n")
+    return _report(final)
 
 
-def _finish(stub, job_id: str, out: Path | None) -> int:
+def _submit_to_stdout(stub, path: Path, params, key: str) -> int:
+    with ProgressDisplay("upload", None, "prompt") as display:
+        job = batch_client.upload(stub, path, params, key, display)
+    with ProgressDisplay(f"job {job.job_id}", job.total, "result") as display:
+        batch_client.follow(stub, job.job_id, sys.stdout, batch_client.is_openai_file(path), display=display)
+    return _report(batch_client.final_progress(stub, job.job_id))
+
+
+def _report(final: coordinator_pb2.JobProgress) -> int:
+    sys.stderr.write(progress_line(final).rstrip() + "\n")
+    if final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
+        sys.stderr.write(f"job {final.job_id} ended {STATES[final.state]}: {final.message}\n")
+        return 1
+    return 0
+
+
+def _finish(stub, job_id: str, out: Path | None, openai: bool | None = None) -> int:
     final = watch(stub, job_id, sys.stderr)
     if final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
         sys.stderr.write(f"job {job_id} ended {STATES[final.state]}: {final.message}\n")
-    count = write_results(stub, job_id, out)
+    count = write_results(stub, job_id, out, openai)
     if out is not None:
         sys.stderr.write(f"{count} results written to {out}\n")
     return 0 if final.state == coordinator_pb2.JOB_STATE_SUCCEEDED else 1
 
 
 def watch(stub, job_id: str, err: TextIO) -> coordinator_pb2.JobProgress:
-    """Draws a progress bar until the job is final; reconnects while the coordinator restarts."""
+    """Shows progress until the job is final; reconnects while the coordinator restarts."""
     deadline = None
     while True:
         try:
-            progress = None
+            progress, display = None, None
             for progress in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id)):
                 deadline = None
-                err.write("\r" + progress_line(progress))
-                err.flush()
-            err.write("\n")
+                display = display or ProgressDisplay(f"job {job_id}", progress.sequences_total, "seq", err)
+                display.update(progress.sequences_done - display.n)
+                display.set_postfix(f"{progress.tokens_generated} tokens, {progress.tokens_per_second:.1f} tok/s")
+            if display is not None:
+                display.close()
             return progress
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -159,7 +171,7 @@ def watch(stub, job_id: str, err: TextIO) -> coordinator_pb2.JobProgress:
             deadline = deadline or time.monotonic() + RECONNECT_S
             if time.monotonic() > deadline:
                 raise _Failed(f"the coordinator has been unreachable for {RECONNECT_S:.0f} s") from None
-            err.write("\rcoordinator unavailable, reconnecting...")
+            err.write("coordinator unavailable, reconnecting...\n")
             time.sleep(1.0)
 
 
@@ -172,16 +184,16 @@ def progress_line(p: coordinator_pb2.JobProgress, width: int = 24) -> str:
             f"{p.tokens_per_second:.1f} tok/s{eta}, {phase}   ")
 
 
-def write_results(stub, job_id: str, out: Path | None) -> int:
+def write_results(stub, job_id: str, out: Path | None, openai: bool | None = None) -> int:
+    """Every stored result of the job by index (one page at a time)."""
     sink = out.open("w") if out is not None else sys.stdout
-    count, token = 0, ""
+    count, token, created = 0, "", int(time.time())
     try:
         while True:
             page = _rpc("GetResults", lambda: stub.GetResults(
                 coordinator_pb2.GetResultsRequest(job_id=job_id, page_size=500, page_token=token), timeout=60))
             for r in page.results:
-                sink.write(json.dumps({"index": r.index, "token_ids": list(r.token_ids), "text": r.text,
-                                       "finish_reason": REASONS.get(r.finish_reason, "")}) + "\n")
+                sink.write(result_line(r, job_id, "default", created, openai) + "\n")
                 count += 1
             token = page.next_page_token
             if not token:
@@ -193,16 +205,27 @@ def write_results(stub, job_id: str, out: Path | None) -> int:
 
 def _results(args) -> int:
     stub = _stub(args)
+    openai = {"auto": None, "openai": True, "plain": False}[args.format]
     try:
+        if args.follow:
+            sink = args.out.open("w") if args.out is not None else sys.stdout
+            try:
+                total = _rpc("WatchJob", lambda: _current(stub, args.job_id)).sequences_total
+                with ProgressDisplay(f"job {args.job_id}", total, "result") as display:
+                    batch_client.follow(stub, args.job_id, sink, openai, display=display)
+            finally:
+                if args.out is not None:
+                    sink.close()
+            return _report(_rpc("WatchJob", lambda: _current(stub, args.job_id)))
         if args.wait:
-            return _finish(stub, args.job_id, args.out)
+            return _finish(stub, args.job_id, args.out, openai)
         progress = _rpc("WatchJob", lambda: _current(stub, args.job_id))
         if progress.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
             sys.stderr.write(f"job {args.job_id} is {STATES[progress.state]}: {progress.sequences_done}/"
                              f"{progress.sequences_total} sequences done so far\n")
-        write_results(stub, args.job_id, args.out)
+        write_results(stub, args.job_id, args.out, openai)
         return 0
-    except _Failed as err:
+    except (_Failed, batch_client.BatchFailed) as err:
         sys.stderr.write(f"pqmesh results: {err}\n")
         return 2
 

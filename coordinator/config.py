@@ -54,7 +54,9 @@ class CoordinatorConfig:
     credentials: security.Credentials | None = None  # this server's TLS / mutual TLS / token
     stage_credentials: security.Credentials | None = None  # towards the stages: CA, client certificate, token
     max_pending_jobs: int = 64  # queued + running; past it SubmitJob answers RESOURCE_EXHAUSTED
-    max_prompts_per_job: int = 10_000
+    max_prompts_per_job: int = 10_000_000  # stored on disk, fed to the scheduler a window at a time
+    max_prompt_bytes: int = 1 << 20  # one uploaded prompt (serialized); past it AppendPrompts is refused
+    feed_window: int = 2048  # prompts read from the store into the scheduler at most at once
     max_watchers: int = 32  # open WatchJob streams (each holds a server thread)
     max_concurrent_rpcs: int = 256  # calls in progress or waiting for a thread; past it RESOURCE_EXHAUSTED
     metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
@@ -87,6 +89,7 @@ class CoordinatorConfig:
                    metrics_listen=args.metrics_listen,
                    credentials=credentials, stage_credentials=stage_credentials,
                    max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
+                   max_prompt_bytes=args.max_prompt_bytes, feed_window=args.feed_window,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
 
 
@@ -129,9 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--health-interval", type=float, default=5.0,
                         help="seconds between health checks of every stage; 0 turns them off (default 5)")
     parser.add_argument("--max-pending-jobs", type=_positive, default=64,
-                        help="queued + running jobs; past it SubmitJob answers RESOURCE_EXHAUSTED (default 64)")
-    parser.add_argument("--max-prompts-per-job", type=_positive, default=10_000,
-                        help="prompts in one SubmitJob (default 10000)")
+                        help="uploading + queued + running jobs; past it SubmitJob and CreateJob answer "
+                             "RESOURCE_EXHAUSTED (default 64)")
+    parser.add_argument("--max-prompts-per-job", type=_positive, default=10_000_000,
+                        help="prompts in one job; past it AppendPrompts answers RESOURCE_EXHAUSTED and SubmitJob "
+                             "INVALID_ARGUMENT (prompts wait on disk, not in memory; default 10000000)")
+    parser.add_argument("--max-prompt-bytes", type=_positive, default=1 << 20,
+                        help="bytes of one uploaded prompt; past it AppendPrompts answers INVALID_ARGUMENT "
+                             "(default 1048576)")
+    parser.add_argument("--feed-window", type=_positive, default=2048,
+                        help="prompts read from the job database into the scheduler at most at once (bounds "
+                             "memory; at least 2 x --max-sequences; default 2048)")
     parser.add_argument("--max-watchers", type=_positive, default=32,
                         help="open WatchJob streams; past it WatchJob answers RESOURCE_EXHAUSTED (default 32)")
     parser.add_argument("--max-concurrent-rpcs", type=_positive, default=256,

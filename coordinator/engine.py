@@ -33,30 +33,22 @@ import grpc
 import structlog
 import torch
 
+from coordinator.feeder import Feeder
 from coordinator.mesh import Mesh
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, OutageHandling, StepClock
-from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult, capacity_error
-from coordinator.scheduler import Sequence as Seq
+from coordinator.resolve import Resolver, finished_record
+from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult
 from coordinator.store import JobState, JobStore, ResultRecord
-from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.stage.v1 import stage_pb2
 from pqmesh.stage_client import ForwardStream
 from pqmesh.stage_wire import left_pad, micro_batch_header
 
 log = structlog.get_logger(__name__)
 
-_MASK64 = (1 << 64) - 1
 _GONE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", ""})  # stream ends that blame no micro-batch
 
 
-def sequence_seed(job_seed: int, index: int) -> int:
-    """Seed of prompt ``index`` of a job (splitmix64 of the pair): distinct per prompt, independent of
-    slots and micro-batches, so sampled outputs are the same whatever the batching."""
-    z = (job_seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -68,13 +60,16 @@ class EngineSettings:
     recovery_timeout: float = 600.0  # --stage-recovery-timeout: seconds to get the mesh back before jobs fail
     health_interval: float = 5.0  # --health-interval: seconds between stage health checks (0: none)
     backoff: Backoff = Backoff()
+    feed_window: int = 2048  # prompts read from the store into the scheduler at most at once
 
 
 class Engine(OutageHandling):
     def __init__(self, store: JobStore, mesh: Mesh, scheduler: Scheduler, board: ProgressBoard,
                  settings: EngineSettings, decode_text: Callable[[list[int]], str] | None = None,
-                 metrics=None) -> None:
+                 metrics=None, resolver: Resolver | None = None) -> None:
         self.store, self.mesh, self.scheduler, self.board = store, mesh, scheduler, board
+        resolver = resolver or Resolver(scheduler.max_tokens, eos_ids=settings.eos_ids)
+        self.feeder = Feeder(store, scheduler, resolver, settings.feed_window)
         self.settings = settings
         self.metrics = metrics  # coordinator.metrics.CoordinatorMetrics, or None
         self.decode_text = decode_text
@@ -133,6 +128,7 @@ class Engine(OutageHandling):
             try:
                 getattr(self, f"_on_{kind}")(*args)
                 if self._mesh_ok:
+                    self._feed()
                     for batch in self.scheduler.schedule():
                         self._send(batch)
             except Exception as err:  # noqa: BLE001 - the mesh or the store failed: recover, keep serving
@@ -153,30 +149,31 @@ class Engine(OutageHandling):
         if record.state.final:
             return
         self._loaded.add(job_id)
-        params = record.params
-        self.board.track(record, params["max_new_tokens"])
-        stop_ids = self.settings.eos_ids if params["stop_on_eos"] else frozenset()
-        pending = self.store.pending_prompts(job_id)
-        if not pending:  # every result is stored already
+        self.board.track(record, record.params["max_new_tokens"])
+        if record.num_results >= record.num_prompts:  # every result is stored already
             self.store.set_state(job_id, JobState.SUCCEEDED)
             self.board.final(job_id, JobState.SUCCEEDED)
-            return
-        problems = [p for index, ids in pending if (p := capacity_error(index, len(ids), params["max_new_tokens"],
-                                                                         self.scheduler.max_tokens))]
-        if problems:  # accepted by a coordinator started with a larger KV cache
-            self._fail(job_id, problems[0])
             return
         if self._down is not None:  # accepted just before the mesh was given up on
             self._fail(job_id, f"not run: {self._down}; submit it again once the mesh is back")
             return
-        for index, ids in pending:
-            sampling = tensor_pb2.SamplingParams(temperature=params["temperature"], top_k=params["top_k"],
-                                                 top_p=params["top_p"], seed=sequence_seed(params["seed"], index))
-            self.scheduler.add(Seq(job_id, index, tuple(ids), params["max_new_tokens"], stop_ids, sampling))
-        log.info("job_loaded", job_id=job_id, prompts=record.num_prompts, pending=len(pending),
+        self.feeder.add(record)
+        log.info("job_loaded", job_id=job_id, prompts=record.num_prompts,
+                 pending=record.num_prompts - record.num_results,
                  resumed=record.num_results > 0 or record.state is JobState.RUNNING)
 
+    def _on_feed(self) -> None:
+        """More stored prompts to read (the loop feeds before it schedules)."""
+
+    def _feed(self) -> None:
+        errors = self.feeder.top_up()
+        if errors:
+            self._commit(errors)
+            if self.feeder.has_more:
+                self._events.put(("feed",))  # rows that were all errors: read on without waiting for a reply
+
     def _on_cancel(self, job_id: str) -> None:
+        self.feeder.drop(job_id)
         result = self.scheduler.cancel(job_id)
         self._release(result)
         self.board.final(job_id, JobState.CANCELLED)
@@ -201,16 +198,18 @@ class Engine(OutageHandling):
     def _store_finished(self, result: StepResult) -> None:
         if not result.finished:
             return
-        records = []
-        for item in result.finished:
-            tokens = list(item.sequence.generated)
-            text = self.decode_text(tokens) if self.decode_text else ""
-            records.append((item.sequence.job_id, ResultRecord(item.sequence.index, tokens, text, int(item.reason))))
+        records = [(item.sequence.job_id, finished_record(item.sequence.index, list(item.sequence.generated),
+                                                          int(item.reason), item.sequence.meta, self.decode_text))
+                   for item in result.finished]
         try:
-            completed = self.store.add_results(records)  # committed before anything counts them
+            self._commit(records)
         except Exception:
             self.scheduler.requeue(item.sequence for item in result.finished)  # not stored: run them again
             raise
+
+    def _commit(self, records: list[tuple[str, ResultRecord]]) -> None:
+        """Stores results (committed before anything counts them); completes the jobs they finish."""
+        completed = self.store.add_results(records)
         per_job: dict[str, list[int]] = {}
         for job_id, record in records:
             per_job.setdefault(job_id, [0, 0])
@@ -221,7 +220,8 @@ class Engine(OutageHandling):
         for job_id in completed:
             self.board.final(job_id, JobState.SUCCEEDED)
             self._loaded.discard(job_id)
-            log.info("job_succeeded", job_id=job_id)
+            self.feeder.drop(job_id)
+            _log_finished(self.store.job(job_id))
 
     def _release(self, result: StepResult) -> None:
         if result.release:
@@ -276,7 +276,16 @@ class Engine(OutageHandling):
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.set_state(job_id, JobState.FAILED, message)
+        self.feeder.drop(job_id)
         self.scheduler.cancel(job_id)  # its slots are freed with every other one by the bring-up that follows
         self.board.final(job_id, JobState.FAILED, message)
         self._loaded.discard(job_id)
         log.error("job_failed", job_id=job_id, message=message)
+
+
+def _log_finished(record) -> None:
+    """One line per finished job: duration, tokens and tokens/s (from the stored times)."""
+    seconds = (record.finished_at or 0) - (record.started_at or record.created_at)
+    log.info("job_succeeded", job_id=record.id, prompts=record.num_prompts, seconds=round(seconds, 3),
+             tokens=record.tokens_generated, tokens_per_s=round(record.tokens_generated / seconds, 1) if seconds > 0
+             else 0.0)

@@ -25,8 +25,10 @@ import structlog
 from coordinator.engine import Engine
 from coordinator.progress import Progress, ProgressBoard
 from coordinator.scheduler import capacity_error
+from coordinator.settings import GenerationSettings
 from coordinator.store import JobRecord, JobState, JobStore, ResultRecord
 from coordinator.text import TextCodec
+from coordinator.upload import UploadLimits, Uploads
 from pqmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -36,41 +38,23 @@ MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    """Applied to every prompt of a job; prompt i samples with a seed derived from (seed, i)."""
-
-    max_new_tokens: int
-    stop_on_eos: bool = True
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidArgument("params.max_new_tokens must be at least 1")
-        if not self.temperature >= 0:
-            raise InvalidArgument(f"params.sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 <= self.top_p <= 1:
-            raise InvalidArgument(f"params.sampling.top_p must be within [0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.seed < 0:
-            raise InvalidArgument("params.sampling.top_k and seed must be >= 0")
-
-
-@dataclass(frozen=True)
 class Limits:
     """What one coordinator accepts at once; past a limit a call answers RESOURCE_EXHAUSTED."""
 
-    max_pending_jobs: int = 64  # queued + running
-    max_prompts_per_job: int = 10_000
-    max_watchers: int = 32  # open WatchJob streams
+    max_pending_jobs: int = 64  # uploading + queued + running
+    max_prompts_per_job: int = 10_000_000  # SubmitJob is bounded by the message size long before this
+    max_watchers: int = 32  # open WatchJob / StreamResults streams
+    max_prompt_bytes: int = 1 << 20  # one uploaded prompt
 
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | bytes  # text, token ids, or a serialized `Prompt` request (resolved by the engine)
 
 
 def _digest(prompts: Sequence[Prompt], settings: GenerationSettings) -> str:
-    body = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if prompts and isinstance(prompts[0], bytes):
+        body = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in prompts)).hexdigest()
+    else:
+        body = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     return hashlib.sha256(json.dumps([body, asdict(settings)]).encode()).hexdigest()
 
 
@@ -83,6 +67,8 @@ class JobService:
         self.limits = limits
         self._admit = threading.Lock()  # count-then-insert of a new job is atomic
         self._watchers = threading.BoundedSemaphore(limits.max_watchers)
+        self.uploads = Uploads(store, engine, UploadLimits(limits.max_pending_jobs, limits.max_prompts_per_job,
+                                                           limits.max_prompt_bytes), self._admit)
 
     # -- submit -------------------------------------------------------------------------------------
     def submit(self, prompts: Sequence[Prompt], settings: GenerationSettings, idempotency_key: str = "") -> JobRecord:
@@ -92,7 +78,8 @@ class JobService:
             raise InvalidArgument(f"the job has {len(prompts)} prompts; this coordinator takes at most "
                                   f"{self.limits.max_prompts_per_job} per job (--max-prompts-per-job): split it")
         digest = _digest(prompts, settings)
-        ids = self._token_ids(prompts)
+        requests = isinstance(prompts[0], bytes)  # stored as they are; the engine resolves each (errors per prompt)
+        ids = [] if requests else self._token_ids(prompts)
         if settings.stop_on_eos and not self.eos_ids:
             raise FailedPrecondition("stop_on_eos is set but this coordinator knows no end-of-sequence id; start it "
                                      "with --eos-token-id or --model-root/--tokenizer, or submit with stop_on_eos off")
@@ -114,10 +101,12 @@ class JobService:
                 raise ResourceExhausted(f"{pending} jobs are queued or running and this coordinator holds at most "
                                         f"{self.limits.max_pending_jobs} (--max-pending-jobs); wait for one to finish "
                                         "and submit again")
-            record, created = self.store.create_job(job_id, idempotency_key, digest, asdict(settings), ids)
+            record, created = self.store.create_job(job_id, idempotency_key, digest,
+                                                    {**asdict(settings), "requests": requests}, ids,
+                                                    list(prompts) if requests else ())
         if created:
-            log.info("job_accepted", job_id=record.id, prompts=len(ids), key=idempotency_key,
-                     prompt_tokens=sum(map(len, ids)))
+            log.info("job_accepted", job_id=record.id, prompts=len(prompts), key=idempotency_key,
+                     prompt_tokens=sum(map(len, ids)) if ids else None)
             self.engine.enqueue(record.id)
         else:
             log.info("job_resubmitted", job_id=record.id, key=idempotency_key)
@@ -167,6 +156,30 @@ class JobService:
                 time.sleep(min_interval)
                 self.board.wait(version, heartbeat)
                 progress = self.progress(job_id)
+        finally:
+            self._watchers.release()
+
+    def stream_results(self, job_id: str, resume_from: int = 0, page: int = 256,
+                       heartbeat: float = 5.0) -> Iterator[ResultRecord]:
+        """Stored results in finishing order from the ``resume_from``-th on, as they are stored, until the job
+        is final and every result was yielded. Counts against ``limits.max_watchers``."""
+        self.store.job(job_id)  # NotFound before taking a watcher
+        if not self._watchers.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.limits.max_watchers} WatchJob / StreamResults streams are open, the most "
+                                    "this coordinator serves (--max-watchers); retry later")
+        try:
+            sent = resume_from
+            while True:
+                version = self.board.version
+                final = self.progress(job_id).state.final  # read before the rows: none stored after it is missed
+                rows = self.store.results_in_order(job_id, sent, page)
+                yield from rows
+                sent += len(rows)
+                if len(rows) == page:
+                    continue
+                if final:
+                    return
+                self.board.wait(version, heartbeat)
         finally:
             self._watchers.release()
 

@@ -20,6 +20,7 @@ from coordinator.jobs import JobService, Limits
 from coordinator.mesh import Mesh, MeshSpec
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.progress import ProgressBoard
+from coordinator.resolve import Resolver, served_names
 from coordinator.scheduler import Scheduler
 from coordinator.servicer import SERVICE_NAME, CoordinatorServicer
 from coordinator.store import JobStore
@@ -85,15 +86,19 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
     scheduler = Scheduler(config.max_sequences, config.max_tokens_per_sequence, plan.prefill_micro_batch,
                           plan.decode_micro_batch, config.in_flight)
     board = ProgressBoard()
+    resolver = Resolver(config.max_tokens_per_sequence, codec, facts.vocab_size, eos_ids,
+                        served_names(config.model_id, config.model_dir), config.model_id)
     engine = Engine(store, mesh, scheduler, board, EngineSettings(
         eos_ids, connect_timeout=config.connect_timeout, step_timeout=config.step_timeout,
-        recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval),
-                    codec.decode if codec else None, metrics=metrics)
+        recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval,
+        feed_window=max(config.feed_window, 2 * config.max_sequences)),
+                    codec.decode if codec else None, metrics=metrics, resolver=resolver)
     metrics.watch(scheduler, store)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)
     jobs = JobService(store, engine, board, config.max_tokens_per_sequence, facts.vocab_size, codec, eos_ids,
-                      Limits(config.max_pending_jobs, config.max_prompts_per_job, config.max_watchers))
+                      Limits(config.max_pending_jobs, config.max_prompts_per_job, config.max_watchers,
+                             config.max_prompt_bytes))
     engine.start()
     server, port, health = create_server(
         config.listen, [(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, CoordinatorServicer(jobs),

@@ -255,7 +255,7 @@ class OutageHandling:
         mesh is back."""
         self._outage.given_up = True
         self._down = message
-        jobs = sorted({s.job_id for s in self.scheduler.waiting})
+        jobs = sorted({s.job_id for s in self.scheduler.waiting} | set(self.feeder.jobs()))
         for job_id in jobs:
             record = self.store.job(job_id)
             self._fail(job_id, f"{message}; {record.num_results} of {record.num_prompts} results finished and kept "

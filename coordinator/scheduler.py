@@ -13,7 +13,7 @@ Policy, with at most ``max_in_flight`` micro-batches in the pipeline (the number
 3. otherwise a smaller decode micro-batch of whatever is ready, rather than let a stage idle.
 
 A sequence holds one KV slot (the same index on every stage) from its prefill until it finishes
-(EOS or length) or is cancelled. A freed slot is handed back by `update` for release on every stage
+(EOS, a stop string or length) or is cancelled. A freed slot is handed back by `update` for release on every stage
 and is only reused after the engine reports it released (`released`).
 
 Tokens are appended by position: every micro-batch records, per sequence, the index in ``generated``
@@ -42,6 +42,7 @@ class FinishReason(enum.IntEnum):
 
     EOS = 1
     LENGTH = 2
+    STOP = 3  # a stop string
 
 
 @dataclass(eq=False)
@@ -59,6 +60,8 @@ class Sequence:
     cancelled: bool = False
     order: int = 0  # admission order; requeued sequences keep their place
     attempts: int = 0  # micro-batches carrying it that a stage refused in a row (reset by every new token)
+    stop_check: object = None  # callable(generated) -> True once a stop string was generated
+    meta: object = None  # carried to the result untouched
 
     @property
     def cached_length(self) -> int:
@@ -225,6 +228,8 @@ class Scheduler:
     def _finish_reason(sequence: Sequence) -> FinishReason | None:
         if sequence.generated[-1] in sequence.stop_ids:
             return FinishReason.EOS
+        if sequence.stop_check is not None and sequence.stop_check(sequence.generated):
+            return FinishReason.STOP
         if len(sequence.generated) >= sequence.max_new_tokens:
             return FinishReason.LENGTH
         return None

@@ -79,3 +79,30 @@ class TextCodec:
     def decode(self, token_ids: Sequence[int]) -> str:
         with self._lock:
             return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tokenizer, "chat_template", None))
+
+    def chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the checkpoint's chat template and the generation prompt."""
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        with self._lock:
+            ids = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def end_of_turn_ids(self) -> frozenset[int]:
+        """The special tokens the chat template writes right after an assistant turn (e.g. <|im_end|>),
+        plus the tokenizer's EOS: chat generation stops at any of them. Empty without a template."""
+        if not self.has_chat_template:
+            return frozenset()
+        marker = "\u2063pqmesh-end-of-turn\u2063"
+        with self._lock:
+            text = self._tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+            after = text[text.rindex(marker) + len(marker):] if marker in text else ""
+            ids = self._tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+            special = set(self._tokenizer.all_special_ids)
+            added = {int(i) for i in getattr(self._tokenizer, "added_tokens_decoder", {})}
+        first = [t for t in ids[:2] if t in special or t in added]
+        return frozenset(first[:1]) | self.eos_ids

@@ -1,4 +1,5 @@
-"""`pqmesh demo`: the whole mesh on loopback, or the model's slices in this process.
+"""`pqmesh demo`: the whole mesh on loopback, or the model's slices in this process; `pqmesh run-batch`:
+a jsonl file end to end, on a local mesh or against a coordinator (`localmesh.run_batch`).
 
 `pqmesh demo` runs the whole mesh on loopback (`localmesh.demo`). `pqmesh demo --in-process`
 runs a few chat prompts through the model split into slices in this process and through Hugging Face
@@ -38,6 +39,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--stages", type=int, default=2, help="--in-process: number of slices (default: 2)")
     demo.add_argument("--device", default="cpu", help="--in-process: cpu or cuda[:N]")
     demo.set_defaults(func=_demo)
+
+    batch = sub.add_parser("run-batch", help="run a jsonl batch file (OpenAI Batch or plain lines) end to end: on a "
+                                             "local mesh, or against --coordinator")
+    batch.add_argument("-i", "--input", type=Path, required=True, help="input jsonl")
+    batch.add_argument("-o", "--output", type=Path, required=True, help="output jsonl (OpenAI Batch output lines for "
+                                                                        "an OpenAI input)")
+    batch.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="a running coordinator; default: start a local mesh, run, stop it")
+    batch.add_argument("--model", type=Path, default=None, help="local mesh: checkpoint directory (default: embedded "
+                                                                "SmolLM2-135M-Instruct)")
+    batch.add_argument("--budgets-mb", default="2000", help="local mesh: memory budget of each stage server in MiB, "
+                                                            "comma-separated (default: one stage of 2000)")
+    batch.add_argument("--max-sequences", type=int, default=32, help="local mesh: KV-cache slots (default 32)")
+    batch.add_argument("--quick-profile", action="store_true", help="local mesh: profile on a small grid")
+    batch.add_argument("--workdir", type=Path, default=None, help="local mesh: logs, plan, databases")
+    batch.add_argument("--max-new-tokens", type=int, default=64,
+                       help="tokens per request without its own max_tokens (default 64)")
+    batch.add_argument("--ignore-eos", action="store_true", help="plain lines: always generate --max-new-tokens")
+    batch.add_argument("--temperature", type=float, default=0.0, help="default for requests without one (0 = greedy)")
+    batch.add_argument("--top-k", type=int, default=0)
+    batch.add_argument("--top-p", type=float, default=0.0)
+    batch.add_argument("--seed", type=int, default=0)
+    batch.add_argument("--idempotency-key", default=None,
+                       help="default: a hash of the file and settings, so a re-run finds (and resumes) the same job")
+    batch.set_defaults(func=_run_batch)
 
 
 def even_cuts(layers: int, stages: int) -> list[int]:
@@ -132,3 +158,34 @@ def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
         if token in stops:
             return tokens[: i + 1]
     return tokens
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from coordinator.batch_client import BatchFailed
+    from localmesh.run_batch import RunBatchOptions, run
+    from pqmesh.api.common.v1 import tensor_pb2
+    from pqmesh.api.coordinator.v1 import coordinator_pb2
+
+    try:
+        budgets = tuple(int(x) for x in args.budgets_mb.split(","))
+    except ValueError:
+        sys.stderr.write(f"--budgets-mb takes comma-separated integers (MiB), got {args.budgets_mb!r}\n")
+        return 2
+    params = coordinator_pb2.GenerationParams(
+        max_new_tokens=args.max_new_tokens, stop_on_eos=not args.ignore_eos,
+        sampling=tensor_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                           seed=args.seed))
+    options = RunBatchOptions(args.input, args.output, params, args.coordinator, args.model, budgets,
+                              args.max_sequences, args.quick_profile, args.workdir, args.idempotency_key)
+    try:
+        final = run(options)
+    except BatchFailed as err:
+        sys.stderr.write(f"pqmesh run-batch: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted; every server was stopped\n")
+        return 130
+    if final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
+        sys.stderr.write(f"job {final.job_id} ended {coordinator_pb2.JobState.Name(final.state)}: {final.message}\n")
+        return 1
+    return 0

@@ -188,7 +188,7 @@ def test_cli_submits_text_and_token_prompts_and_fetches_results(coordinator, tmp
                 "--ignore-eos"]) == 0
     err = capsys.readouterr().err
     assert "2/2 sequences" in err and "[########################]" in err
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
     tokenizer = AutoTokenizer.from_pretrained(running.jobs.codec.directory)
     tokens = [tokenizer("the cat sat on a mat")["input_ids"], [9, 8, 7]]
     assert tokens[0] == [4, 5, 6, 7, 8, 9]

@@ -93,7 +93,7 @@ def test_store_keeps_jobs_and_results_durably_and_once(tmp_path):
 
     store = JobStore(tmp_path)  # as after a crash: everything committed is there
     assert [j.id for j in store.unfinished_jobs()] == ["job-1", "job-4", "job-5"]
-    assert store.pending_prompts("job-1") == [(0, [1, 2]), (2, [4, 5, 6])]
+    assert [(p.index, p.token_ids) for p in store.pending_prompts("job-1")] == [(0, [1, 2]), (2, [4, 5, 6])]
     done = store.add_results([("job-1", ResultRecord(0, [8], "a", FinishReason.EOS)),
                               ("job-1", ResultRecord(1, [7, 7, 7], "dup", FinishReason.LENGTH)),  # already stored
                               ("job-1", ResultRecord(2, [6, 6], "b", FinishReason.LENGTH))])

@@ -17,7 +17,8 @@ SERVICES = {
         "StageService": ["LoadShard", "Forward", "Release", "GetInfo"],
     },
     "pqmesh.api.coordinator.v1.coordinator_pb2": {
-        "CoordinatorService": ["SubmitJob", "WatchJob", "GetResults", "ListJobs", "CancelJob"],
+        "CoordinatorService": ["SubmitJob", "WatchJob", "GetResults", "ListJobs", "CancelJob", "CreateJob",
+                           "AppendPrompts", "StartJob", "StreamResults"],
     },
     "pqmesh.api.planner.v1.planner_pb2": {
         "PlannerService": ["RegisterDevice", "ListDevices", "GetDevice", "Plan"],

@@ -60,6 +60,26 @@ class CoordinatorServiceStub:
                 request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.JobProgress.FromString,
                 _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/pqmesh.coordinator.v1.CoordinatorService/CreateJob',
+                request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateJobResponse.FromString,
+                _registered_method=True)
+        self.AppendPrompts = channel.unary_unary(
+                '/pqmesh.coordinator.v1.CoordinatorService/AppendPrompts',
+                request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.AppendPromptsRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.AppendPromptsResponse.FromString,
+                _registered_method=True)
+        self.StartJob = channel.unary_unary(
+                '/pqmesh.coordinator.v1.CoordinatorService/StartJob',
+                request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StartJobRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.StreamResults = channel.unary_stream(
+                '/pqmesh.coordinator.v1.CoordinatorService/StreamResults',
+                request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StreamResultsRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SequenceResult.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -101,6 +121,36 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJob(self, request, context):
+        """Jobs of any size, with bounded memory on both ends: create the job, append its prompts in
+        chunks (each stored durably before the call answers), then start it. CreateJob with a known
+        idempotency_key returns that job and how many prompts it already holds, so a client resumes an
+        interrupted upload (also after a coordinator restart) where it stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendPrompts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamResults(self, request, context):
+        """Finished sequences in the order they finished, from resume_from on, while the job runs; the
+        stream ends once the job is final and every stored result was sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +178,26 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CancelJobRequest.FromString,
                     response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.JobProgress.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateJobRequest.FromString,
+                    response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateJobResponse.SerializeToString,
+            ),
+            'AppendPrompts': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendPrompts,
+                    request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.AppendPromptsRequest.FromString,
+                    response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.AppendPromptsResponse.SerializeToString,
+            ),
+            'StartJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartJob,
+                    request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StartJobRequest.FromString,
+                    response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'StreamResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResults,
+                    request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StreamResultsRequest.FromString,
+                    response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SequenceResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +336,114 @@ class CoordinatorService:
             '/pqmesh.coordinator.v1.CoordinatorService/CancelJob',
             pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
             pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.JobProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqmesh.coordinator.v1.CoordinatorService/CreateJob',
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateJobRequest.SerializeToString,
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendPrompts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqmesh.coordinator.v1.CoordinatorService/AppendPrompts',
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.AppendPromptsRequest.SerializeToString,
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.AppendPromptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqmesh.coordinator.v1.CoordinatorService/StartJob',
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StartJobRequest.SerializeToString,
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pqmesh.coordinator.v1.CoordinatorService/StreamResults',
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StreamResultsRequest.SerializeToString,
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SequenceResult.FromString,
             options,
             channel_credentials,
             insecure,
