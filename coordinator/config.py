@@ -57,6 +57,7 @@ class CoordinatorConfig:
     max_prompts_per_job: int = 10_000_000  # stored on disk, fed to the scheduler a window at a time
     max_prompt_bytes: int = 1 << 20  # one uploaded prompt (serialized); past it AppendPrompts is refused
     feed_window: int = 2048  # prompts read from the store into the scheduler at most at once
+    release_mode: str = "in-band"  # freed KV slots: in the next micro-batch's header, or "rpc" (Release calls)
     max_watchers: int = 32  # open WatchJob streams (each holds a server thread)
     max_concurrent_rpcs: int = 256  # calls in progress or waiting for a thread; past it RESOURCE_EXHAUSTED
     metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
@@ -90,6 +91,7 @@ class CoordinatorConfig:
                    credentials=credentials, stage_credentials=stage_credentials,
                    max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
                    max_prompt_bytes=args.max_prompt_bytes, feed_window=args.feed_window,
+                   release_mode=args.release_mode,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
 
 
@@ -131,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "jobs fail; finished results are kept (default 600)")
     parser.add_argument("--health-interval", type=float, default=5.0,
                         help="seconds between health checks of every stage; 0 turns them off (default 5)")
+    _add_limit_flags(parser)
+    security.add_flags(parser)
+    security.add_flags(parser, prefix="stage-", server=False, peer="the stages")
+    add_metrics_flag(parser)
+    return parser
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """Operator limits on jobs, uploads and calls, and the slot release mode."""
     parser.add_argument("--max-pending-jobs", type=_positive, default=64,
                         help="uploading + queued + running jobs; past it SubmitJob and CreateJob answer "
                              "RESOURCE_EXHAUSTED (default 64)")
@@ -143,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feed-window", type=_positive, default=2048,
                         help="prompts read from the job database into the scheduler at most at once (bounds "
                              "memory; at least 2 x --max-sequences; default 2048)")
+    parser.add_argument("--release-mode", choices=("in-band", "rpc"), default="in-band",
+                        help="how finished sequences' KV slots are freed on the stages: in the header of the next "
+                             "micro-batch (in-band, default) or by a Release call to every stage that waits behind "
+                             "their queued micro-batches (rpc; kept for comparison, bench/recovery.py)")
     parser.add_argument("--max-watchers", type=_positive, default=32,
                         help="open WatchJob streams; past it WatchJob answers RESOURCE_EXHAUSTED (default 32)")
     parser.add_argument("--max-concurrent-rpcs", type=_positive, default=256,
                         help="calls in progress or queued for a thread; past it RESOURCE_EXHAUSTED (default 256)")
-    security.add_flags(parser)
-    security.add_flags(parser, prefix="stage-", server=False, peer="the stages")
-    add_metrics_flag(parser)
-    return parser

@@ -61,6 +61,7 @@ class EngineSettings:
     health_interval: float = 5.0  # --health-interval: seconds between stage health checks (0: none)
     backoff: Backoff = Backoff()
     feed_window: int = 2048  # prompts read from the store into the scheduler at most at once
+    release_in_band: bool = True  # --release-mode: freed slots ride on the next micro-batch, or a Release call
 
 
 class Engine(OutageHandling):
@@ -78,6 +79,7 @@ class Engine(OutageHandling):
         self._link: ForwardStream | None = None
         self._generation = 0
         self._loaded: set[str] = set()
+        self._unreleased: list[int] = []  # freed slots not yet sent to the stages (see _release)
         self._mesh_ok = True
         self._clock = StepClock(settings.step_timeout)
         self._stopping = threading.Event()
@@ -131,6 +133,8 @@ class Engine(OutageHandling):
                     self._feed()
                     for batch in self.scheduler.schedule():
                         self._send(batch)
+                    if self._unreleased and not self.scheduler.in_flight:
+                        self._flush_releases()
             except Exception as err:  # noqa: BLE001 - the mesh or the store failed: recover, keep serving
                 log.exception("engine_step_failed", event=kind)
                 try:
@@ -224,9 +228,22 @@ class Engine(OutageHandling):
             _log_finished(self.store.job(job_id))
 
     def _release(self, result: StepResult) -> None:
-        if result.release:
+        """Frees the slots of finished (or cancelled) sequences. In band (the default) they ride in the
+        header of the next micro-batch sent, which every stage reads before that micro-batch, so a slot is
+        free on every stage before any reuse and nothing waits; with ``release_in_band`` off, a Release
+        call to every stage (which queues behind their micro-batches) before the scheduler reuses them."""
+        if not result.release:
+            return
+        if self.settings.release_in_band:
+            self._unreleased.extend(result.release)
+        else:
             self.mesh.release(result.release)
-            self.scheduler.released(result.release)
+        self.scheduler.released(result.release)
+
+    def _flush_releases(self) -> None:
+        """Nothing in flight to carry them: free the pending slots with Release calls (the stages are idle)."""
+        slots, self._unreleased = self._unreleased, []
+        self.mesh.release(slots)
 
     def _send(self, batch: MicroBatch) -> None:
         for job_id in {s.job_id for s in batch.sequences}:
@@ -235,7 +252,8 @@ class Engine(OutageHandling):
         rows = batch.rows()
         tensor = left_pad(rows)[0] if batch.phase is Phase.PREFILL else torch.tensor(rows, dtype=torch.long)
         header = micro_batch_header(self.mesh.plan_id, batch.id, batch.phase, batch.slots, batch.lengths,
-                                    [s.sampling for s in batch.sequences])
+                                    [s.sampling for s in batch.sequences], self._unreleased)
+        self._unreleased = []
         self._link.send(header, tensor)
         self._clock.sent(batch, time.monotonic())
         if self.metrics is not None:

@@ -91,7 +91,8 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
     engine = Engine(store, mesh, scheduler, board, EngineSettings(
         eos_ids, connect_timeout=config.connect_timeout, step_timeout=config.step_timeout,
         recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval,
-        feed_window=max(config.feed_window, 2 * config.max_sequences)),
+        feed_window=max(config.feed_window, 2 * config.max_sequences),
+        release_in_band=config.release_mode == "in-band"),
                     codec.decode if codec else None, metrics=metrics, resolver=resolver)
     metrics.watch(scheduler, store)
     if config.metrics_listen:

@@ -223,6 +223,7 @@ class OutageHandling:
             self._wait_for_mesh(str(err), retryable=False)
             return
         self.scheduler.all_released()
+        self._unreleased.clear()  # bring_up freed every slot on every stage
         self._mesh_ok, self._down = True, None
         waiting = list(self.scheduler.waiting)
         outage.resumed = sum(1 for s in waiting if s.generated)

@@ -37,11 +37,13 @@ def micro_batch_header(
     slots: Sequence[int],
     lengths: Sequence[int],
     sampling: Iterable[tensor_pb2.SamplingParams] = (),
+    release_slots: Iterable[int] = (),
 ) -> stage_pb2.MicroBatchHeader:
-    """The header of one micro-batch (``chunk_count`` is set when it is framed)."""
+    """The header of one micro-batch (``chunk_count`` is set when it is framed). ``release_slots``: KV
+    slots every stage frees before running it (finished sequences), in stream order."""
     return stage_pb2.MicroBatchHeader(
         plan_id=plan_id, micro_batch_id=micro_batch_id, phase=int(phase), slots=list(slots), lengths=list(lengths),
-        sampling=list(sampling),
+        sampling=list(sampling), release_slots=list(release_slots),
     )
 
 

@@ -48,6 +48,7 @@ class MicroBatch:
     lengths: list[int]
     sampling: list[Sampling]
     tensor: torch.Tensor
+    release_slots: list[int] = field(default_factory=list)  # freed before this micro-batch runs
     received_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -80,6 +81,8 @@ class StageRuntime:
         self.shard: ModelShard | None = None
         self.micro_batches_done = 0
         self.tokens_done = 0
+        self.micro_batches_dropped = 0  # counted by the Worker: their inbound stream broke before they ran
+        self.released_in_band = self.released_by_rpc = 0
         self._workspace = 0  # predicted dequantization workspace of the loaded shard
         self._lock = threading.RLock()
 
@@ -191,6 +194,8 @@ class StageRuntime:
         with self._lock:
             shard, _ = self._require(batch.plan_id)
             started = time.perf_counter_ns()
+            if batch.release_slots:  # finished sequences' slots, freed in stream order before any reuse
+                self.released_in_band += shard.release(batch.release_slots)
             if len(batch.lengths) != len(batch.slots):
                 raise InvalidArgument(f"{len(batch.slots)} slots but {len(batch.lengths)} lengths")
             if batch.sampling and len(batch.sampling) != len(batch.slots):
@@ -230,7 +235,9 @@ class StageRuntime:
     def release(self, plan_id: str, slots: list[int]) -> int:
         with self._lock:
             shard, _ = self._require(plan_id)
-            return shard.release(slots)
+            released = shard.release(slots)
+            self.released_by_rpc += released
+            return released
 
     def kv_slots(self) -> tuple[int, int]:
         """(used, total) KV slots, read without the lock (for metrics scrapes during compute)."""
@@ -241,7 +248,9 @@ class StageRuntime:
         with self._lock:
             used = self.shard.weight_bytes() + self._workspace + self.shard.cache.nbytes if self.shard else 0
             out = {"device": str(self.device), "memory_budget_bytes": self.memory_budget, "memory_used_bytes": used,
-                   "micro_batches_done": self.micro_batches_done, "tokens_done": self.tokens_done}
+                   "micro_batches_done": self.micro_batches_done, "tokens_done": self.tokens_done,
+                   "micro_batches_dropped": self.micro_batches_dropped, "slots_released_in_band": self.released_in_band,
+                   "slots_released_by_rpc": self.released_by_rpc}
             if self.shard is not None:
                 out.update(plan_id=self.spec.plan_id, model_id=self.spec.model_id, start=self.spec.start,
                            end=self.spec.end, role=self.spec.role, kv_slots_total=self.shard.cache.num_slots,

@@ -44,8 +44,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         )
 
     def Forward(self, request_iterator, context):
+        session = Session(self.runtime, self.worker, self.credentials)
+        context.add_callback(session.closed)  # a cancelled or broken stream: its queued micro-batches never run
         try:
-            yield from Session(self.runtime, self.worker, self.credentials).run(request_iterator)
+            yield from session.run(request_iterator)
         except Exception as err:  # noqa: BLE001 - every failure ends this stream with a status
             abort_with(context, err)
 
@@ -60,7 +62,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         reply = stage_pb2.GetInfoResponse(
             device=info["device"], memory_budget_bytes=info["memory_budget_bytes"],
             memory_used_bytes=info["memory_used_bytes"], micro_batches_done=info["micro_batches_done"],
-            tokens_done=info["tokens_done"],
+            tokens_done=info["tokens_done"], micro_batches_dropped=info["micro_batches_dropped"],
+            slots_released_in_band=info["slots_released_in_band"], slots_released_by_rpc=info["slots_released_by_rpc"],
         )
         if "plan_id" in info:
             reply.plan_id, reply.model_id = info["plan_id"], info["model_id"]

@@ -42,6 +42,7 @@ def read_micro_batches(
             plan_id=header.plan_id, micro_batch_id=header.micro_batch_id, phase=Phase(header.phase),
             slots=list(header.slots), lengths=list(header.lengths),
             sampling=[Sampling.from_proto(s) for s in header.sampling], tensor=codec.join(pieces, device=device),
+            release_slots=list(header.release_slots),
         )
 
 
@@ -90,7 +91,10 @@ class Worker:
                     header.set_exception(err)
             elif batch is None:
                 session.inbound_done()
-            elif not session.failed:
+            elif session.failed:  # its stream broke: drop it unrun (it allocates nothing)
+                self.runtime.micro_batches_dropped += 1
+                log.debug("micro_batch_dropped", micro_batch_id=batch.micro_batch_id)
+            else:
                 try:
                     out = self.runtime.execute(batch)
                     self._record(batch, out)
@@ -112,7 +116,9 @@ class Session:
         self.credentials = credentials  # pqmesh.security.Credentials towards the next hop, or None
         self.responses: queue.Queue = queue.Queue()
         self.failed = False
+        self.finished = False  # every response was sent: the stream ended normally
         self._downstream: queue.Queue | None = None
+        self._downstream_call = None  # the Forward call to the next hop, cancelled when this stream fails
         self._timings: dict[int, stage_pb2.StageTiming] = {}
         self._lock = threading.Lock()
 
@@ -123,6 +129,13 @@ class Session:
             if isinstance(item, Exception):
                 raise item
             yield item
+        self.finished = True
+
+    def closed(self) -> None:
+        """The RPC ended (gRPC's termination callback): unless it ended normally, the caller cancelled
+        or went away, so micro-batches still queued for this stream are dropped unrun."""
+        if not self.finished:
+            self.fail(Unavailable("the Forward stream was cancelled or broke"), quiet=True)
 
     def _read(self, requests) -> None:
         try:
@@ -145,8 +158,8 @@ class Session:
             log.info("forward_stream_closed_by_caller")
         else:
             log.warning("forward_failed", error=str(err), kind=type(err).__name__)
-        if self._downstream is not None:
-            self._downstream.put(_END)
+        if self._downstream_call is not None:  # cancel, not half-close: the next hop drops its queue too
+            self._downstream_call.cancel()
         self.responses.put(err)
 
     # -- after compute ----------------------------------------------------------------------------
@@ -181,7 +194,7 @@ class Session:
         self._downstream = queue.Queue()
         outgoing = iter(self._downstream.get, _END)
         stub = stage_pb2_grpc.StageServiceStub(channel(address, self.credentials))
-        replies = stub.Forward(outgoing)
+        replies = self._downstream_call = stub.Forward(outgoing)
         threading.Thread(target=self._relay, args=(replies, address), name="stage-relay", daemon=True).start()
 
     def _relay(self, replies, address: str) -> None:

@@ -19,6 +19,7 @@ from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.grpc_server import channel
 from pqmesh.plan import PipelinePlan
+from pqmesh.stage_client import StageClient
 from stage_server.config import StageConfig
 from stage_server.main import serve as serve_stage
 
@@ -112,6 +113,32 @@ def stages(models):
     stop_stages(running)
 
 
+def release_counts(addresses) -> list[tuple[int, int]]:
+    """(slots freed in band, slots freed by Release calls) of each stage so far."""
+    out = []
+    for address in addresses:
+        client = StageClient(address)
+        info = client.info()
+        client.close()
+        out.append((info.slots_released_in_band, info.slots_released_by_rpc))
+    return out
+
+
+def test_release_by_rpc_gives_the_same_tokens_and_frees_nothing_in_band(tmp_path, models, stages):
+    _, hf = models
+    prompts = mixed_prompts(12, seed=3)
+    coordinator = start_coordinator(tmp_path, stages, "tiny-llama", release_mode="rpc")
+    client = Client(coordinator.port)
+    before = release_counts(stages)
+    try:
+        assert [list(r.token_ids) for r in client.run(prompts, 6)] == reference_greedy(hf["llama"], prompts, 6)
+    finally:
+        client.close()
+        coordinator.stop(grace=None)
+    after = release_counts(stages)
+    assert all(a[0] == b[0] and a[1] >= b[1] + len(prompts) - 5 for a, b in zip(after, before)), (before, after)
+
+
 def mixed_prompts(count=24, seed=5):
     rng = random.Random(seed)
     return [[rng.randrange(3, 256) for _ in range(rng.randint(1, 20))] for _ in range(count)]
@@ -126,11 +153,16 @@ def test_greedy_equals_hf_generate_with_slot_reuse_and_eos(tmp_path, models, sta
     eos = Counter(t for row in reference for t in row).most_common(1)[0][0]
     coordinator = start_coordinator(tmp_path, stages, f"tiny-{family}", eos_token_ids=(eos,))
     client = Client(coordinator.port)
+    before = release_counts(stages)
     try:
         results = client.run(prompts, 8)
         assert [r.index for r in results] == list(range(len(prompts)))
         assert [list(r.token_ids) for r in results] == reference
         assert {r.finish_reason for r in results} == {coordinator_pb2.FINISH_REASON_LENGTH}
+        # 24 prompts through 5 KV slots: every reused slot was freed in band, on every stage
+        in_band = [after[0] - first[0] for after, first in zip(release_counts(stages), before)]
+        assert all(n >= len(prompts) - 5 for n in in_band), in_band
+        assert all(StageClient(a).info().kv_slots_used == 0 for a in stages)  # the last ones: freed when idle
 
         stopped = client.run(prompts, 8, stop_on_eos=True)
         expected = [row[:row.index(eos) + 1] if eos in row else row for row in reference]

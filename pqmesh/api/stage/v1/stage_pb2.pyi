@@ -64,7 +64,7 @@ class LoadShardResponse(_message.Message):
     def __init__(self, plan_id: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class MicroBatchHeader(_message.Message):
-    __slots__ = ("plan_id", "micro_batch_id", "phase", "slots", "lengths", "sampling", "chunk_count")
+    __slots__ = ("plan_id", "micro_batch_id", "phase", "slots", "lengths", "sampling", "chunk_count", "release_slots")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class MicroBatchHeader(_message.Message):
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     micro_batch_id: int
     phase: _tensor_pb2.Phase
@@ -79,7 +80,8 @@ class MicroBatchHeader(_message.Message):
     lengths: _containers.RepeatedScalarFieldContainer[int]
     sampling: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SamplingParams]
     chunk_count: int
-    def __init__(self, plan_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., slots: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Iterable[_Union[_tensor_pb2.SamplingParams, _Mapping]]] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    release_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, plan_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., slots: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Iterable[_Union[_tensor_pb2.SamplingParams, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., release_slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -136,7 +138,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("device", "memory_budget_bytes", "memory_used_bytes", "plan_id", "model_id", "layers", "role", "kv_slots_total", "kv_slots_used", "micro_batches_done", "tokens_done")
+    __slots__ = ("device", "memory_budget_bytes", "memory_used_bytes", "plan_id", "model_id", "layers", "role", "kv_slots_total", "kv_slots_used", "micro_batches_done", "tokens_done", "micro_batches_dropped", "slots_released_in_band", "slots_released_by_rpc")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,9 @@ class GetInfoResponse(_message.Message):
     KV_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_DONE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_DONE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_RELEASED_IN_BAND_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_RELEASED_BY_RPC_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_budget_bytes: int
     memory_used_bytes: int
@@ -159,4 +164,7 @@ class GetInfoResponse(_message.Message):
     kv_slots_used: int
     micro_batches_done: int
     tokens_done: int
-    def __init__(self, device: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., plan_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., kv_slots_total: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., micro_batches_done: _Optional[int] = ..., tokens_done: _Optional[int] = ...) -> None: ...
+    micro_batches_dropped: int
+    slots_released_in_band: int
+    slots_released_by_rpc: int
+    def __init__(self, device: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., plan_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., kv_slots_total: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., micro_batches_done: _Optional[int] = ..., tokens_done: _Optional[int] = ..., micro_batches_dropped: _Optional[int] = ..., slots_released_in_band: _Optional[int] = ..., slots_released_by_rpc: _Optional[int] = ...) -> None: ...
