@@ -6,8 +6,9 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.replan import parse_device_address
 from pqmesh import security
-from pqmesh.errors import PqmeshError
+from pqmesh.errors import InvalidArgument, PqmeshError
 from pqmesh.metrics import add_metrics_flag
 from pqmesh.plan import PipelinePlan
 
@@ -57,6 +58,10 @@ class CoordinatorConfig:
     max_prompts_per_job: int = 10_000_000  # stored on disk, fed to the scheduler a window at a time
     max_prompt_bytes: int = 1 << 20  # one uploaded prompt (serialized); past it AppendPrompts is refused
     feed_window: int = 2048  # prompts read from the store into the scheduler at most at once
+    planner: str = ""  # HOST:PORT of the planner to re-plan with; "" = never re-plan
+    replan_request: Path | None = None  # the PlanRequest (JSON) the plan came from, every usable device named
+    device_addresses: tuple[tuple[str, str], ...] = ()  # (device name, stage address) of every such device
+    replan_after: float = 30.0  # seconds a stage may stay unreachable before the coordinator re-plans
     release_mode: str = "in-band"  # freed KV slots: in the next micro-batch's header, or "rpc" (Release calls)
     max_watchers: int = 32  # open WatchJob streams (each holds a server thread)
     max_concurrent_rpcs: int = 256  # calls in progress or waiting for a thread; past it RESOURCE_EXHAUSTED
@@ -81,6 +86,9 @@ class CoordinatorConfig:
             plan.require_addresses()
             credentials = security.from_args(args).require_server()
             stage_credentials = security.from_args(args, "stage-")
+            device_addresses = tuple(parse_device_address(text) for text in args.device_address)
+            if bool(args.planner) != bool(args.replan_request):
+                raise InvalidArgument("--planner and --replan-request go together (re-planning needs both)")
         except PqmeshError as err:
             parser.error(str(err))
         return cls(args.listen, args.state_dir, plan, args.model_id, args.max_sequences, args.max_tokens_per_sequence,
@@ -91,7 +99,8 @@ class CoordinatorConfig:
                    credentials=credentials, stage_credentials=stage_credentials,
                    max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
                    max_prompt_bytes=args.max_prompt_bytes, feed_window=args.feed_window,
-                   release_mode=args.release_mode,
+                   release_mode=args.release_mode, planner=args.planner, replan_request=args.replan_request,
+                   device_addresses=device_addresses, replan_after=args.replan_after,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
 
 
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--health-interval", type=float, default=5.0,
                         help="seconds between health checks of every stage; 0 turns them off (default 5)")
     _add_limit_flags(parser)
+    _add_replan_flags(parser)
     security.add_flags(parser)
     security.add_flags(parser, prefix="stage-", server=False, peer="the stages")
     add_metrics_flag(parser)
@@ -162,3 +172,18 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
                         help="open WatchJob streams; past it WatchJob answers RESOURCE_EXHAUSTED (default 32)")
     parser.add_argument("--max-concurrent-rpcs", type=_positive, default=256,
                         help="calls in progress or queued for a thread; past it RESOURCE_EXHAUSTED (default 256)")
+
+
+def _add_replan_flags(parser: argparse.ArgumentParser) -> None:
+    """Re-planning onto the remaining devices when a stage is lost (coordinator.replan)."""
+    group = parser.add_argument_group("re-planning")
+    group.add_argument("--planner", type=_address, default="", metavar="HOST:PORT",
+                       help="planner to ask for a new plan when a stage stays unreachable (default: never re-plan)")
+    group.add_argument("--replan-request", type=Path, default=None, metavar="FILE",
+                       help="the PlanRequest JSON the plan came from, listing every usable device once by name "
+                            "(count 1, spares included)")
+    group.add_argument("--device-address", action="append", default=[], metavar="NAME=HOST:PORT",
+                       help="stage server of a device of --replan-request (repeat for every device)")
+    group.add_argument("--replan-after", type=_seconds, default=30.0,
+                       help="seconds a stage may stay unreachable before re-planning without it (default 30; "
+                            "below --stage-recovery-timeout)")

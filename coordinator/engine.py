@@ -37,6 +37,7 @@ from coordinator.feeder import Feeder
 from coordinator.mesh import Mesh
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, OutageHandling, StepClock
+from coordinator.replan import Replanning
 from coordinator.resolve import Resolver, finished_record
 from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult
 from coordinator.store import JobState, JobStore, ResultRecord
@@ -67,7 +68,7 @@ class EngineSettings:
 class Engine(OutageHandling):
     def __init__(self, store: JobStore, mesh: Mesh, scheduler: Scheduler, board: ProgressBoard,
                  settings: EngineSettings, decode_text: Callable[[list[int]], str] | None = None,
-                 metrics=None, resolver: Resolver | None = None) -> None:
+                 metrics=None, resolver: Resolver | None = None, replanning: Replanning | None = None) -> None:
         self.store, self.mesh, self.scheduler, self.board = store, mesh, scheduler, board
         resolver = resolver or Resolver(scheduler.max_tokens, eos_ids=settings.eos_ids)
         self.feeder = Feeder(store, scheduler, resolver, settings.feed_window)
@@ -83,10 +84,14 @@ class Engine(OutageHandling):
         self._mesh_ok = True
         self._clock = StepClock(settings.step_timeout)
         self._stopping = threading.Event()
-        self._init_recovery()
-        self._health = HealthWatch(mesh.health, len(mesh.clients), settings.health_interval,
-                                   lambda index, problem: self._events.put(("unhealthy", problem)),
-                                   lambda: self._mesh_ok) if settings.health_interval > 0 else None
+        self._init_recovery(replanning)
+        self._health = self._health_watch(mesh)
+
+    def _health_watch(self, mesh: Mesh) -> HealthWatch | None:
+        if self.settings.health_interval <= 0:
+            return None
+        return HealthWatch(mesh.health, len(mesh.clients), self.settings.health_interval,
+                           lambda index, problem: self._events.put(("unhealthy", problem)), lambda: self._mesh_ok)
 
     # -- called from other threads ------------------------------------------------------------------
     def start(self) -> None:

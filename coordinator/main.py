@@ -20,6 +20,7 @@ from coordinator.jobs import JobService, Limits
 from coordinator.mesh import Mesh, MeshSpec
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.progress import ProgressBoard
+from coordinator.replan import PlanFile, Replanner, Replanning, read_plan_request
 from coordinator.resolve import Resolver, served_names
 from coordinator.scheduler import Scheduler
 from coordinator.servicer import SERVICE_NAME, CoordinatorServicer
@@ -55,13 +56,24 @@ class Coordinator:
         self.engine.stop()
         if self.metrics is not None:
             self.metrics.close()
-        self.mesh.close()
+        self.engine.mesh.close()  # the mesh of the current plan (a re-plan replaces the first one)
         self.store.close()
 
 
 def _text_codec(config: CoordinatorConfig) -> TextCodec | None:
     directory = config.tokenizer or (config.model_dir if has_tokenizer(config.model_dir) else None)
     return TextCodec(directory) if directory is not None else None
+
+
+def _replanning(config: CoordinatorConfig) -> Replanning | None:
+    if not config.planner:
+        return None
+    addresses = dict(config.device_addresses)
+    request = read_plan_request(config.replan_request, addresses)
+    replanner = Replanner(config.planner, request, addresses)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    return Replanning(replanner, PlanFile(config.state_dir / "replanned_plan.json"), config.plan.plan_id,
+                      config.replan_after)
 
 
 def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) -> Coordinator:
@@ -73,7 +85,13 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         config.plan.check_layers(facts.num_layers)
     codec = _text_codec(config)
     eos_ids = frozenset(config.eos_token_ids) or facts.eos_ids or (codec.eos_ids if codec else frozenset())
-    spec = MeshSpec(config.plan, config.model_id, config.max_sequences, config.max_tokens_per_sequence, config.dtype)
+    replanning = _replanning(config)
+    plan = config.plan
+    if replanning is not None and (saved := replanning.plan_file.load(config.plan)) is not None:
+        plan, replanning.replanner.lost = saved
+        log.warning("plan_from_replan", plan_id=plan.plan_id, lost=sorted(replanning.replanner.lost),
+                    path=str(replanning.plan_file.path))
+    spec = MeshSpec(plan, config.model_id, config.max_sequences, config.max_tokens_per_sequence, config.dtype)
     store = JobStore(config.state_dir)
     mesh = Mesh(spec, config.stage_credentials)
     try:
@@ -82,9 +100,8 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         mesh.close()
         store.close()
         raise
-    plan = config.plan
     scheduler = Scheduler(config.max_sequences, config.max_tokens_per_sequence, plan.prefill_micro_batch,
-                          plan.decode_micro_batch, config.in_flight)
+                          plan.decode_micro_batch, config.max_in_flight or len(plan.stages))
     board = ProgressBoard()
     resolver = Resolver(config.max_tokens_per_sequence, codec, facts.vocab_size, eos_ids,
                         served_names(config.model_id, config.model_dir), config.model_id)
@@ -93,7 +110,7 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval,
         feed_window=max(config.feed_window, 2 * config.max_sequences),
         release_in_band=config.release_mode == "in-band"),
-                    codec.decode if codec else None, metrics=metrics, resolver=resolver)
+                    codec.decode if codec else None, metrics=metrics, resolver=resolver, replanning=replanning)
     metrics.watch(scheduler, store)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)

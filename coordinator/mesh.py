@@ -35,9 +35,10 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class StageUnavailable(Unavailable):
     """A stage is down, hung or not done with earlier work: worth retrying. ``stage`` names it."""
 
-    def __init__(self, stage: str, message: str) -> None:
+    def __init__(self, stage: str, message: str, index: int | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+        self.index = index  # the stage's position in the plan, when one stage is to blame
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Mesh:
         spec.plan.require_addresses()
         self.spec = spec
         self.plan_id = spec.plan_id
+        self.credentials = credentials
         self.clients = [StageClient(s.address, credentials) for s in spec.plan.stages]
 
     def _name(self, index: int) -> str:
@@ -126,7 +128,7 @@ class Mesh:
                     within = f" within {timeout:.0f} s" if timeout > 0 else ""
                     raise StageUnavailable(self._name(index), f"{self._name(index)} did not answer{within} "
                                            f"({err.code().name}: {err.details()}); start it, or fix its address in "
-                                           "the plan or --stage") from None
+                                           "the plan or --stage", index) from None
                 time.sleep(0.2)
 
     def _call(self, index: int, what: str, call):
@@ -137,7 +139,9 @@ class Mesh:
 
     def _refused(self, index: int, what: str, err: grpc.RpcError) -> Exception:
         message = f"{self._name(index)} refused {what}: {err.code().name}: {err.details()}"
-        return StageUnavailable(self._name(index), message) if err.code() in _RETRYABLE else FailedPrecondition(message)
+        if err.code() in _RETRYABLE:
+            return StageUnavailable(self._name(index), message, index)
+        return FailedPrecondition(message)
 
     def _settled_info(self, index: int, tries: int = 10, pause: float = 0.2) -> stage_pb2.GetInfoResponse:
         """GetInfo once no KV slot is in use. After a broken Forward stream, micro-batches already queued on

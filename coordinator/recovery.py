@@ -22,13 +22,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import grpc
 import structlog
 
-from coordinator.mesh import StageUnavailable
+from coordinator.mesh import Mesh, StageUnavailable
 from coordinator.scheduler import MicroBatch
 from pqmesh.errors import PqmeshError
 from pqmesh.types import Phase
@@ -96,6 +96,8 @@ class Outage:
     in_flight: list[tuple[str, int, int]]  # (job id, prompt index, tokens generated) of the lost micro-batches
     attempts: int = 0  # bring-up attempts so far
     stage: str = ""  # the stage last found unreachable ("stage 1 (HOST:PORT, layers [a, b))")
+    stage_index: int | None = None  # its place in the plan, while one stage is to blame
+    replans: int = 0  # plans switched to during this outage
     last_error: str = ""
     given_up: bool = False
     resumed: int = 0  # unfinished sequences re-prefilled when the mesh came back
@@ -168,7 +170,8 @@ class OutageHandling:
     ``_mesh_ok``, and its ``_fail`` and ``_open_stream``; owns the outage fields set by `_init_recovery`.
     """
 
-    def _init_recovery(self) -> None:
+    def _init_recovery(self, replanning=None) -> None:
+        self.replanning = replanning  # coordinator.replan.Replanning, or None: never re-plan
         self._outage: Outage | None = None
         self._down: str | None = None  # set when the mesh was given up on: why new jobs are refused
         self._retry_token = 0
@@ -215,11 +218,11 @@ class OutageHandling:
         try:
             self.mesh.bring_up(0.0, load_timeout=self.settings.recovery_timeout)
         except StageUnavailable as err:  # down, hung or still busy: worth retrying
-            outage.stage, outage.last_error = err.stage, str(err)
+            outage.stage, outage.last_error, outage.stage_index = err.stage, str(err), err.index
             self._wait_for_mesh(str(err), retryable=True)
             return
         except (PqmeshError, grpc.RpcError) as err:  # refused for good (e.g. the shard no longer fits)
-            outage.stage, outage.last_error = "", str(err)
+            outage.stage, outage.last_error, outage.stage_index = "", str(err), None
             self._wait_for_mesh(str(err), retryable=False)
             return
         self.scheduler.all_released()
@@ -238,6 +241,9 @@ class OutageHandling:
 
     def _wait_for_mesh(self, error: str, retryable: bool) -> None:
         outage, now = self._outage, time.monotonic()
+        if retryable and not outage.given_up and self._replan_due(now):
+            self._replan()
+            return
         if not outage.given_up and (not retryable or outage.expired(now)):
             self._give_up(outage.give_up_message(now) if retryable else f"a stage refused to come back: {error}")
         if outage.given_up:
@@ -283,3 +289,42 @@ class OutageHandling:
         if self._outage is None:  # a recovery that broke half-way
             self._pause("retrying after a failed recovery", blame=False)
         self._try_bring_up()
+
+    # -- re-planning ----------------------------------------------------------------------------------
+    def _replan_due(self, now: float) -> bool:
+        """A stage has been unreachable past ``--replan-after`` and a planner is configured."""
+        outage = self._outage
+        return (self.replanning is not None and outage.stage_index is not None
+                and now - outage.started >= self.replanning.after_s)
+
+    def _replan(self) -> None:
+        """Plans again without the lost stage's device and brings the new mesh up; when nothing fits, the
+        jobs fail with the planner's reason (their finished results kept)."""
+        outage, replanning = self._outage, self.replanning
+        device = self.mesh.spec.plan.stages[outage.stage_index].device or outage.stage
+        try:
+            plan = replanning.replanner.plan_without(device)
+        except PqmeshError as err:
+            self._give_up(f"{outage.stage} is lost and re-planning found no plan: {err}")
+            self._retry_later(self.settings.backoff.maximum)
+            return
+        replanning.plan_file.save(replanning.base_plan_id, plan, replanning.replanner.lost)
+        self._switch_mesh(plan)
+        outage.replans += 1
+        outage.stage_index, outage.started = None, time.monotonic()  # the new mesh gets a full recovery timeout
+        for job_id in {s.job_id for s in self.scheduler.waiting}:
+            self.board.note(job_id, f"re-planned without {device}; loading the new plan")
+        self._try_bring_up()
+
+    def _switch_mesh(self, plan) -> None:
+        """The engine's mesh, health watch and micro-batch sizes follow ``plan`` from now on."""
+        old = self.mesh
+        self.mesh = Mesh(replace(old.spec, plan=plan), old.credentials)
+        old.close()
+        if self._health is not None:
+            self._health.stop()
+            self._health = self._health_watch(self.mesh)
+            self._health.start()
+        self.scheduler.adopt(plan.prefill_micro_batch, plan.decode_micro_batch, len(plan.stages))
+        log.warning("mesh_replanned", plan_id=self.mesh.plan_id, stages=len(plan.stages),
+                    layers=[[s.device, s.start, s.end] for s in plan.stages])

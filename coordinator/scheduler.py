@@ -145,6 +145,12 @@ class Scheduler:
         self._ids = itertools.count()
         self._order = itertools.count()
 
+    def adopt(self, prefill_micro_batch: int, decode_micro_batch: int, max_in_flight: int) -> None:
+        """A new plan's micro-batch sizes and pipeline depth (after a re-plan; nothing is in flight)."""
+        if min(prefill_micro_batch, decode_micro_batch, max_in_flight) < 1:
+            raise InvalidArgument("micro-batch sizes and in-flight depth must be >= 1")
+        self.prefill_size, self.decode_size, self.max_in_flight = prefill_micro_batch, decode_micro_batch, max_in_flight
+
     # -- admission ----------------------------------------------------------------------------------
     def add(self, sequence: Sequence) -> None:
         problem = capacity_error(sequence.index, len(sequence.prompt), sequence.max_new_tokens, self.max_tokens)

@@ -19,25 +19,24 @@ import math
 from typing import Callable
 
 from planner.cluster import Device
-from planner.memory import GIB
 from planner.orders import representative_orders
 from planner.plans import Baseline
 from planner.problem import Evaluation, Problem, evaluate, head_cost, layer_bytes, layer_cost
 from planner.tables import budgets, micro_batch_candidates, plan_from_bits
 from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
-
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+from pqmesh.units import format_bytes
 
 
 def shortfall_reason(ev: Evaluation, plan: PipelinePlan, what: str) -> str:
     """'device X needs A but has B (short by C)' for the device furthest over its memory."""
     short = ev.shortfalls()
     i = max(range(len(short)), key=short.__getitem__)
-    return (f"{what}: device {plan.stages[i].device!r} needs {_gib(ev.memory[i].total)} but has {_gib(ev.capacity[i])} "
-            f"(short by {_gib(short[i])}) at micro-batch {plan.prefill_micro_batch}")
+    return (
+        f"{what}: device {plan.stages[i].device!r} needs {format_bytes(ev.memory[i].total)} "
+        f"but has {format_bytes(ev.capacity[i])} "
+        f"(short by {format_bytes(short[i])}) at micro-batch {plan.prefill_micro_batch}"
+    )
 
 
 def best_over_sizes(problem: Problem, make: Callable[[int], PipelinePlan | None], what: str) -> Baseline:

@@ -13,17 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from planner.cluster import Device, Workload
-from planner.memory import GIB
 from planner.orders import representative_orders
 from planner.problem import Problem, layer_bytes
 from planner.solver_ortools import solve_order
 from planner.tables import QualityScale, budgets, build_input
 from pqmesh.errors import FailedPrecondition, ResourceExhausted
 from pqmesh.types import ALL_BITS, Bits, Phase
-
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+from pqmesh.units import format_bytes
 
 
 def _closest(problem: Problem, bits: Bits) -> tuple[int, str, int, int, int]:
@@ -74,10 +70,13 @@ def memory_message(problem: Problem) -> str:
     lowest = problem.allowed_bits[-1]
     w = problem.workload
     total, label, need, capacity, short = _closest(problem, lowest)
-    parts = [f"the model does not fit: even with every layer at {int(lowest)} bits and micro-batches of 1 sequence, "
-             f"device {label!r} needs {_gib(need)} but has {_gib(capacity)} (short by {_gib(short)}; "
-             f"{_gib(total)} short over all devices) at the closest plan, whose KV cache holds "
-             f"{w.batch_size} sequences x {w.max_context} tokens"]
+    parts = [
+        f"the model does not fit: even with every layer at {int(lowest)} bits and micro-batches of 1 sequence, "
+        f"device {label!r} needs {format_bytes(need)} but has {format_bytes(capacity)} "
+        f"(short by {format_bytes(short)}; "
+        f"{format_bytes(total)} short over all devices) at the closest plan, whose KV cache holds "
+        f"{w.batch_size} sequences x {w.max_context} tokens"
+    ]
     fixes = []
     batch = _largest_batch(problem)
     if batch:
@@ -92,7 +91,7 @@ def memory_message(problem: Problem) -> str:
     if len(extra.devices) <= problem.shape.num_layers and fits(extra):
         fixes.append(f"one more {big.profile.device_type} device")
     else:
-        fixes.append(f"more devices with at least {_gib(total)} of memory in total")
+        fixes.append(f"more devices with at least {format_bytes(total)} of memory in total")
     return "; ".join(parts) + ". To fit: " + ", or ".join(fixes)
 
 
