@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import structlog
 
@@ -140,7 +140,8 @@ class JobService:
         live = self.board.snapshot(job_id)
         return live if live is not None else Progress.from_record(self.store.job(job_id))
 
-    def watch(self, job_id: str, min_interval: float = 0.1, heartbeat: float = 5.0) -> Iterator[Progress]:
+    def watch(self, job_id: str, min_interval: float = 0.1, heartbeat: float = 5.0,
+              alive: Callable[[], bool] = lambda: True) -> Iterator[Progress]:
         """Progress now, then on every change (at most every ``min_interval``), until a final state.
         At most ``limits.max_watchers`` watches run at once; one more raises ResourceExhausted."""
         progress = self.progress(job_id)
@@ -154,13 +155,15 @@ class JobService:
                     return
                 version = self.board.version
                 time.sleep(min_interval)
-                self.board.wait(version, heartbeat)
+                self.board.wait(version, heartbeat, alive)
+                if not alive():
+                    return
                 progress = self.progress(job_id)
         finally:
             self._watchers.release()
 
-    def stream_results(self, job_id: str, resume_from: int = 0, page: int = 256,
-                       heartbeat: float = 5.0) -> Iterator[ResultRecord]:
+    def stream_results(self, job_id: str, resume_from: int = 0, page: int = 256, heartbeat: float = 5.0,
+                       alive: Callable[[], bool] = lambda: True) -> Iterator[ResultRecord]:
         """Stored results in finishing order from the ``resume_from``-th on, as they are stored, until the job
         is final and every result was yielded. Counts against ``limits.max_watchers``."""
         self.store.job(job_id)  # NotFound before taking a watcher
@@ -177,9 +180,9 @@ class JobService:
                 sent += len(rows)
                 if len(rows) == page:
                     continue
-                if final:
+                if final or not alive():
                     return
-                self.board.wait(version, heartbeat)
+                self.board.wait(version, heartbeat, alive)
         finally:
             self._watchers.release()
 

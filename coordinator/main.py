@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import structlog
@@ -17,7 +17,7 @@ import structlog
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Engine, EngineSettings
 from coordinator.jobs import JobService, Limits
-from coordinator.mesh import Mesh, MeshSpec
+from coordinator.mesh import Mesh, MeshSpec, StageUnavailable
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.progress import ProgressBoard
 from coordinator.replan import PlanFile, Replanner, Replanning, read_plan_request
@@ -76,6 +76,26 @@ def _replanning(config: CoordinatorConfig) -> Replanning | None:
                       config.replan_after)
 
 
+def _bring_up(spec: MeshSpec, config: CoordinatorConfig, replanning: Replanning | None) -> Mesh:
+    """The mesh of ``spec``, brought up; with re-planning configured, a stage that does not answer at
+    start (a coordinator restarted during a re-plan) is planned around like one lost while running."""
+    while True:
+        mesh = Mesh(spec, config.stage_credentials)
+        try:
+            mesh.bring_up(config.connect_timeout)
+            return mesh
+        except StageUnavailable as err:
+            mesh.close()
+            if replanning is None or err.index is None:
+                raise
+            plan = replanning.replanner.plan_without(spec.plan.stages[err.index].device)
+            replanning.plan_file.save(replanning.base_plan_id, plan, replanning.replanner.lost)
+            spec = replace(spec, plan=plan)
+        except BaseException:
+            mesh.close()
+            raise
+
+
 def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) -> Coordinator:
     """Brings the mesh up, resumes stored jobs and starts serving (and the metrics exporter with
     --metrics-listen); returns the running coordinator."""
@@ -93,13 +113,12 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
                     path=str(replanning.plan_file.path))
     spec = MeshSpec(plan, config.model_id, config.max_sequences, config.max_tokens_per_sequence, config.dtype)
     store = JobStore(config.state_dir)
-    mesh = Mesh(spec, config.stage_credentials)
     try:
-        mesh.bring_up(config.connect_timeout)
+        mesh = _bring_up(spec, config, replanning)
     except BaseException:
-        mesh.close()
         store.close()
         raise
+    plan = mesh.spec.plan
     scheduler = Scheduler(config.max_sequences, config.max_tokens_per_sequence, plan.prefill_micro_batch,
                           plan.decode_micro_batch, config.max_in_flight or len(plan.stages))
     board = ProgressBoard()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from coordinator.scheduler import Phase
 from coordinator.store import JobRecord, JobState
@@ -136,8 +137,11 @@ class ProgressBoard:
                 eta = max(live.expected_tokens - live.tokens, 0) / rate if rate > 0 else 0.0
             return Progress(job_id, live.state, live.total, live.done, live.tokens, rate, live.phase, eta, live.message)
 
-    def wait(self, version: int, timeout: float) -> int:
-        """Blocks until the board changes after ``version`` or ``timeout`` passes; returns the version."""
+    def wait(self, version: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> int:
+        """Blocks until the board changes after ``version``, ``timeout`` passes or ``alive()`` turns false
+        (checked every quarter second: a cancelled stream frees its watcher slot at once); returns the version."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            self._changed.wait_for(lambda: self.version != version, timeout)
+            while self.version == version and alive() and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait_for(lambda: self.version != version, min(left, 0.25))
             return self.version

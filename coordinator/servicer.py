@@ -65,11 +65,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SubmitJobResponse(job_id=record.id, state=int(record.state))
 
     def WatchJob(self, request, context):
-        yield from _stream(context, "WatchJob", self.jobs.watch(request.job_id), encode_progress)
+        yield from _stream(context, "WatchJob", self.jobs.watch(request.job_id, alive=context.is_active),
+                           encode_progress)
 
     def StreamResults(self, request, context):
-        yield from _stream(context, "StreamResults", self.jobs.stream_results(request.job_id, request.resume_from),
-                           encode_result)
+        results = self.jobs.stream_results(request.job_id, request.resume_from, alive=context.is_active)
+        yield from _stream(context, "StreamResults", results, encode_result)
 
     @rpc_errors
     def CreateJob(self, request, context):
