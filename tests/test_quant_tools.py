@@ -23,7 +23,8 @@ TEXT = Path(__file__).parent / "data" / "quant_text.txt"
 
 
 def last_json_line(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])  # logs may share stdout when structlog is unconfigured
+    lines = text.strip().splitlines()  # logs may share stdout when structlog is unconfigured
+    return json.loads(lines[-2] if not lines[-1].startswith("{") else lines[-1])
 
 
 def cli(argv: list[str]) -> int:

@@ -143,3 +143,18 @@ class LayerwiseRunner:
     def advance(self, outputs: list[torch.Tensor]) -> None:
         """Replaces the hidden states by a layer's outputs, given per micro-batch in `batches` order."""
         self.hidden = torch.cat(outputs)
+
+
+def calibration_windows(model_dir: str | Path, calib_path: str | Path, samples: int, seq_len: int) -> torch.Tensor:
+    """Exactly ``samples`` windows of ``seq_len`` tokens from the start of a calibration text, or an
+    InvalidArgument saying how many tokens the file holds and what to change."""
+    if samples < 1:
+        raise InvalidArgument(f"give at least one calibration window, got {samples}")
+    need = samples * seq_len
+    tokens = load_tokens(model_dir, calib_path, max_tokens=need)
+    if len(tokens) < need:
+        raise InvalidArgument(
+            f"calibration file {calib_path} holds {len(tokens)} tokens; {samples} windows of {seq_len} need {need}: "
+            f"give a longer file, or fewer windows (--samples {max(1, len(tokens) // seq_len)}) or shorter ones"
+        )
+    return token_windows(tokens, seq_len, samples)
