@@ -42,20 +42,34 @@ class GptqSettings:
 
 
 def collect_hessians(runner: LayerwiseRunner, layer: nn.Module) -> dict[str, HessianAccumulator]:
-    """Input Hessian of every linear of ``layer`` over all of the runner's current hidden states."""
+    """Input Hessian of every linear of ``layer`` over all of the runner's current hidden states.
+
+    Linears called one after another on the same input tensor (q/k/v, gate/up) share one
+    accumulator, so each distinct input is folded in once."""
     slots = linear_children(layer)
-    found = {s.name: HessianAccumulator(s.linear.in_features, runner.device) for s in slots}
+    found: dict[str, HessianAccumulator] = {}
+    last: list = [None, None]  # the input tensor seen by the previous hook, and its accumulator
 
-    def hook_for(name: str):
-        return lambda module, args: found[name].add(args[0])
+    def hook_for(name: str, features: int):
+        def hook(module, args):
+            x = args[0]
+            if x is last[0]:
+                found.setdefault(name, last[1])
+                return
+            accumulator = found.setdefault(name, HessianAccumulator(features, runner.device))
+            accumulator.add(x)
+            last[0], last[1] = x, accumulator
 
-    handles = [s.linear.register_forward_pre_hook(hook_for(s.name)) for s in slots]
+        return hook
+
+    handles = [s.linear.register_forward_pre_hook(hook_for(s.name, s.linear.in_features)) for s in slots]
     try:
         for part in runner.batches():
             runner.forward(layer, runner.hidden[part])
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     return found
 
 

@@ -77,6 +77,7 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--bits", default="8,4,3,2", help="bitwidths to rate (default 8,4,3,2)")
     ind.add_argument("--kind", choices=KINDS, default="variance")
     ind.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    ind.add_argument("--method", choices=METHODS, default="rtn", help="quantizer the direct kind measures (rtn)")
     ind.set_defaults(func=run_indicator)
 
     ppl = subparsers.add_parser("ppl", help="perplexity of a per-layer bit plan on a text file")
@@ -95,7 +96,8 @@ def run_indicator(args) -> int:
     runner = LayerwiseRunner(args.model, windows, micro_batch=args.batch, dtype=_dtype(args.dtype), device=args.device)
     try:
         table = compute_indicator(
-            runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model)
+            runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
+            method=args.method,
         )
     finally:
         runner.close()

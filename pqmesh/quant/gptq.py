@@ -43,21 +43,23 @@ DEFAULT_DAMP = 0.01
 
 
 class HessianAccumulator:
-    """``sum_t x_t x_t^T`` over every calibration token a linear sees (float64), and the count."""
+    """The running mean of ``x_t x_t^T`` over every calibration token a linear sees (float32, each
+    micro-batch's sum folded in with weight ``n / total``, as GPTQ does, so the scale stays bounded)."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.value = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        self.sum.addmm_(flat.T, flat)
-        self.tokens += flat.shape[0]
+        flat = x.reshape(-1, x.shape[-1]).float()
+        total = self.tokens + flat.shape[0]
+        self.value.mul_(self.tokens / total).addmm_(flat.T, flat, alpha=1.0 / total)
+        self.tokens = total
 
     def mean(self) -> torch.Tensor:
         if self.tokens == 0:
             raise InvalidArgument("no calibration tokens reached this linear; give a calibration text")
-        return (self.sum / self.tokens).float()
+        return self.value
 
 
 def _group_params(w: torch.Tensor, bits: Bits, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
