@@ -13,6 +13,7 @@ from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner, calibration_windows
 from pqmesh.quant.calibrated import advance_through, gptq_layer
 from pqmesh.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.layer import linear_children, quantize_layer
 from pqmesh.quant.qlinear import QuantLinear, quantize_weight
 
@@ -94,3 +95,18 @@ def test_calibrated_decoder_layer_has_lower_output_error_than_rtn(tmp_path):
     finally:
         runner.close()
         reference.close()
+
+
+def test_direct_indicator_of_the_calibrated_quantizer_is_lower(tmp_path):
+    build_wide_checkpoint("llama", tmp_path, layers=2, hidden=256)
+    windows = calibration_windows(tmp_path, TEXT, 8, 96)
+    tables = {}
+    for method in ("rtn", "gptq"):
+        runner = LayerwiseRunner(tmp_path, windows, micro_batch=4)
+        tables[method] = compute_indicator(runner, (4, 3), "direct", 128, method=method)
+        runner.close()
+    for layer in range(2):
+        for bits in (4, 3):
+            assert 0 < tables["gptq"].value(layer, bits) < tables["rtn"].value(layer, bits)
+    with pytest.raises(InvalidArgument, match="rtn or gptq"):
+        compute_indicator(LayerwiseRunner(tmp_path, windows), (4,), "direct", 128, method="awq")
