@@ -6,8 +6,10 @@ the sensitivity indicator ranks layers.
 
 Corpora: WikiText-2 in its tokenized form (``--data``, default ``/work/shared/data/wikitext-2``):
 ``test.txt`` is the evaluation text (its first ``--eval-tokens`` tokens), ``valid.txt`` the
-calibration text (its first ``--calib-windows`` windows). Windows of ``--seq-len`` tokens, no BOS,
-no context carried over (`pqmesh.quant.ppl`). Steps (``--steps``, results merged into ``--out``):
+calibration text (its first ``--calib-windows`` windows). Windows of ``--seq-len`` tokens, no context
+carried over (`pqmesh.quant.ppl`), starting with BOS where the model's tokenizer adds one (Gemma;
+not SmolLM2), so every window predicts ``--seq-len - 1`` text tokens. Steps (``--steps``, results
+merged into ``--out``):
 
 - ``uniform``: perplexity at uniform 16, 8, 4, 3, 2 bits, round-to-nearest (``rtn``) and calibrated
   (``gptq``: `pqmesh quantize` into a temporary checkpoint, then evaluated as stored);
@@ -37,7 +39,13 @@ from pqmesh.log import configure
 from pqmesh.model import ModelShard
 from pqmesh.model.embedded import MODELS, prepare
 from pqmesh.model.loading import load_config
-from pqmesh.quant.calibrate import LayerwiseRunner, calibration_windows, load_tokens, token_windows
+from pqmesh.quant.calibrate import (
+    LayerwiseRunner,
+    bos_token,
+    calibration_windows,
+    load_tokens,
+    token_windows,
+)
 from pqmesh.quant.calibrated import GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.layer import plan_hook
@@ -192,7 +200,8 @@ def main(argv=None) -> int:
     model = prepare(model=args.model) if args.model in MODELS else Path(args.model)
     layers = load_config(model).num_hidden_layers
     tokens = load_tokens(model, args.data / "test.txt", args.eval_tokens)
-    ctx = {"eval": token_windows(tokens, args.seq_len), "group": args.group_size, "batch": args.batch,
+    ctx = {"eval": token_windows(tokens, args.seq_len, bos=bos_token(model)), "group": args.group_size,
+           "batch": args.batch,
            "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
            "work": os.environ.get("TMPDIR", "/tmp")}
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pqmesh.model import LocalPipeline, ModelShard
 from pqmesh.model.embedded import GEMMA_NAME, prepare
+from pqmesh.quant.calibrate import bos_token
 from pqmesh.stage_wire import left_pad
 
 pytestmark = pytest.mark.slow
@@ -47,3 +48,8 @@ def test_two_slices_match_hf_generate(gemma):
             ref = model(torch.tensor([prompt])).logits[0]
         got = logits[row, ids.shape[1] - len(prompt):]
         assert (got - ref).abs().max() / ref.abs().max() < 1e-4, f"prompt {row}"
+
+
+def test_perplexity_windows_start_with_gemmas_bos_but_not_smollm2s():
+    assert bos_token(prepare(model=GEMMA_NAME)) == 2
+    assert bos_token(prepare()) is None

@@ -24,7 +24,13 @@ import torch
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.loading import load_config
 from pqmesh.quant.bit_plan import parse_bits_spec
-from pqmesh.quant.calibrate import LayerwiseRunner, calibration_windows, load_tokens, token_windows
+from pqmesh.quant.calibrate import (
+    LayerwiseRunner,
+    bos_token,
+    calibration_windows,
+    load_tokens,
+    token_windows,
+)
 from pqmesh.quant.calibrated import METHODS, GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.indicator_file import KINDS
@@ -128,7 +134,8 @@ def run_quantize(args) -> int:
 
 def run_ppl(args) -> int:
     plan = parse_bits_spec(args.bits, load_config(args.model).num_hidden_layers)
-    windows = token_windows(load_tokens(args.model, args.text, args.max_tokens), args.seq_len)
+    windows = token_windows(load_tokens(args.model, args.text, args.max_tokens), args.seq_len,
+                            bos=bos_token(args.model))
     with tempfile.TemporaryDirectory(prefix="pqmesh-ppl-") as scratch:
         model = args.model
         if args.method == "gptq":

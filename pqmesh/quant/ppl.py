@@ -4,7 +4,8 @@ A plain checkpoint is quantized on the fly (round-to-nearest); a pre-quantized o
 quantize`) is read as stored, and the plan must equal its stored bits.
 
 The text is cut into non-overlapping windows of ``seq_len`` tokens; each window is one sequence
-(no BOS added, no context carried over), every token after the first in a window is predicted, and
+(no context carried over; it starts with BOS when the tokenizer adds one by default,
+`pqmesh.quant.calibrate.bos_token`), every token after the first in a window is predicted, and
 perplexity is ``exp(total negative log-likelihood / predicted tokens)`` over all windows.
 """
 
