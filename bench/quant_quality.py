@@ -109,9 +109,10 @@ def step_indicator(model: Path, ctx: dict, results: dict) -> None:
                                ("direct-gptq", "direct", "gptq")):
         started = time.perf_counter()
         runner = LayerwiseRunner(model, ctx["calib"], micro_batch=ctx["batch"])
-        table = compute_indicator(runner, WIDTHS, kind, ctx["group"], method=method)
+        widths = WIDTHS if kind == "variance" else (8, 4, 3)  # what the mixed plans and the layers step use
+        table = compute_indicator(runner, widths, kind, ctx["group"], method=method)
         runner.close()
-        out[name] = [{str(b): table.value(i, b) for b in WIDTHS} for i in range(table.num_layers)]
+        out[name] = [{str(b): table.value(i, b) for b in widths} for i in range(table.num_layers)]
         log(f"indicator {name}: {time.perf_counter() - started:.0f} s")
 
 

@@ -80,13 +80,16 @@ def gptq_layer(
     group_size: int = DEFAULT_GROUP_SIZE,
     settings: GptqSettings = GptqSettings(),
     workspace: Workspace | None = None,
+    hessians: dict[str, HessianAccumulator] | None = None,
 ) -> nn.Module:
-    """Replaces the linears of ``layer`` in place by calibrated ``bits``-bit `QuantLinear`s."""
+    """Replaces the linears of ``layer`` in place by calibrated ``bits``-bit `QuantLinear`s.
+
+    ``hessians`` (from `collect_hessians` on an identical layer) skips collecting them again."""
     bits = Bits.parse(bits)
     if not bits.quantized:
         return layer
     workspace = workspace if workspace is not None else Workspace()
-    hessians = collect_hessians(runner, layer)
+    hessians = hessians if hessians is not None else collect_hessians(runner, layer)
     for slot in linear_children(layer):
         weight = slot.linear.weight
         with torch.inference_mode(False):

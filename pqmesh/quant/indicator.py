@@ -36,7 +36,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner
-from pqmesh.quant.calibrated import gptq_layer
+from pqmesh.quant.calibrated import collect_hessians, gptq_layer
 from pqmesh.quant.indicator_file import KINDS, IndicatorTable
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children, quantize_layer
 from pqmesh.quant.qlinear import Workspace, quantize_weight
@@ -101,7 +101,8 @@ class NoiseMeter:
 
 def _direct_layers(runner: LayerwiseRunner, index: int, widths, group_size: int, method: str) -> dict:
     if method == "gptq":
-        return {b: gptq_layer(runner, runner.load_layer(index), b, group_size) for b in widths}
+        hessians = collect_hessians(runner, runner.load_layer(index))  # one pass serves every width
+        return {b: gptq_layer(runner, runner.load_layer(index), b, group_size, hessians=hessians) for b in widths}
     return {b: quantize_layer(runner.load_layer(index), b, group_size, Workspace()) for b in widths}
 
 
