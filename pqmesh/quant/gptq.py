@@ -34,7 +34,7 @@ from pqmesh.quant.qlinear import (
     CLIP_STEPS,
     SCALE_DTYPE,
     QuantizedWeight,
-    _clipped_range,
+    clipped_range,
     effective_group_size,
 )
 from pqmesh.types import Bits
@@ -64,7 +64,7 @@ class HessianAccumulator:
 
 def _group_params(w: torch.Tensor, bits: Bits, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (scale, offset) per row for a group of weights ``w [out, g]`` (round-to-nearest's rule)."""
-    low, high = _clipped_range(w.unsqueeze(1), bits.levels, steps, CLIP_SHRINK)
+    low, high = clipped_range(w.unsqueeze(1), bits.levels, steps, CLIP_SHRINK)
     scale = ((high - low) / bits.levels).squeeze(1).to(SCALE_DTYPE)
     offset = low.squeeze(1).to(SCALE_DTYPE)
     if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):

@@ -79,7 +79,7 @@ class QuantizedWeight:
         return weight.view(rows, cols).to(dtype)
 
 
-def _clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (last dim of ``w``), the [low, high] range among ``steps`` ranges shrunk about the
     group's centre from min/max down to ``shrink`` of it that gives the least squared error."""
     low, high = w.amin(dim=-1), w.amax(dim=-1)
@@ -126,7 +126,7 @@ def quantize_weight(
     for first in range(0, rows, chunk):
         part = slice(first, min(rows, first + chunk))
         w = weight[part].detach().float().view(-1, cols // group, group)
-        low, high = _clipped_range(w, bits.levels, steps, CLIP_SHRINK)
+        low, high = clipped_range(w, bits.levels, steps, CLIP_SHRINK)
         scale[part] = ((high - low) / bits.levels).to(SCALE_DTYPE)
         offset[part] = low.to(SCALE_DTYPE)
         step = scale[part].float().unsqueeze(-1)
