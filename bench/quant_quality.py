@@ -1,19 +1,25 @@
-"""Quantization quality on the embedded SmolLM2-135M: perplexity per plan, and how well the
-sensitivity indicator ranks layers.
+"""Quantization quality on a real model: WikiText-2 perplexity per plan and quantizer, and how well
+the sensitivity indicator ranks layers.
 
-    python bench/quant_quality.py [--eval-windows 16] [--calib-windows 16] [--out results.json]
+    python bench/quant_quality.py --model smollm2-135m-instruct|gemma-3-270m|DIR --steps uniform,mixed
+        [--eval-tokens 8192] [--calib-windows 16] [--seq-len 512] [--out results.json]
 
-Corpora (offline, Debian's `bible-kjv` + `bible-kjv-text`): Genesis is the calibration text, the
-Gospel of John the evaluation text, so the two never overlap. Steps:
-1. perplexity at uniform 16, 8, 4, 3 (and 2) bits;
-2. the indicators (variance, variance-abs; with --direct also direct) from the calibration text;
-3. for each layer alone at 3 bits, the perplexity increase over 16 bits; the per-layer runs start
-   from cached 16-bit hidden states at that layer's input, so each runs only layers i..L-1;
-4. Spearman rank correlation of indicator vs increase, and of the increases measured on the two
-   halves of the evaluation text with each other (how reproducible the target is);
-5. mixed plans: most sensitive third of layers (by the variance indicator) at 8 bits / middle at 4
-   / least at 3 ("guided") and the reverse (same size); uniform 4 with the 3 most sensitive layers
-   at 8 ("protect3").
+Corpora: WikiText-2 in its tokenized form (``--data``, default ``/work/shared/data/wikitext-2``):
+``test.txt`` is the evaluation text (its first ``--eval-tokens`` tokens), ``valid.txt`` the
+calibration text (its first ``--calib-windows`` windows). Windows of ``--seq-len`` tokens, no context
+carried over (`pqmesh.quant.ppl`), starting with BOS where the model's tokenizer adds one (Gemma;
+not SmolLM2), so every window predicts ``--seq-len - 1`` text tokens. Steps (``--steps``, results
+merged into ``--out``):
+
+- ``uniform``: perplexity at uniform 16, 8, 4, 3, 2 bits, round-to-nearest (``rtn``) and calibrated
+  (``gptq``: `pqmesh quantize` into a temporary checkpoint, then evaluated as stored);
+- ``indicator``: the variance indicator, and the direct one for rtn and gptq, on the calibration text;
+- ``layers``: each layer alone at 3 bits (rtn), the perplexity increase over 16 bits, from cached
+  16-bit hidden states at that layer's input; Spearman of every indicator against it, and of the
+  increases on the two halves of the evaluation text with each other (the target's reproducibility);
+- ``mixed``: per method, the plan of 8/4/3-bit layers with the least summed direct indicator (of
+  that method) whose weights take no more memory than uniform 4-bit (a knapsack here, not the
+  planner's solver), evaluated.
 """
 
 from __future__ import annotations
@@ -21,45 +27,44 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import subprocess
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pqmesh.errors import FailedPrecondition
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
-from pqmesh.model.embedded import cache_root, prepare
-from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
+from pqmesh.model.embedded import MODELS, prepare
+from pqmesh.model.loading import load_config
+from pqmesh.quant.calibrate import (
+    LayerwiseRunner,
+    bos_token,
+    calibration_windows,
+    load_tokens,
+    token_windows,
+)
+from pqmesh.quant.calibrated import GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.layer import plan_hook
+from pqmesh.quant.memory import layer_shape, predict_layer_bytes
 from pqmesh.quant.ppl import nll_sum, perplexity
+from pqmesh.quant.quantize import quantize_checkpoint
 
-BOOKS = {"calib": "Genesis 1:1-50:26", "eval": "John 1:1-21:25"}
+WIDTHS = (8, 4, 3, 2)
 
 
-def corpus(kind: str) -> Path:
-    """Plain text of a book of the KJV bible, verse references stripped, cached on disk."""
-    path = cache_root() / "corpora" / f"kjv-{kind}.txt"
-    if path.is_file():
-        return path
-    if shutil.which("bible") is None:
-        raise FailedPrecondition("the corpora need Debian's KJV bible: apt-get install -y bible-kjv bible-kjv-text")
-    lines = subprocess.run(["bible", "-f", BOOKS[kind]], capture_output=True, text=True, check=True).stdout.splitlines()
-    text = "\n".join(line.split(" ", 1)[1] if " " in line else line for line in lines if line.strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    return path
+def log(msg: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
 
 
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(xs):
         order = sorted(range(len(xs)), key=lambda i: xs[i])
-        r = [0.0] * len(xs)
-        i = 0
+        r, i = [0.0] * len(xs), 0
         while i < len(order):  # average ranks over ties
             j = i
             while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
@@ -75,6 +80,42 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
 
 
+def evaluate(model: Path, plan: list[int], method: str, ctx: dict) -> dict:
+    """Perplexity of ``plan`` with ``method``; gptq goes through a real quantized checkpoint."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qq-", dir=ctx["work"]) as scratch:
+        source = model
+        if method == "gptq" and any(b != 16 for b in plan):
+            source = Path(scratch) / "q"
+            quantize_checkpoint(model, source, plan, "gptq", ctx["calib"], ctx["group"], GptqSettings(),
+                                ctx["batch"], calibration={"file": "wikitext-2/valid.txt"})
+        r = perplexity(source, plan, ctx["eval"], ctx["group"], ctx["batch"])
+    return {"ppl": r.ppl, "weight_bytes": r.weight_bytes, "tokens": r.tokens, "seconds": time.perf_counter() - started}
+
+
+def step_uniform(model: Path, layers: int, ctx: dict, results: dict) -> None:
+    out = results.setdefault("uniform", {})
+    out["16"] = evaluate(model, [16] * layers, "rtn", ctx)
+    log(f"uniform 16: {out['16']['ppl']:.3f}")
+    for method in ("rtn", "gptq"):
+        for bits in WIDTHS:
+            out[f"{method}-{bits}"] = r = evaluate(model, [bits] * layers, method, ctx)
+            log(f"uniform {bits} {method}: {r['ppl']:.3f} ({r['seconds']:.0f} s)")
+
+
+def step_indicator(model: Path, ctx: dict, results: dict) -> None:
+    out = results.setdefault("indicator", {})
+    for name, kind, method in (("variance", "variance", "rtn"), ("direct-rtn", "direct", "rtn"),
+                               ("direct-gptq", "direct", "gptq")):
+        started = time.perf_counter()
+        runner = LayerwiseRunner(model, ctx["calib"], micro_batch=ctx["batch"])
+        widths = WIDTHS if kind == "variance" else (8, 4, 3)  # what the mixed plans and the layers step use
+        table = compute_indicator(runner, widths, kind, ctx["group"], method=method)
+        runner.close()
+        out[name] = [{str(b): table.value(i, b) for b in widths} for i in range(table.num_layers)]
+        log(f"indicator {name}: {time.perf_counter() - started:.0f} s")
+
+
 def layer_inputs(model: Path, windows: torch.Tensor, batch: int) -> list[torch.Tensor]:
     """16-bit hidden states at the input of every layer (index 0: the token ids themselves)."""
     runner = LayerwiseRunner(model, windows, micro_batch=batch)
@@ -87,128 +128,97 @@ def layer_inputs(model: Path, windows: torch.Tensor, batch: int) -> list[torch.T
     return inputs
 
 
-def single_layer_nll(
-    model: Path, index: int, num_layers: int, bits: int, inputs, windows, batch, group
-) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) per micro-batch of windows, with only layer ``index`` at ``bits``."""
-    plan = [bits] + [16] * (num_layers - index - 1)
-    width = windows.shape[1]
-    shard = ModelShard.load(
-        model, index, num_layers, max_slots=batch, max_len=width, layer_hook=plan_hook(plan, index, num_layers, group)
-    )
-    return [
-        nll_sum(shard, inputs[first : first + batch], windows[first : first + batch])
-        for first in range(0, windows.shape[0], batch)
-    ]
+def single_layer_parts(model: Path, index: int, layers: int, bits: int, inputs, ctx) -> list[tuple[float, int]]:
+    plan = [bits] + [16] * (layers - index - 1)
+    windows, batch = ctx["eval"], ctx["batch"]
+    shard = ModelShard.load(model, index, layers, max_slots=batch, max_len=windows.shape[1],
+                            layer_hook=plan_hook(plan, index, layers, ctx["group"]))
+    return [nll_sum(shard, inputs[i:i + batch], windows[i:i + batch]) for i in range(0, windows.shape[0], batch)]
 
 
-def ppl_of(parts: list[tuple[float, int]]) -> float:
+def ppl_of(parts) -> float:
     return math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
 
 
-def log(msg: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
-
-
-def sweep(model: Path, eval_windows: torch.Tensor, base: float, num_layers: int, args) -> dict:
-    """Perplexity increase with each layer alone at 3 bits, on the whole text and on its halves."""
-    inputs = layer_inputs(model, eval_windows, args.batch)
-    base_parts = single_layer_nll(
-        model, num_layers - 1, num_layers, 16, inputs[-1], eval_windows, args.batch, args.group_size
-    )
-    assert abs(ppl_of(base_parts) - base) < 1e-3 * base, (
-        f"cached-input path disagrees with the full model: {ppl_of(base_parts)} vs {base}"
-    )
-    half = len(base_parts) // 2
+def step_layers(model: Path, layers: int, ctx: dict, results: dict) -> None:
+    inputs = layer_inputs(model, ctx["eval"], ctx["batch"])
+    base = single_layer_parts(model, layers - 1, layers, 16, inputs[-1], ctx)
+    half = len(base) // 2
     increase, halves = [], ([], [])
-    for index in range(num_layers):
-        parts = single_layer_nll(model, index, num_layers, 3, inputs[index], eval_windows, args.batch, args.group_size)
-        increase.append(ppl_of(parts) - base)
-        halves[0].append(ppl_of(parts[:half]) - ppl_of(base_parts[:half]))
-        halves[1].append(ppl_of(parts[half:]) - ppl_of(base_parts[half:]))
-        log(f"layer {index} at 3 bits: ppl {ppl_of(parts):.3f} ({increase[-1]:+.3f})")
-    # how reproducible the target itself is: rank agreement of the increases on the two halves
-    return {"increase": increase, "split_half_spearman": spearman(*halves)}
+    for index in range(layers):
+        parts = single_layer_parts(model, index, layers, 3, inputs[index], ctx)
+        increase.append(ppl_of(parts) - ppl_of(base))
+        halves[0].append(ppl_of(parts[:half]) - ppl_of(base[:half]))
+        halves[1].append(ppl_of(parts[half:]) - ppl_of(base[half:]))
+        log(f"layer {index} alone at 3 bits: {increase[-1]:+.3f}")
+    results["layers"] = {"increase": increase, "split_half_spearman": spearman(*halves), "base_ppl": ppl_of(base)}
+    for name, table in results.get("indicator", {}).items():
+        results["layers"][f"spearman_{name}"] = spearman([row["3"] for row in table], increase)
 
 
-def mixed_plans(table, num_layers: int) -> dict[str, list[int]]:
-    order = sorted(range(num_layers), key=lambda i: -table.value(i, 3))  # most sensitive first
-    third = num_layers // 3
-    guided, reverse = [0] * num_layers, [0] * num_layers
-    for rank, i in enumerate(order):
-        guided[i] = 8 if rank < third else 4 if rank < 2 * third else 3
-        reverse[i] = 3 if rank < third else 4 if rank < 2 * third else 8
-    protect = [8 if i in order[:3] else 4 for i in range(num_layers)]  # uniform 4 but the top 3 at 8
-    return {"guided": guided, "reverse": reverse, "protect3": protect}
+def knapsack(table: list[dict], sizes: dict[int, int], budget: int) -> list[int]:
+    """Per layer a width in 8/4/3 minimizing the summed indicator with total bytes <= budget (exact;
+    states bucketed by a quarter of the smallest size step, keeping the cheapest per bucket)."""
+    unit = max(1, min(abs(sizes[a] - sizes[b]) for a in sizes for b in sizes if a != b) // 4)
+    best = {0: (0.0, 0, [])}  # bucket -> (indicator, exact bytes, plan)
+    for row in table:
+        nxt: dict[int, tuple[float, int, list[int]]] = {}
+        for cost, used, plan in best.values():
+            for bits in (8, 4, 3):
+                u, c = used + sizes[bits], cost + row[str(bits)]
+                key = u // unit
+                if u <= budget and (key not in nxt or c < nxt[key][0]):
+                    nxt[key] = (c, u, plan + [bits])
+        best = nxt
+    return min(best.values())[2]
+
+
+def step_mixed(model: Path, layers: int, ctx: dict, results: dict) -> None:
+    config = load_config(model)
+    shape = layer_shape(config)
+    sizes = {b: predict_layer_bytes(config, b, ctx["group"], torch.float32, shape) for b in (8, 4, 3)}
+    out = results.setdefault("mixed", {})
+    for method in ("rtn", "gptq"):
+        table = results["indicator"][f"direct-{method}"]
+        plan = knapsack(table, sizes, layers * sizes[4])
+        out[method] = r = {"plan": plan, **evaluate(model, plan, method, ctx)}
+        log(f"mixed {method} {plan}: {r['ppl']:.3f}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help=f"one of {', '.join(MODELS)} or a DIR")
+    parser.add_argument("--steps", default="uniform,indicator,layers,mixed")
+    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/wikitext-2"))
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--direct", action="store_true", help="also compute the direct indicator")
-    parser.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results, merged with what is there")
     args = parser.parse_args(argv)
     configure("warning")
-    model = prepare()
-    eval_windows = token_windows(load_tokens(model, corpus("eval")), args.seq_len, args.eval_windows)
-    calib_windows = token_windows(load_tokens(model, corpus("calib")), args.seq_len, args.calib_windows)
-    num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    results: dict = {
-        "seq_len": args.seq_len,
-        "eval_tokens": int(eval_windows.numel()),
-        "calib_tokens": int(calib_windows.numel()),
-        "group_size": args.group_size,
-        "uniform": {},
-        "mixed": {},
-        "threads": torch.get_num_threads(),
-    }
-    for bits in (16, 8, 4, 3, 2):
-        r = perplexity(model, [bits] * num_layers, eval_windows, args.group_size, args.batch)
-        results["uniform"][bits] = {"ppl": r.ppl, "weight_bytes": r.weight_bytes, "seconds": r.seconds}
-        log(f"uniform {bits}: ppl {r.ppl:.3f} ({r.seconds:.0f} s)")
-    tables = {}
-    for kind in ["variance", "variance-abs"] + (["direct"] if args.direct else []):
-        start = time.perf_counter()
-        tables[kind] = compute_indicator(
-            LayerwiseRunner(model, calib_windows, micro_batch=args.batch), (8, 4, 3, 2), kind, args.group_size
-        )
-        log(f"indicator {kind}: {time.perf_counter() - start:.0f} s")
-    results["indicator"] = {k: t.to_json() for k, t in tables.items()}
-    swept = sweep(model, eval_windows, results["uniform"][16]["ppl"], num_layers, args)
-    results["single_layer_3bit_increase"] = swept["increase"]
-    results["split_half_spearman"] = swept["split_half_spearman"]
-    results["spearman"] = {
-        k: spearman([t.value(i, 3) for i in range(num_layers)], swept["increase"]) for k, t in tables.items()
-    }
-    for name, plan in mixed_plans(tables["variance"], num_layers).items():
-        r = perplexity(model, plan, eval_windows, args.group_size, args.batch)
-        results["mixed"][name] = {"plan": plan, "ppl": r.ppl, "weight_bytes": r.weight_bytes}
-        log(f"mixed {name}: ppl {r.ppl:.3f}")
-    report(results)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    model = prepare(model=args.model) if args.model in MODELS else Path(args.model)
+    layers = load_config(model).num_hidden_layers
+    tokens = load_tokens(model, args.data / "test.txt", args.eval_tokens)
+    ctx = {"eval": token_windows(tokens, args.seq_len, bos=bos_token(model)), "group": args.group_size,
+           "batch": args.batch,
+           "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
+           "work": os.environ.get("TMPDIR", "/tmp")}
+    results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
+    results.update(model=args.model, seq_len=args.seq_len, eval_tokens=int(ctx["eval"].numel()),
+                   calib_tokens=int(ctx["calib"].numel()), group_size=args.group_size,
+                   threads=torch.get_num_threads(), corpus="wikitext-2 (tokenized form): test / valid")
+    steps = {"uniform": lambda: step_uniform(model, layers, ctx, results),
+             "indicator": lambda: step_indicator(model, ctx, results),
+             "layers": lambda: step_layers(model, layers, ctx, results),
+             "mixed": lambda: step_mixed(model, layers, ctx, results)}
+    for name in args.steps.split(","):
+        steps[name]()
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+    sys.stdout.write(json.dumps(results, indent=1) + "\n")
     return 0
-
-
-def report(results: dict) -> None:
-    out = sys.stdout
-    out.write(
-        f"eval {results['eval_tokens']} tokens, calib {results['calib_tokens']} tokens, g={results['group_size']}\n"
-    )
-    out.write("plan | ppl | weights MB\n")
-    for bits, r in results["uniform"].items():
-        out.write(f"uniform {bits} | {r['ppl']:.3f} | {r['weight_bytes'] / 2**20:.1f}\n")
-    for name, r in results["mixed"].items():
-        out.write(f"mixed {name} | {r['ppl']:.3f} | {r['weight_bytes'] / 2**20:.1f}\n")
-    for kind, rho in results["spearman"].items():
-        out.write(f"spearman({kind} indicator @3 bits, single-layer ppl increase) = {rho:.3f}\n")
-    out.write(f"split-half spearman of the increases themselves = {results['split_half_spearman']:.3f}\n")
-    out.write("increase per layer: " + " ".join(f"{x:.3f}" for x in results["single_layer_3bit_increase"]) + "\n")
 
 
 if __name__ == "__main__":

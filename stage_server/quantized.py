@@ -1,4 +1,5 @@
-"""The stage's bridge to `pqmesh.quant`: a layer hook for the planned bits and the bytes it will take.
+"""The stage's bridge to `pqmesh.quant`: how to load the planned bits (quantize on the fly, or read a
+pre-quantized checkpoint as stored) and the bytes it will take.
 
 Predictions come from the config alone (16-bit modules counted on the meta device, quantized layers
 from `predict_layer_bytes`; the shared dequantization workspace separately), so LoadShard can refuse a
@@ -11,7 +12,9 @@ from typing import Sequence
 
 import torch
 
+from pqmesh.errors import FailedPrecondition
 from pqmesh.model import ModelShard
+from pqmesh.quant.checkpoint import layer_filler, read_quantized
 from pqmesh.quant.layer import plan_hook
 from pqmesh.quant.memory import layer_shape, predict_layer_bytes, workspace_bytes
 from pqmesh.types import Bits, parse_bits_list
@@ -23,6 +26,22 @@ def layer_hook(start: int, bits: Sequence[int], group_size: int):
     if all(not b.quantized for b in plan):
         return None
     return plan_hook(plan, start, start + len(plan), group_size)
+
+
+def shard_loading(directory, config, start: int, bits: Sequence[int], group_size: int) -> dict:
+    """``ModelShard.load`` keywords for this shard: a pre-quantized checkpoint (`pqmesh quantize`) is
+    read as stored, after checking it holds the planned bits and group size; a plain one is quantized
+    on the fly by the layer hook."""
+    stored = read_quantized(directory)
+    if stored is None:
+        return {"layer_hook": layer_hook(start, bits, group_size)}
+    stored.check_plan(start, bits, str(directory))
+    if any(Bits(b).quantized for b in bits) and stored.group_size != group_size:
+        raise FailedPrecondition(
+            f"{directory} is quantized with groups of {stored.group_size} but the plan asks {group_size}; "
+            f"plan with group size {stored.group_size} or quantize again with --group-size {group_size}"
+        )
+    return {"layer_filler": layer_filler(stored, config)}
 
 
 def predict_shard_weight_bytes(

@@ -140,13 +140,14 @@ class StageRuntime:
         return weights, kv
 
     def load(self, spec: ShardSpec) -> LoadResult:
-        from stage_server.quantized import layer_hook, predict_workspace_bytes
+        from stage_server.quantized import predict_workspace_bytes, shard_loading
 
         directory = self.model_dir(spec.model_id)
         config = load_config(directory)
         self._validate(spec, config.num_hidden_layers)
         dtype = self._dtype(spec.dtype)
         weights, kv = self.predict_bytes(spec, config, dtype)
+        loading = shard_loading(directory, config, spec.start, spec.bits, spec.group_size)
         if weights + kv > self.memory_budget:
             raise FailedPrecondition(
                 f"shard [{spec.start}, {spec.end}) of {spec.model_id} needs {weights + kv} bytes "
@@ -160,7 +161,7 @@ class StageRuntime:
             started = time.perf_counter()
             shard = ModelShard.load(
                 directory, spec.start, spec.end, max_slots=spec.max_sequences, max_len=spec.max_tokens,
-                dtype=dtype, device=self.device, layer_hook=layer_hook(spec.start, spec.bits, spec.group_size),
+                dtype=dtype, device=self.device, **loading,
             )
             self.shard, self.spec = shard, spec
             self.micro_batches_done = self.tokens_done = 0

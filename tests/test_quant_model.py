@@ -29,7 +29,7 @@ def wide_dir(request, tmp_path_factory):
 
 
 # -- memory ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "opt", "opt-350m-style", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "opt", "opt-350m-style", "bloom", "gemma3"])
 def test_predicted_bytes_match_measured_tiny(tmp_path, family):
     build_checkpoint(family, tmp_path, layers=1)
     config = load_config(tmp_path)

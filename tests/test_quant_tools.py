@@ -13,7 +13,7 @@ from tiny_models import build_checkpoint
 
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.quant import commands
-from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
+from pqmesh.quant.calibrate import LayerwiseRunner, bos_token, load_tokens, token_windows
 from pqmesh.quant.indicator import NoiseMeter, column_noise, compute_indicator
 from pqmesh.quant.indicator_file import load_indicator
 from pqmesh.quant.qlinear import quantize_weight
@@ -23,7 +23,8 @@ TEXT = Path(__file__).parent / "data" / "quant_text.txt"
 
 
 def last_json_line(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])  # logs may share stdout when structlog is unconfigured
+    lines = text.strip().splitlines()  # logs may share stdout when structlog is unconfigured
+    return json.loads(lines[-2] if not lines[-1].startswith("{") else lines[-1])
 
 
 def cli(argv: list[str]) -> int:
@@ -182,3 +183,15 @@ def test_ppl_mixed_plan_from_json_file(tmp_path, capsys):
     assert result["bits"] == "16,4,2" and math.isfinite(result["ppl"]) and result["ppl"] > 1
     with pytest.raises(InvalidArgument, match="one per layer"):
         cli(["ppl", "--model", str(tmp_path), "--bits", "16,4", "--text", str(TEXT)])
+
+
+def test_windows_start_with_bos_only_when_the_tokenizer_adds_one(tmp_path):
+    tokens = list(range(10, 40))
+    plain = token_windows(tokens, 8)
+    assert plain.shape == (3, 8) and plain[1, 0] == 18
+    with_bos = token_windows(tokens, 8, bos=2)
+    assert with_bos.shape == (4, 8) and (with_bos[:, 0] == 2).all()
+    assert with_bos[1, 1:].tolist() == list(range(17, 24))  # 7 text tokens per window, none skipped
+    assert token_windows(tokens, 8, count=2, bos=2).shape == (2, 8)
+    build_checkpoint("llama", tmp_path, layers=1)  # no tokenizer files: byte ids, no BOS
+    assert bos_token(tmp_path) is None

@@ -1,4 +1,4 @@
-"""Sliced execution of tiny random OPT, BLOOM and Llama models equals the full Hugging Face model."""
+"""Sliced execution of tiny random models of every family equals the full Hugging Face model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pqmesh.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from pqmesh.model import LocalPipeline, ModelShard
 from pqmesh.stage_wire import left_pad
 
-FAMILIES = ["llama", "mistral", "qwen2", "opt", "opt-350m-style", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "opt", "opt-350m-style", "bloom"]
 CUTS = {1: [0, 4], 2: [0, 2, 4], 3: [0, 1, 3, 4]}
 NEW_TOKENS = 16
 

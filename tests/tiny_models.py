@@ -1,4 +1,4 @@
-"""Tiny random OPT, BLOOM, Llama, Mistral and Qwen2 checkpoints built from configs (no downloads)."""
+"""Tiny random OPT, BLOOM, Llama, Mistral, Qwen2 and Gemma 3 checkpoints built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -39,6 +40,15 @@ def tiny_config(family: str, layers: int = 4) -> PretrainedConfig:
             hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, use_sliding_window=False,
             initializer_range=0.1, **common,
+        )
+    if family == "gemma3":  # q/k norms, 4 norms per layer, GeGLU, sliding (window 5) and full layers, 2 RoPE bases
+        return Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=128,
+            sliding_window=5, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            tie_word_embeddings=True, initializer_range=0.1, **common,
         )
     if family == "opt":
         return OPTConfig(

@@ -73,7 +73,7 @@ class Family:
         raise NotImplementedError
 
 
-def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     batch, width, _ = x.shape
     return x.view(batch, width, -1, head_dim).transpose(1, 2)
 
@@ -136,9 +136,9 @@ class LlamaFamily(Family):
         attn, dim = module.self_attn, self.head_dim()
         residual = hidden
         x = module.input_layernorm(hidden)
-        q = _split_heads(attn.q_proj(x), dim)
-        k = _split_heads(attn.k_proj(x), dim)
-        v = _split_heads(attn.v_proj(x), dim)
+        q = split_heads(attn.q_proj(x), dim)
+        k = split_heads(attn.k_proj(x), dim)
+        v = split_heads(attn.v_proj(x), dim)
         q, k = self._modeling.apply_rotary_pos_emb(q, k, extras["cos"], extras["sin"])
         out = step.attend(cache_index, q, k, v, scale=attn.scaling)
         hidden = residual + attn.o_proj(out)
@@ -213,9 +213,9 @@ class OptFamily(Family):
         attn, before = module.self_attn, module.do_layer_norm_before
         residual = hidden
         x = module.self_attn_layer_norm(hidden) if before else hidden
-        q = _split_heads(attn.q_proj(x) * attn.scaling, attn.head_dim)
-        k = _split_heads(attn.k_proj(x), attn.head_dim)
-        v = _split_heads(attn.v_proj(x), attn.head_dim)
+        q = split_heads(attn.q_proj(x) * attn.scaling, attn.head_dim)
+        k = split_heads(attn.k_proj(x), attn.head_dim)
+        v = split_heads(attn.v_proj(x), attn.head_dim)
         hidden = residual + attn.out_proj(step.attend(cache_index, q, k, v, scale=1.0))
         if not before:
             hidden = module.self_attn_layer_norm(hidden)
@@ -296,11 +296,20 @@ class BloomFamily(Family):
 FAMILIES: tuple[type[Family], ...] = (LlamaFamily, OptFamily, BloomFamily)
 
 
+def all_families() -> tuple[type[Family], ...]:
+    """Every adapter: the three above and those kept in their own modules (imported here, on first
+    use, because they subclass `Family`)."""
+    from pqmesh.model.gemma import Gemma3Family
+
+    return (*FAMILIES, Gemma3Family)
+
+
 def family_for(config: PretrainedConfig) -> Family:
     """The adapter for a config, or UnsupportedModel naming what is supported."""
-    for cls in FAMILIES:
+    families = all_families()
+    for cls in families:
         if config.model_type in cls.model_types:
             return cls(config)
-    known = sorted(t for cls in FAMILIES for t in cls.model_types)
+    known = sorted(t for cls in families for t in cls.model_types)
     raise UnsupportedModel(f"model_type {config.model_type!r} is not supported; supported: {', '.join(known)}")
 

@@ -171,6 +171,22 @@ class AttentionStep:
             self._additive[dtype] = cached
         return cached
 
+    def window_mask(self, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask of sliding-window attention: as `additive_mask`, and a query at position
+        ``p`` sees keys at positions ``> p - window`` only (Hugging Face's ``sliding_window_overlay``,
+        counted in sequence positions, so padding never takes a place in the window)."""
+        cached = self._additive.get((dtype, window))
+        if cached is None:
+            query = self.positions[:, None, :, None]
+            near = query - self.key_positions[:, None, None, :] < window  # [B, 1, T, S]
+            mask = self.mask & near
+            if self.prefill:  # padded queries (position 0) still see themselves, never NaN
+                mask = mask | torch.eye(self.mask.shape[-1], dtype=torch.bool, device=mask.device)
+            cached = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            cached.masked_fill_(~mask, float("-inf"))
+            self._additive[(dtype, window)] = cached
+        return cached
+
     def commit(self) -> None:
         """Records the new sequence lengths once every layer of the shard has run."""
         for s, n in zip(self.slots.tolist(), self.new_lengths):
@@ -184,10 +200,12 @@ class AttentionStep:
         v: torch.Tensor,
         scale: float,
         bias: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Stores k/v of this step in ``layer``'s cache and attends.
 
-        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; bias: optional additive [B, Hq, 1|T, S] (ALiBi).
+        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; bias: optional additive [B, Hq, 1|T, S] (ALiBi);
+        window: sliding-window attention over the last ``window`` positions (`window_mask`).
         Returns [B, T, Hq * D].
         """
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
@@ -199,7 +217,7 @@ class AttentionStep:
             span = self.key_positions.shape[1]
             k = k_cache[:, :, :span].index_select(0, self.slots)
             v = v_cache[:, :, :span].index_select(0, self.slots)
-        attn_mask = self.additive_mask(q.dtype)
+        attn_mask = self.additive_mask(q.dtype) if window is None else self.window_mask(window, q.dtype)
         if bias is not None:
             attn_mask = attn_mask + bias
         out = F.scaled_dot_product_attention(

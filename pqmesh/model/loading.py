@@ -86,11 +86,13 @@ def fill_module(
     dtype: torch.dtype,
     device: torch.device | str,
     overrides: dict[str, str] | None = None,
+    keep_dtype: frozenset[str] = frozenset(),
 ) -> nn.Module:
     """Replaces the meta tensors of ``module`` by checkpoint tensors named ``prefix.<key>``.
 
     ``overrides`` maps a local key to another checkpoint name (a tied LM head reads the embedding).
-    Floating tensors take ``dtype``; all land on ``device``.
+    Floating tensors take ``dtype``, except the keys in ``keep_dtype`` (which must be stored in the
+    dtype of their meta tensor, e.g. fp16 quantization scales); all land on ``device``.
     """
     overrides = overrides or {}
     state = {}
@@ -100,7 +102,12 @@ def fill_module(
             raise FailedPrecondition(
                 f"checkpoint tensor {prefix}.{key} has shape {tuple(tensor.shape)}, config expects {tuple(meta.shape)}"
             )
-        if tensor.is_floating_point():
+        if key in keep_dtype:
+            if tensor.dtype != meta.dtype:
+                raise FailedPrecondition(
+                    f"checkpoint tensor {prefix}.{key} is {tensor.dtype}, the format stores {meta.dtype}"
+                )
+        elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[key] = tensor.to(device)
     module.load_state_dict(state, assign=True, strict=True)

@@ -21,6 +21,8 @@ from pqmesh.model.loading import CheckpointReader, fill_module, load_config, sto
 from pqmesh.types import Role
 
 LayerHook = Callable[[int, nn.Module], nn.Module]
+#: ``filler(global_index, meta_layer, reader, dtype, device)`` -> the layer with its tensors read.
+LayerFiller = Callable[[int, nn.Module, CheckpointReader, torch.dtype, torch.device], nn.Module]
 
 
 def _module_dict(parts: dict[str, tuple[nn.Module, str]]) -> nn.ModuleDict:
@@ -64,10 +66,13 @@ class ModelShard(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         layer_hook: LayerHook | None = None,
+        layer_filler: LayerFiller | None = None,
     ) -> "ModelShard":
         """Loads layers [start, end) from a safetensors checkpoint directory.
 
         ``layer_hook(global_index, layer)`` runs on each loaded layer (quantization swaps its linears).
+        ``layer_filler`` replaces the plain read of a layer's tensors (a pre-quantized checkpoint
+        stores packed codes instead of weights: `pqmesh.quant.checkpoint.layer_filler`).
         """
         config = load_config(Path(model_dir))
         family = family_for(config)
@@ -85,7 +90,10 @@ class ModelShard(nn.Module):
             for index in range(start, end):
                 with torch.device("meta"):
                     layer = family.build_layer(index)
-                layer = fill_module(layer, f"{family.layer_prefix}{index}", reader, dtype, device)
+                if layer_filler is None:
+                    layer = fill_module(layer, f"{family.layer_prefix}{index}", reader, dtype, device)
+                else:
+                    layer = layer_filler(index, layer, reader, dtype, device)
                 layers.append(layer_hook(index, layer) if layer_hook else layer)
             embed = final = head = None
             if start == 0:

@@ -53,21 +53,44 @@ def load_tokens(model_dir: str | Path, text_path: str | Path, max_tokens: int | 
     return ids[:max_tokens] if max_tokens else ids
 
 
-def token_windows(tokens: list[int], seq_len: int, count: int | None = None) -> torch.Tensor:
+def bos_token(model_dir: str | Path) -> int | None:
+    """The BOS id when the checkpoint's tokenizer starts every text with one by default (Gemma: its
+    perplexity on WikiText-2 windows without it is about twice as high), else None (SmolLM2, and
+    checkpoints without a tokenizer)."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def token_windows(
+    tokens: list[int], seq_len: int, count: int | None = None, bos: int | None = None
+) -> torch.Tensor:
     """Non-overlapping windows ``[n, seq_len]`` from the start of ``tokens`` (at most ``count``).
 
-    A text shorter than one window gives one window of all its tokens.
+    With ``bos``, each window is that id followed by the next ``seq_len - 1`` tokens of the text (so
+    every window predicts ``seq_len - 1`` real tokens either way). A text shorter than one window
+    gives one window of all its tokens.
     """
     if seq_len < 2:
         raise InvalidArgument(f"window length must be at least 2 tokens, got {seq_len}")
     if len(tokens) < 2:
         raise InvalidArgument(f"the text holds {len(tokens)} tokens; at least 2 are needed")
-    if len(tokens) < seq_len:
-        return torch.tensor([tokens], dtype=torch.long)
-    n = len(tokens) // seq_len
+    step = seq_len - (bos is not None)
+    if len(tokens) < step:
+        return torch.tensor([([bos] if bos is not None else []) + tokens], dtype=torch.long)
+    n = len(tokens) // step
     if count is not None:
         n = min(n, count)
-    return torch.tensor(tokens[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    windows = torch.tensor(tokens[: n * step], dtype=torch.long).view(n, step)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
 
 
 class LayerwiseRunner:
@@ -143,3 +166,20 @@ class LayerwiseRunner:
     def advance(self, outputs: list[torch.Tensor]) -> None:
         """Replaces the hidden states by a layer's outputs, given per micro-batch in `batches` order."""
         self.hidden = torch.cat(outputs)
+
+
+def calibration_windows(model_dir: str | Path, calib_path: str | Path, samples: int, seq_len: int) -> torch.Tensor:
+    """Exactly ``samples`` windows of ``seq_len`` tokens from the start of a calibration text, or an
+    InvalidArgument saying how many tokens the file holds and what to change."""
+    if samples < 1:
+        raise InvalidArgument(f"give at least one calibration window, got {samples}")
+    bos = bos_token(model_dir)
+    step = seq_len - (bos is not None)
+    need = samples * step
+    tokens = load_tokens(model_dir, calib_path, max_tokens=need)
+    if len(tokens) < need:
+        raise InvalidArgument(
+            f"calibration file {calib_path} holds {len(tokens)} tokens; {samples} windows of {step} need {need}: "
+            f"give a longer file, or fewer windows (--samples {max(1, len(tokens) // step)}) or shorter ones"
+        )
+    return token_windows(tokens, seq_len, samples, bos)

@@ -1,7 +1,13 @@
-"""`pqmesh indicator` and `pqmesh ppl`: the quantization tools on the command line.
+"""`pqmesh quantize`, `pqmesh indicator` and `pqmesh ppl`: the quantization tools on the command line.
 
+    pqmesh quantize --model DIR --bits SPEC --out DIR [--method gptq|rtn] [--calib TEXT] [--samples 32]
     pqmesh indicator --model DIR --calib TEXT --out ind.json [--bits 8,4,3,2] [--kind variance|direct]
-    pqmesh ppl --model DIR --bits 4|16,8,...|plan.json --text TEXT [--seq-len 256] [--max-tokens N]
+    pqmesh ppl --model DIR --bits 4|16,8,...|plan.json --text TEXT [--method rtn|gptq --calib TEXT]
+               [--seq-len 256] [--tokens N]
+
+`ppl` prints one JSON line with the details, then the perplexity alone as a plain number on the
+last line. With ``--method gptq`` it quantizes into a temporary checkpoint first (as `quantize`
+would) and evaluates that; ``--model`` may also be a checkpoint written by `quantize`.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import structlog
@@ -17,11 +24,19 @@ import torch
 from pqmesh.errors import InvalidArgument
 from pqmesh.model.loading import load_config
 from pqmesh.quant.bit_plan import parse_bits_spec
-from pqmesh.quant.calibrate import LayerwiseRunner, load_tokens, token_windows
+from pqmesh.quant.calibrate import (
+    LayerwiseRunner,
+    bos_token,
+    calibration_windows,
+    load_tokens,
+    token_windows,
+)
+from pqmesh.quant.calibrated import METHODS, GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.indicator_file import KINDS
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE
 from pqmesh.quant.ppl import perplexity
+from pqmesh.quant.quantize import quantize_checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +59,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def _calibration(parser: argparse.ArgumentParser, method_default: str) -> None:
+    parser.add_argument("--method", choices=METHODS, default=method_default,
+                        help=f"rtn: round-to-nearest, no calibration; gptq: calibrated (default {method_default})")
+    parser.add_argument("--calib", default=None, help="calibration text file (gptq)")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows of --seq-len tokens (default 32)")
+    parser.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of mean diag(H) (0.01)")
+    parser.add_argument("--act-order", action="store_true", help="gptq: visit input channels by decreasing H_jj")
+
+
 def add_parser(subparsers) -> None:
+    quant = subparsers.add_parser("quantize", help="write a pre-quantized checkpoint that stages load directly")
+    _common(quant)
+    quant.add_argument("--bits", required=True, help="uniform width (4), comma list per layer, or a JSON plan file")
+    quant.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    _calibration(quant, "gptq")
+    quant.set_defaults(func=run_quantize)
+
     ind = subparsers.add_parser("indicator", help="per-layer quantization sensitivity table for the planner")
     _common(ind)
     ind.add_argument("--calib", required=True, help="calibration text file")
@@ -52,13 +83,16 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--bits", default="8,4,3,2", help="bitwidths to rate (default 8,4,3,2)")
     ind.add_argument("--kind", choices=KINDS, default="variance")
     ind.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    ind.add_argument("--method", choices=METHODS, default="rtn", help="quantizer the direct kind measures (rtn)")
     ind.set_defaults(func=run_indicator)
 
     ppl = subparsers.add_parser("ppl", help="perplexity of a per-layer bit plan on a text file")
     _common(ppl)
     ppl.add_argument("--bits", required=True, help="uniform width (4), comma list per layer, or a JSON plan file")
     ppl.add_argument("--text", required=True, help="evaluation text file")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of the text")
+    ppl.add_argument("--tokens", "--max-tokens", dest="max_tokens", type=int, default=None,
+                     help="evaluate at most this many tokens of the text (default: all)")
+    _calibration(ppl, "rtn")
     ppl.set_defaults(func=run_ppl)
 
 
@@ -68,7 +102,8 @@ def run_indicator(args) -> int:
     runner = LayerwiseRunner(args.model, windows, micro_batch=args.batch, dtype=_dtype(args.dtype), device=args.device)
     try:
         table = compute_indicator(
-            runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model)
+            runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
+            method=args.method,
         )
     finally:
         runner.close()
@@ -77,11 +112,38 @@ def run_indicator(args) -> int:
     return 0
 
 
+def _quantize(args, plan, out: Path):
+    windows = None
+    calibration = {}
+    if args.method == "gptq":
+        if not args.calib:
+            raise InvalidArgument("--method gptq needs --calib FILE (calibration text), or use --method rtn")
+        windows = calibration_windows(args.model, args.calib, args.samples, args.seq_len)
+        calibration = {"file": Path(args.calib).name}
+    settings = GptqSettings(damp=args.damp, act_order=args.act_order)
+    return quantize_checkpoint(args.model, out, plan, args.method, windows, args.group_size, settings, args.batch,
+                               args.device, calibration)
+
+
+def run_quantize(args) -> int:
+    plan = parse_bits_spec(args.bits, load_config(args.model).num_hidden_layers)
+    _quantize(args, plan, Path(args.out))
+    sys.stdout.write(f"{args.out}\n")
+    return 0
+
+
 def run_ppl(args) -> int:
     plan = parse_bits_spec(args.bits, load_config(args.model).num_hidden_layers)
-    windows = token_windows(load_tokens(args.model, args.text, args.max_tokens), args.seq_len)
-    result = perplexity(args.model, plan, windows, args.group_size, args.batch, _dtype(args.dtype), args.device)
-    sys.stdout.write(json.dumps({"model": _model_name(args.model), **result.to_json()}) + "\n")
+    windows = token_windows(load_tokens(args.model, args.text, args.max_tokens), args.seq_len,
+                            bos=bos_token(args.model))
+    with tempfile.TemporaryDirectory(prefix="pqmesh-ppl-") as scratch:
+        model = args.model
+        if args.method == "gptq":
+            model = Path(scratch) / "quantized"
+            _quantize(args, plan, model)
+        result = perplexity(model, plan, windows, args.group_size, args.batch, _dtype(args.dtype), args.device)
+    line = {"model": _model_name(args.model), "method": args.method, **result.to_json()}
+    sys.stdout.write(json.dumps(line) + "\n" + f"{result.ppl:.6g}\n")
     return 0
 
 

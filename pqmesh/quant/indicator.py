@@ -36,6 +36,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner
+from pqmesh.quant.calibrated import collect_hessians, gptq_layer
 from pqmesh.quant.indicator_file import KINDS, IndicatorTable
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children, quantize_layer
 from pqmesh.quant.qlinear import Workspace, quantize_weight
@@ -98,16 +99,29 @@ class NoiseMeter:
             handle.remove()
 
 
+def _direct_layers(runner: LayerwiseRunner, index: int, widths, group_size: int, method: str) -> dict:
+    if method == "gptq":
+        hessians = collect_hessians(runner, runner.load_layer(index))  # one pass serves every width
+        return {b: gptq_layer(runner, runner.load_layer(index), b, group_size, hessians=hessians) for b in widths}
+    return {b: quantize_layer(runner.load_layer(index), b, group_size, Workspace()) for b in widths}
+
+
 def compute_indicator(
     runner: LayerwiseRunner,
     bits: Sequence[Bits | int | str] = (8, 4, 3, 2),
     kind: str = "variance",
     group_size: int = DEFAULT_GROUP_SIZE,
     model_name: str = "",
+    method: str = "rtn",
 ) -> IndicatorTable:
-    """Runs the runner's windows through every layer and returns the indicator table."""
+    """Runs the runner's windows through every layer and returns the indicator table.
+
+    ``method`` picks the quantizer of the *direct* kind: ``rtn``, or ``gptq`` calibrated on the same
+    windows (16-bit inputs to each layer). The variance kinds depend only on the grid steps."""
     if kind not in KINDS:
         raise InvalidArgument(f"indicator kind must be one of {KINDS}, got {kind!r}")
+    if method not in ("rtn", "gptq"):
+        raise InvalidArgument(f"indicator method must be rtn or gptq, got {method!r}")
     widths = [b for b in parse_bits_list(bits) if b.quantized]
     if not widths:
         raise InvalidArgument("give at least one of 8, 4, 3, 2 bits to rate")
@@ -115,11 +129,7 @@ def compute_indicator(
     for index in range(runner.num_layers):
         layer = runner.load_layer(index)
         meter = NoiseMeter(layer, widths, group_size) if kind != "direct" else None
-        quantized = (
-            {b: quantize_layer(runner.load_layer(index), b, group_size, Workspace()) for b in widths}
-            if meter is None
-            else {}
-        )
+        quantized = _direct_layers(runner, index, widths, group_size, method) if meter is None else {}
         err, tokens, outputs = {b: 0.0 for b in widths}, 0, []
         for part in runner.batches():
             x = runner.hidden[part]

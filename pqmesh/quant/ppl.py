@@ -1,7 +1,11 @@
 """Perplexity of a per-layer bit plan on a text file, through a `ModelShard` holding all layers.
 
+A plain checkpoint is quantized on the fly (round-to-nearest); a pre-quantized one (`pqmesh
+quantize`) is read as stored, and the plan must equal its stored bits.
+
 The text is cut into non-overlapping windows of ``seq_len`` tokens; each window is one sequence
-(no BOS added, no context carried over), every token after the first in a window is predicted, and
+(no context carried over; it starts with BOS when the tokenizer adds one by default,
+`pqmesh.quant.calibrate.bos_token`), every token after the first in a window is predicted, and
 perplexity is ``exp(total negative log-likelihood / predicted tokens)`` over all windows.
 """
 
@@ -18,7 +22,9 @@ import torch.nn.functional as F
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.model import ModelShard
+from pqmesh.model.loading import load_config
 from pqmesh.quant.bit_plan import describe_plan
+from pqmesh.quant.checkpoint import layer_filler, read_quantized
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, plan_hook
 from pqmesh.types import Bits, parse_bits_list
 
@@ -68,9 +74,15 @@ def perplexity(
         raise InvalidArgument(f"batch must be at least 1, got {batch}")
     start = time.perf_counter()
     width = windows.shape[1]
+    stored = read_quantized(model_dir)
+    if stored is not None:  # a pre-quantized checkpoint: read as stored, no quantization here
+        stored.check_plan(0, plan, str(model_dir))
+        group_size = stored.group_size
+        loading = {"layer_filler": layer_filler(stored, load_config(Path(model_dir)))}
+    else:
+        loading = {"layer_hook": plan_hook(plan, 0, len(plan), group_size)}
     shard = ModelShard.load(
-        model_dir, 0, len(plan), max_slots=batch, max_len=width, dtype=dtype, device=device,
-        layer_hook=plan_hook(plan, 0, len(plan), group_size),
+        model_dir, 0, len(plan), max_slots=batch, max_len=width, dtype=dtype, device=device, **loading
     )
     if shard.head is None:
         raise InvalidArgument(

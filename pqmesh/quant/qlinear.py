@@ -40,7 +40,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant import cuda
-from pqmesh.quant.packing import pack, padded_width, unpack
+from pqmesh.quant.packing import pack, padded_width, row_bytes, unpack
 from pqmesh.types import Bits
 
 SCALE_DTYPE = torch.float16
@@ -79,7 +79,7 @@ class QuantizedWeight:
         return weight.view(rows, cols).to(dtype)
 
 
-def _clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (last dim of ``w``), the [low, high] range among ``steps`` ranges shrunk about the
     group's centre from min/max down to ``shrink`` of it that gives the least squared error."""
     low, high = w.amin(dim=-1), w.amax(dim=-1)
@@ -126,7 +126,7 @@ def quantize_weight(
     for first in range(0, rows, chunk):
         part = slice(first, min(rows, first + chunk))
         w = weight[part].detach().float().view(-1, cols // group, group)
-        low, high = _clipped_range(w, bits.levels, steps, CLIP_SHRINK)
+        low, high = clipped_range(w, bits.levels, steps, CLIP_SHRINK)
         scale[part] = ((high - low) / bits.levels).to(SCALE_DTYPE)
         offset[part] = low.to(SCALE_DTYPE)
         step = scale[part].float().unsqueeze(-1)
@@ -200,16 +200,47 @@ class QuantLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, bits: Bits | int | str, group_size: int = 128, workspace: Workspace | None = None
     ) -> "QuantLinear":
-        bits = Bits.parse(bits)
-        q = quantize_weight(linear.weight, bits, group_size)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        shape = (linear.in_features, linear.out_features, q.group_size)
-        if cuda.eligible(*shape, bits.count, linear.weight.device, linear.weight.dtype):
+        """Round-to-nearest quantization of ``linear`` (`quantize_weight`)."""
+        q = quantize_weight(linear.weight, Bits.parse(bits), group_size)
+        return cls.from_quantized(q, linear.bias, linear.weight.dtype, workspace)
+
+    @classmethod
+    def from_quantized(
+        cls, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, workspace: Workspace | None = None
+    ) -> "QuantLinear":
+        """The module for an already quantized weight (round-to-nearest or calibrated: one format);
+        ``dtype`` is the model's, which decides whether the fused CUDA layout applies."""
+        rows, cols = q.codes.shape
+        bias = None if bias is None else bias.detach().clone()
+        if cuda.eligible(cols, rows, q.group_size, q.bits.count, q.codes.device, dtype):
             fused = cuda.prepare(q.codes, q.scale, q.offset, q.group_size, q.dequantize())
             if fused is not None:
-                return cls(*shape[:2], bits, q.group_size, fused[0], fused[1], None, bias, workspace, "tinygemm")
-        packed = pack(q.codes, bits.count)
-        return cls(*shape[:2], bits, q.group_size, packed, q.scale, q.offset, bias, workspace)
+                return cls(cols, rows, q.bits, q.group_size, fused[0], fused[1], None, bias, workspace, "tinygemm")
+        packed = pack(q.codes, q.bits.count)
+        return cls(cols, rows, q.bits, q.group_size, packed, q.scale, q.offset, bias, workspace)
+
+    @classmethod
+    def placeholder(
+        cls, in_features: int, out_features: int, bits: Bits, group_size: int, bias: bool,
+        workspace: Workspace | None = None,
+    ) -> "QuantLinear":
+        """A generic-layout linear with meta buffers of the exact stored shapes, to be filled from a
+        quantized checkpoint (``load_state_dict(..., assign=True)``)."""
+        group = effective_group_size(in_features, group_size)
+        meta = torch.device("meta")
+        packed = torch.empty(out_features, row_bytes(in_features, bits.count), dtype=torch.uint8, device=meta)
+        scale = torch.empty(out_features, in_features // group, dtype=SCALE_DTYPE, device=meta)
+        offset = torch.empty_like(scale)
+        bias_tensor = torch.empty(out_features, device=meta) if bias else None
+        return cls(in_features, out_features, bits, group, packed, scale, offset, bias_tensor, workspace)
+
+    def quantized(self) -> QuantizedWeight:
+        """The unpacked codes, scale and offset (generic layout only)."""
+        if self.layout != "planes":
+            raise InvalidArgument(f"codes are only readable from the generic layout, not {self.layout!r}")
+        bits = self.bits.count
+        codes = self.packed if bits == 8 else unpack(self.packed, bits, self.in_features)[:, : self.in_features]
+        return QuantizedWeight(codes.contiguous(), self.scale, self.offset, self.group_size, self.bits)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh ``[out, in]`` weight tensor (default dtype: the bias's, else float32)."""

@@ -1,0 +1,106 @@
+"""Quantize a whole decoder layer with GPTQ from the calibration activations that reach it.
+
+`gptq_layer` hooks every ``nn.Linear`` of a 16-bit layer, runs the calibration hidden states through
+it to accumulate each linear's input Hessian, and swaps each linear for a `QuantLinear` quantized by
+`gptq_quantize_weight`. As in GPTQ, the caller then runs the *quantized* layer to get the next
+layer's inputs (`quantize_checkpoint` does), so later layers calibrate on what they will really see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+import torch
+from torch import nn
+
+from pqmesh.errors import InvalidArgument
+from pqmesh.quant.calibrate import LayerwiseRunner
+from pqmesh.quant.gptq import DEFAULT_DAMP, HessianAccumulator, gptq_quantize_weight
+from pqmesh.quant.layer import linear_children
+from pqmesh.quant.qlinear import QuantLinear, Workspace
+from pqmesh.types import DEFAULT_GROUP_SIZE, Bits
+
+log = structlog.get_logger(__name__)
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """How `gptq_layer` quantizes: damping fraction, act-order, clipping candidates (None: default)."""
+
+    damp: float = DEFAULT_DAMP
+    act_order: bool = False
+    clip_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise InvalidArgument(f"--damp is a fraction of the mean Hessian diagonal in [0, 1), got {self.damp}")
+        if self.clip_steps is not None and self.clip_steps < 1:
+            raise InvalidArgument(f"clip steps must be at least 1, got {self.clip_steps}")
+
+
+def collect_hessians(runner: LayerwiseRunner, layer: nn.Module) -> dict[str, HessianAccumulator]:
+    """Input Hessian of every linear of ``layer`` over all of the runner's current hidden states.
+
+    Linears called one after another on the same input tensor (q/k/v, gate/up) share one
+    accumulator, so each distinct input is folded in once."""
+    slots = linear_children(layer)
+    found: dict[str, HessianAccumulator] = {}
+    last: list = [None, None]  # the input tensor seen by the previous hook, and its accumulator
+
+    def hook_for(name: str, features: int):
+        def hook(module, args):
+            x = args[0]
+            if x is last[0]:
+                found.setdefault(name, last[1])
+                return
+            accumulator = found.setdefault(name, HessianAccumulator(features, runner.device))
+            accumulator.add(x)
+            last[0], last[1] = x, accumulator
+
+        return hook
+
+    handles = [s.linear.register_forward_pre_hook(hook_for(s.name, s.linear.in_features)) for s in slots]
+    try:
+        for part in runner.batches():
+            runner.forward(layer, runner.hidden[part])
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    return found
+
+
+def gptq_layer(
+    runner: LayerwiseRunner,
+    layer: nn.Module,
+    bits: Bits | int | str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    settings: GptqSettings = GptqSettings(),
+    workspace: Workspace | None = None,
+    hessians: dict[str, HessianAccumulator] | None = None,
+) -> nn.Module:
+    """Replaces the linears of ``layer`` in place by calibrated ``bits``-bit `QuantLinear`s.
+
+    ``hessians`` (from `collect_hessians` on an identical layer) skips collecting them again."""
+    bits = Bits.parse(bits)
+    if not bits.quantized:
+        return layer
+    workspace = workspace if workspace is not None else Workspace()
+    hessians = hessians if hessians is not None else collect_hessians(runner, layer)
+    for slot in linear_children(layer):
+        weight = slot.linear.weight
+        with torch.inference_mode(False):
+            q = gptq_quantize_weight(
+                weight, hessians[slot.name].mean(), bits, group_size, settings.damp, settings.act_order,
+                settings.clip_steps,
+            )
+        setattr(slot.parent, slot.attribute, QuantLinear.from_quantized(q, slot.linear.bias, weight.dtype, workspace))
+    return layer
+
+
+def advance_through(runner: LayerwiseRunner, layer: nn.Module) -> None:
+    """Moves the runner's hidden states past ``layer`` (all windows, micro-batch by micro-batch)."""
+    runner.advance([runner.forward(layer, runner.hidden[part]) for part in runner.batches()])
