@@ -34,6 +34,7 @@ import structlog
 import torch
 
 from coordinator.mesh import Mesh
+from coordinator.prediction import predict_job_seconds
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, OutageHandling, StepClock
 from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult, capacity_error
@@ -173,6 +174,9 @@ class Engine(OutageHandling):
             sampling = tensor_pb2.SamplingParams(temperature=params["temperature"], top_k=params["top_k"],
                                                  top_p=params["top_p"], seed=sequence_seed(params["seed"], index))
             self.scheduler.add(Seq(job_id, index, tuple(ids), params["max_new_tokens"], stop_ids, sampling))
+        self.board.predicted(job_id, predict_job_seconds(self.mesh.spec.plan, [len(ids) for _, ids in pending],
+                                                         params["max_new_tokens"], self.scheduler.max_sequences,
+                                                         self.scheduler.max_in_flight))
         log.info("job_loaded", job_id=job_id, prompts=record.num_prompts, pending=len(pending),
                  resumed=record.num_results > 0 or record.state is JobState.RUNNING)
 

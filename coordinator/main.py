@@ -19,6 +19,7 @@ from coordinator.engine import Engine, EngineSettings
 from coordinator.jobs import JobService, Limits
 from coordinator.mesh import Mesh, MeshSpec
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.prediction import add_gauges
 from coordinator.progress import ProgressBoard
 from coordinator.scheduler import Scheduler
 from coordinator.servicer import SERVICE_NAME, CoordinatorServicer
@@ -90,6 +91,7 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         recovery_timeout=config.stage_recovery_timeout, health_interval=config.health_interval),
                     codec.decode if codec else None, metrics=metrics)
     metrics.watch(scheduler, store)
+    add_gauges(metrics, board)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)
     jobs = JobService(store, engine, board, config.max_tokens_per_sequence, facts.vocab_size, codec, eos_ids,

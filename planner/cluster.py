@@ -62,7 +62,8 @@ class ClusterEntry:
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.ClusterDevice) -> ClusterEntry:
-        return cls(msg.device_type, msg.count, msg.name, msg.host)
+        # proto3 leaves an unset count at 0, so 0 means the default, 1 (as in the cluster file)
+        return cls(msg.device_type, msg.count or 1, msg.name, msg.host)
 
 
 @dataclass(frozen=True)

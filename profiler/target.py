@@ -121,7 +121,7 @@ def _cpu_name() -> str:
 
 def resolve_device(text: str) -> DeviceTarget:
     """"cpu" or "cuda[:N]"; anything else, or CUDA on a machine without it, is a clear error."""
-    from stage_server.config import physical_memory_bytes
+    from pqmesh.capacity import physical_memory_bytes
 
     try:
         device = torch.device(text.strip())

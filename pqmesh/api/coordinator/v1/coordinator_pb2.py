@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from pqmesh.api.common.v1 import tensor_pb2 as pqmesh_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pqmesh/coordinator/v1/coordinator.proto\x12\x15pqmesh.coordinator.v1\x1a\x1dpqmesh/common/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"V\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x34\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1f.pqmesh.coordinator.v1.TokenIdsH\x00\x42\x06\n\x04kind\"s\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0bstop_on_eos\x18\x02 \x01(\x08\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pqmesh.common.v1.SamplingParams\"\x94\x01\n\x10SubmitJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12.\n\x07prompts\x18\x02 \x03(\x0b\x32\x1d.pqmesh.coordinator.v1.Prompt\x12\x37\n\x06params\x18\x03 \x01(\x0b\x32\'.pqmesh.coordinator.v1.GenerationParams\"S\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x81\x02\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fsequences_total\x18\x03 \x01(\r\x12\x16\n\x0esequences_done\x18\x04 \x01(\r\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12&\n\x05phase\x18\x07 \x01(\x0e\x32\x17.pqmesh.common.v1.Phase\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\"J\n\x11GetResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"|\n\x0eSequenceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12:\n\rfinish_reason\x18\x04 \x01(\x0e\x32#.pqmesh.coordinator.v1.FinishReason\"e\n\x12GetResultsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.pqmesh.coordinator.v1.SequenceResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x11\n\x0fListJobsRequest\"\xc6\x01\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x17\n\x0fsequences_total\x18\x04 \x01(\r\x12\x16\n\x0esequences_done\x18\x05 \x01(\r\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x04\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\"C\n\x10ListJobsResponse\x12/\n\x04jobs\x18\x01 \x03(\x0b\x32!.pqmesh.coordinator.v1.JobSummary\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xe8\x03\n\x12\x43oordinatorService\x12^\n\tSubmitJob\x12\'.pqmesh.coordinator.v1.SubmitJobRequest\x1a(.pqmesh.coordinator.v1.SubmitJobResponse\x12X\n\x08WatchJob\x12&.pqmesh.coordinator.v1.WatchJobRequest\x1a\".pqmesh.coordinator.v1.JobProgress0\x01\x12\x61\n\nGetResults\x12(.pqmesh.coordinator.v1.GetResultsRequest\x1a).pqmesh.coordinator.v1.GetResultsResponse\x12[\n\x08ListJobs\x12&.pqmesh.coordinator.v1.ListJobsRequest\x1a\'.pqmesh.coordinator.v1.ListJobsResponse\x12X\n\tCancelJob\x12\'.pqmesh.coordinator.v1.CancelJobRequest\x1a\".pqmesh.coordinator.v1.JobProgressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pqmesh/coordinator/v1/coordinator.proto\x12\x15pqmesh.coordinator.v1\x1a\x1dpqmesh/common/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"V\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x34\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1f.pqmesh.coordinator.v1.TokenIdsH\x00\x42\x06\n\x04kind\"s\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0bstop_on_eos\x18\x02 \x01(\x08\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pqmesh.common.v1.SamplingParams\"\x94\x01\n\x10SubmitJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12.\n\x07prompts\x18\x02 \x03(\x0b\x32\x1d.pqmesh.coordinator.v1.Prompt\x12\x37\n\x06params\x18\x03 \x01(\x0b\x32\'.pqmesh.coordinator.v1.GenerationParams\"S\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xb5\x02\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fsequences_total\x18\x03 \x01(\r\x12\x16\n\x0esequences_done\x18\x04 \x01(\r\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12&\n\x05phase\x18\x07 \x01(\x0e\x32\x17.pqmesh.common.v1.Phase\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\x19\n\x11predicted_seconds\x18( \x01(\x01\x12\x17\n\x0f\x65lapsed_seconds\x18) \x01(\x01\"J\n\x11GetResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"|\n\x0eSequenceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12:\n\rfinish_reason\x18\x04 \x01(\x0e\x32#.pqmesh.coordinator.v1.FinishReason\"e\n\x12GetResultsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.pqmesh.coordinator.v1.SequenceResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x11\n\x0fListJobsRequest\"\xc6\x01\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x17\n\x0fsequences_total\x18\x04 \x01(\r\x12\x16\n\x0esequences_done\x18\x05 \x01(\r\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x04\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\"C\n\x10ListJobsResponse\x12/\n\x04jobs\x18\x01 \x03(\x0b\x32!.pqmesh.coordinator.v1.JobSummary\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xe8\x03\n\x12\x43oordinatorService\x12^\n\tSubmitJob\x12\'.pqmesh.coordinator.v1.SubmitJobRequest\x1a(.pqmesh.coordinator.v1.SubmitJobResponse\x12X\n\x08WatchJob\x12&.pqmesh.coordinator.v1.WatchJobRequest\x1a\".pqmesh.coordinator.v1.JobProgress0\x01\x12\x61\n\nGetResults\x12(.pqmesh.coordinator.v1.GetResultsRequest\x1a).pqmesh.coordinator.v1.GetResultsResponse\x12[\n\x08ListJobs\x12&.pqmesh.coordinator.v1.ListJobsRequest\x1a\'.pqmesh.coordinator.v1.ListJobsResponse\x12X\n\tCancelJob\x12\'.pqmesh.coordinator.v1.CancelJobRequest\x1a\".pqmesh.coordinator.v1.JobProgressb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pqmesh.coordinator.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1489
-  _globals['_JOBSTATE']._serialized_end=1643
-  _globals['_FINISHREASON']._serialized_start=1645
-  _globals['_FINISHREASON']._serialized_end=1739
+  _globals['_JOBSTATE']._serialized_start=1541
+  _globals['_JOBSTATE']._serialized_end=1695
+  _globals['_FINISHREASON']._serialized_start=1697
+  _globals['_FINISHREASON']._serialized_end=1791
   _globals['_TOKENIDS']._serialized_start=97
   _globals['_TOKENIDS']._serialized_end=120
   _globals['_PROMPT']._serialized_start=122
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST']._serialized_start=563
   _globals['_WATCHJOBREQUEST']._serialized_end=596
   _globals['_JOBPROGRESS']._serialized_start=599
-  _globals['_JOBPROGRESS']._serialized_end=856
-  _globals['_GETRESULTSREQUEST']._serialized_start=858
-  _globals['_GETRESULTSREQUEST']._serialized_end=932
-  _globals['_SEQUENCERESULT']._serialized_start=934
-  _globals['_SEQUENCERESULT']._serialized_end=1058
-  _globals['_GETRESULTSRESPONSE']._serialized_start=1060
-  _globals['_GETRESULTSRESPONSE']._serialized_end=1161
-  _globals['_LISTJOBSREQUEST']._serialized_start=1163
-  _globals['_LISTJOBSREQUEST']._serialized_end=1180
-  _globals['_JOBSUMMARY']._serialized_start=1183
-  _globals['_JOBSUMMARY']._serialized_end=1381
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1383
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1450
-  _globals['_CANCELJOBREQUEST']._serialized_start=1452
-  _globals['_CANCELJOBREQUEST']._serialized_end=1486
-  _globals['_COORDINATORSERVICE']._serialized_start=1742
-  _globals['_COORDINATORSERVICE']._serialized_end=2230
+  _globals['_JOBPROGRESS']._serialized_end=908
+  _globals['_GETRESULTSREQUEST']._serialized_start=910
+  _globals['_GETRESULTSREQUEST']._serialized_end=984
+  _globals['_SEQUENCERESULT']._serialized_start=986
+  _globals['_SEQUENCERESULT']._serialized_end=1110
+  _globals['_GETRESULTSRESPONSE']._serialized_start=1112
+  _globals['_GETRESULTSRESPONSE']._serialized_end=1213
+  _globals['_LISTJOBSREQUEST']._serialized_start=1215
+  _globals['_LISTJOBSREQUEST']._serialized_end=1232
+  _globals['_JOBSUMMARY']._serialized_start=1235
+  _globals['_JOBSUMMARY']._serialized_end=1433
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1435
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1502
+  _globals['_CANCELJOBREQUEST']._serialized_start=1504
+  _globals['_CANCELJOBREQUEST']._serialized_end=1538
+  _globals['_COORDINATORSERVICE']._serialized_start=1794
+  _globals['_COORDINATORSERVICE']._serialized_end=2282
 # @@protoc_insertion_point(module_scope)
