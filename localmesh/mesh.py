@@ -158,8 +158,8 @@ def run_batch(address: str, prompts: list[list[int]], new_tokens: int, name: str
         seconds = time.perf_counter() - started
         err.write("\n")
         if final is None or final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
-            raise FailedPrecondition(f"{name}: job {job} ended as {final and coordinator_pb2.JobState.Name(final.state)}: "
-                                     f"{final and final.message}")
+            state = final and coordinator_pb2.JobState.Name(final.state)
+            raise FailedPrecondition(f"{name}: job {job} ended as {state}: {final and final.message}")
         outputs = _results(stub, job)
     ordered = [outputs[i] for i in range(len(prompts))]
     return RunResult(name, seconds, sum(map(len, ordered)), ordered, final.predicted_seconds, final.elapsed_seconds)

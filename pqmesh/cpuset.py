@@ -78,6 +78,20 @@ def pin(cores: Iterable[int]) -> tuple[int, ...]:
 
     chosen = tuple(sorted(set(cores)))
     check_available(chosen)
-    os.sched_setaffinity(0, chosen)
+    _pin_threads(chosen)
     torch.set_num_threads(len(chosen))
+    _pin_threads(chosen)  # threads torch started for it
     return chosen
+
+
+def _pin_threads(cores: tuple[int, ...]) -> None:
+    """sched_setaffinity binds one thread: pin every thread of this process (new ones inherit it)."""
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass

@@ -116,7 +116,10 @@ def _cpu_name() -> str:
                 break
     except OSError:
         pass
-    return f"cpu {model} x{torch.get_num_threads()} threads"
+    from pqmesh.cpuset import available_cpus, format_cpus
+
+    # the cores this process may use: each pinned set (`--cpus`) is a device with its own measurements
+    return f"cpu {model} x{torch.get_num_threads()} threads on cores {format_cpus(available_cpus())}"
 
 
 def resolve_device(text: str) -> DeviceTarget:
