@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format
 
 from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.cpuset import parse_cpus
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.types import DTYPE_BYTES, Bits, Phase
 
@@ -135,6 +136,7 @@ class DeviceProfile:
     reserve_bytes: int | None = None  # None: the planner default (1 GiB)
     dtype: str = ""  # what the profiled layers ran in; a plan request without dtype takes it
     model_fingerprint: str = ""  # planner.model_shapes.ModelShape.fingerprint of `model`
+    cpus: str = ""  # the pinned core set ("0-3") a CPU device is; "" = not pinned
     _fitted: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +163,8 @@ class DeviceProfile:
         if self.dtype and self.dtype not in DTYPE_BYTES:
             raise InvalidArgument(f"device profile {self.name!r}: dtype {self.dtype!r} is not one of "
                                   f"{sorted(DTYPE_BYTES)}; leave it empty when unknown")
+        if self.cpus:
+            parse_cpus(self.cpus)  # InvalidArgument says how to write it
         if self.latency and not self.model:
             raise InvalidArgument(
                 f"device profile {self.name!r} has fitted latency models; set `model` to the model they were fitted on"
@@ -185,7 +189,8 @@ class DeviceProfile:
         return planner_pb2.DeviceProfile(
             name=self.name, device_type=self.device_type, memory_bytes=self.memory_bytes, version=self.version,
             latency=[m.to_proto() for m in self.latency], roofline=self.roofline.to_proto(), model=self.model,
-            reserve_bytes=self.reserve_bytes, dtype=self.dtype, model_fingerprint=self.model_fingerprint)
+            reserve_bytes=self.reserve_bytes, dtype=self.dtype, model_fingerprint=self.model_fingerprint,
+            cpus=self.cpus)
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.DeviceProfile) -> DeviceProfile:
@@ -204,6 +209,7 @@ class DeviceProfile:
             reserve_bytes=msg.reserve_bytes if msg.HasField("reserve_bytes") else None,
             dtype=msg.dtype,
             model_fingerprint=msg.model_fingerprint,
+            cpus=msg.cpus,
         )
 
     def to_json(self) -> str:

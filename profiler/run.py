@@ -198,7 +198,7 @@ def profile(request: ProfileRequest, cache: ProfileCache) -> tuple[DeviceProfile
         device_type="cpu" if request.device.kind == "cpu" else request.device.name,
         memory_bytes=request.capacity, roofline=roofline, latency=models, model=request.model.name,
         reserve_bytes=request.reserve, dtype=dtype_name(request.dtype),
-        model_fingerprint=request.model.shape.fingerprint)
+        model_fingerprint=request.model.shape.fingerprint, cpus=format_cpus(request.cpus))
     record = RunRecord(request.model.source, str(request.device.device), dtype_name(request.dtype), request.grid,
                        request.options.layers, request.options.group_size, samples, tuple(hits), source,
                        round(time.perf_counter() - started, 3))

@@ -58,6 +58,7 @@ def test_profile_flags_alone_give_a_float32_cpu_profile_at_the_stage_budget(prof
         profile = json.loads(path.read_text())
         assert int(profile["memory_bytes"]) == BUDGETS_MB[name] << 20 and int(profile["reserve_bytes"]) == 0
         assert profile["dtype"] == "float32" and profile["model_fingerprint"] and profile["latency"]
+        assert profile["cpus"] == str(available_cpus()[list(BUDGETS_MB).index(name) % len(available_cpus())])
 
 
 def test_cli_plan_from_profiles_needs_no_edits(profiled):

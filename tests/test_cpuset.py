@@ -68,3 +68,17 @@ def test_stage_refuses_cores_it_cannot_use(tmp_path):
     done = subprocess.run([str(BIN / "pqmesh-stage"), "--cpus", f"0,{missing}", "--model-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and f"cores {missing}, which this process cannot use" in done.stderr
+
+
+def test_planner_refuses_devices_of_one_host_sharing_cores():
+    from planner.cluster import Cluster, ClusterEntry, expand
+    from planner.devices import DeviceProfile, Roofline
+
+    profiles = {n: DeviceProfile(n, "cpu", 1 << 30, Roofline(1.0, 10.0), reserve_bytes=0, cpus=c)
+                for n, c in (("a", "0-1"), ("b", "1-2"), ("c", "3"))}
+    with pytest.raises(InvalidArgument, match=r"host 'h': devices 'a' and 'b' both use cores 1"):
+        expand(Cluster((ClusterEntry("cpu", 1, "a", "h"), ClusterEntry("cpu", 1, "b", "h"))), profiles.get)
+    with pytest.raises(InvalidArgument, match="is one device: count 1"):
+        expand(Cluster((ClusterEntry("cpu", 2, "c", "h"),)), profiles.get)
+    assert len(expand(Cluster((ClusterEntry("cpu", 1, "a", "h"), ClusterEntry("cpu", 1, "b", "other"),
+                               ClusterEntry("cpu", 1, "c", "h"))), profiles.get)) == 3

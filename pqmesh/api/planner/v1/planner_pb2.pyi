@@ -22,7 +22,7 @@ class LatencyModel(_message.Message):
     def __init__(self, bits: _Optional[_Union[_tensor_pb2.Bits, str]] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., features: _Optional[_Iterable[str]] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model", "reserve_bytes", "dtype", "model_fingerprint")
+    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model", "reserve_bytes", "dtype", "model_fingerprint", "cpus")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class DeviceProfile(_message.Message):
     RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_type: str
     memory_bytes: int
@@ -43,7 +44,8 @@ class DeviceProfile(_message.Message):
     reserve_bytes: int
     dtype: str
     model_fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ..., reserve_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    cpus: str
+    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ..., reserve_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., cpus: _Optional[str] = ...) -> None: ...
 
 class Roofline(_message.Message):
     __slots__ = ("peak_fp16_tflops", "memory_bandwidth_gbs", "compute_efficiency", "memory_efficiency", "dequant_overhead", "layer_overhead_us")
