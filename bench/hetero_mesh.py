@@ -32,7 +32,7 @@ from localmesh.mesh import (
     bin_path,
     check_layout,
     cpu_layout,
-    profile_device,
+    profile_devices,
     profile_link,
     register_and_plan,
     run_plan,
@@ -91,7 +91,7 @@ def measure(args, devices, workdir: Path) -> dict:
 
     model_dir = prepare()
     prompts = demo_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts)
-    paths = [profile_device(model_dir, d, workdir, args.bits, args.quick_profile, COORDINATOR_ENV) for d in devices]
+    paths = profile_devices(model_dir, devices, workdir, args.bits, args.quick_profile, COORDINATOR_ENV)
     network = profile_link(workdir, COORDINATOR_ENV)
     print(f"link: {network['intra_host_latency_us']:.0f} us, {network['intra_host_bandwidth_gbps']:.2f} Gbit/s")
     runs: dict[str, list] = {}

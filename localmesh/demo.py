@@ -28,7 +28,7 @@ from localmesh.mesh import (
     bin_path,
     check_layout,
     cpu_layout,
-    profile_device,
+    profile_devices,
     profile_link,
     register_and_plan,
     run_plan,
@@ -99,11 +99,11 @@ def _header(out: TextIO, devices: tuple[LocalDevice, ...], model_dir: Path, prom
 
 
 def _profiles(model_dir: Path, devices, workdir: Path, options: DemoOptions, out: TextIO) -> tuple[list[Path], dict]:
-    out.write("profiling each device under its own pinning, and the loopback link (cached after the first run) ...\n")
+    out.write("profiling every device at once, each under its own pinning and budget, and the loopback link "
+              "(cached after the first run) ...\n")
     out.flush()
     started = time.perf_counter()
-    paths = [profile_device(model_dir, d, workdir, options.bits, options.quick_profile, COORDINATOR_ENV)
-             for d in devices]
+    paths = profile_devices(model_dir, devices, workdir, options.bits, options.quick_profile, COORDINATOR_ENV)
     network = profile_link(workdir, COORDINATOR_ENV)
     out.write(f"  profiles ready in {time.perf_counter() - started:.1f} s; link: "
               f"{network['intra_host_latency_us']:.0f} us, {network['intra_host_bandwidth_gbps']:.2f} Gbit/s\n")

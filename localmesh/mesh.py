@@ -72,22 +72,42 @@ def bin_path(name: str) -> str:
 
 
 def _run(argv: list[str], env: dict) -> None:
-    done = subprocess.run(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise FailedPrecondition(f"`{' '.join(argv)}` failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    _wait([_start(argv, env)])
 
 
-def profile_device(model_dir: Path, device: LocalDevice, workdir: Path, bits: str, quick: bool, env: dict) -> Path:
-    """`pqmesh profile` of one device under its own pinning and budget; the profile file (cached samples)."""
-    path = workdir / f"profile-{device.name}.json"
-    argv = [bin_path("pqmesh"), "profile", "--model", str(model_dir), "--device", device.device, "--bits", bits,
-            "--out", str(path), "--name", device.name, "--memory-bytes", str(device.budget_mb << 20)]
-    if device.cpus:
-        argv += ["--cpus", format_cpus(device.cpus)]
-    if quick:
-        argv.append("--quick")
-    _run(argv, env)
-    return path
+def _start(argv: list[str], env: dict) -> tuple[list[str], subprocess.Popen]:
+    return argv, subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+
+
+def _wait(started: list[tuple[list[str], subprocess.Popen]]) -> None:
+    failures = []
+    for argv, proc in started:
+        _, stderr = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"`{' '.join(argv)}` failed ({proc.returncode}):\n{stderr[-2000:]}")
+    if failures:
+        raise FailedPrecondition("\n".join(failures))
+
+
+def profile_devices(model_dir: Path, devices: Sequence[LocalDevice], workdir: Path, bits: str, quick: bool,
+                    env: dict) -> list[Path]:
+    """`pqmesh profile` of every device under its own pinning and budget, all at once: devices of one host
+    share its caches and memory bandwidth, so each is measured with its neighbours busy, as in the mesh.
+    The profile files (samples are cached per device and setting)."""
+    started, paths = [], []
+    for device in devices:
+        path = workdir / f"profile-{device.name}.json"
+        argv = [bin_path("pqmesh"), "profile", "--model", str(model_dir), "--device", device.device, "--bits", bits,
+                "--out", str(path), "--name", device.name, "--memory-bytes", str(device.budget_mb << 20)]
+        if device.cpus:
+            argv += ["--cpus", format_cpus(device.cpus)]
+        if quick:
+            argv.append("--quick")
+        started.append(_start(argv, env))
+        paths.append(path)
+    _wait(started)
+    return paths
 
 
 def profile_link(workdir: Path, env: dict) -> dict:
