@@ -12,7 +12,8 @@ job-time error, and the measured ratio against PipeEdge (median of the per-round
 Layouts (`--layout`, default: the largest this host has):
   2core   two single-core devices, budgets 430 / 300 MiB
   16core  cores 8 + 4 + 2 + 2, budgets 900 / 450 / 300 / 200 MiB
-  gpu     cuda:0 with a 600 MiB budget, and two CPU devices of half the remaining cores each, 300 / 200 MiB
+  gpu     cuda:0 with a 600 MiB budget, and two CPU devices of half the remaining cores each, 300 / 200 MiB;
+          every stage profiled and run in float32 (one dtype per mesh). Not yet run on a GPU host.
 
 Run: .venv/bin/python bench/hetero_mesh.py [--layout 2core] [--repeat 3] [--prompts 64] [--new-tokens 32]
 """
@@ -37,6 +38,7 @@ from localmesh.mesh import (
     register_and_plan,
     run_plan,
     stage_command,
+    workload_grid,
 )
 from localmesh.processes import Children
 from pqmesh.cpuset import available_cpus
@@ -91,7 +93,9 @@ def measure(args, devices, workdir: Path) -> dict:
 
     model_dir = prepare()
     prompts = demo_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts)
-    paths = profile_devices(model_dir, devices, workdir, args.bits, args.quick_profile, COORDINATOR_ENV)
+    dtype = "float32" if any(d.device != "cpu" for d in devices) else ""
+    grid = workload_grid(len(prompts), max(map(len, prompts)), args.new_tokens)
+    paths = profile_devices(model_dir, devices, workdir, args.bits, args.quick_profile, COORDINATOR_ENV, dtype, grid)
     network = profile_link(workdir, COORDINATOR_ENV)
     print(f"link: {network['intra_host_latency_us']:.0f} us, {network['intra_host_bandwidth_gbps']:.2f} Gbit/s")
     runs: dict[str, list] = {}
@@ -115,7 +119,7 @@ def measure(args, devices, workdir: Path) -> dict:
             order = plans[round_ % len(plans):] + plans[:round_ % len(plans)]
             for name, plan in order:
                 result = run_plan(children, workdir, f"{name}-{round_}", plan, addresses, model_dir, prompts,
-                                  args.new_tokens, COORDINATOR_ENV, sys.stderr)
+                                  args.new_tokens, COORDINATOR_ENV, sys.stderr, dtype)
                 runs.setdefault(name, []).append(result)
                 print(f"round {round_} {name}: {result.seconds:.2f} s measured, {result.predicted_s:.2f} s predicted, "
                       f"{result.tokens_per_s:.1f} tok/s; load {os.getloadavg()[0]:.2f}", flush=True)

@@ -33,6 +33,7 @@ from localmesh.mesh import (
     register_and_plan,
     run_plan,
     stage_command,
+    workload_grid,
 )
 from localmesh.processes import Children
 from pqmesh.api.planner.v1 import planner_pb2
@@ -98,12 +99,15 @@ def _header(out: TextIO, devices: tuple[LocalDevice, ...], model_dir: Path, prom
         out.write(f"  {device.describe()}\n")
 
 
-def _profiles(model_dir: Path, devices, workdir: Path, options: DemoOptions, out: TextIO) -> tuple[list[Path], dict]:
+def _profiles(model_dir: Path, devices, workdir: Path, options: DemoOptions, prompts: list,
+              out: TextIO) -> tuple[list[Path], dict]:
     out.write("profiling every device at once, each under its own pinning and budget, and the loopback link "
               "(cached after the first run) ...\n")
     out.flush()
     started = time.perf_counter()
-    paths = profile_devices(model_dir, devices, workdir, options.bits, options.quick_profile, COORDINATOR_ENV)
+    grid = workload_grid(len(prompts), max(map(len, prompts)), options.max_new_tokens)
+    paths = profile_devices(model_dir, devices, workdir, options.bits, options.quick_profile, COORDINATOR_ENV,
+                            grid=grid)
     network = profile_link(workdir, COORDINATOR_ENV)
     out.write(f"  profiles ready in {time.perf_counter() - started:.1f} s; link: "
               f"{network['intra_host_latency_us']:.0f} us, {network['intra_host_bandwidth_gbps']:.2f} Gbit/s\n")
@@ -135,7 +139,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = sys.s
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="pqmesh-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     _header(out, devices, model_dir, prompts, options, workdir)
-    paths, network = _profiles(model_dir, devices, workdir, options, out)
+    paths, network = _profiles(model_dir, devices, workdir, options, prompts, out)
     by_name = {d.name: d for d in devices}
     with Children(workdir) as children:
         planner = children.start("planner", [bin_path("pqmesh-planner"), "--listen", "127.0.0.1:0",

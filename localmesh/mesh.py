@@ -90,11 +90,24 @@ def _wait(started: list[tuple[list[str], subprocess.Popen]]) -> None:
         raise FailedPrecondition("\n".join(failures))
 
 
+def workload_grid(prompts: int, prompt_len: int, new_tokens: int) -> list[str]:
+    """`pqmesh profile` grid flags around the job's own shapes: micro-batches up to the batch, prompt
+    lengths up to its longest prompt, decode contexts up to prompt + new tokens (a fit is most accurate
+    where it was measured; the default grid would extrapolate to the batch)."""
+    batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= prompts} | {min(prompts, 64)})
+    lengths = sorted({max(2, prompt_len // 4), max(2, prompt_len // 2), prompt_len})
+    contexts = sorted({prompt_len + 1, prompt_len + max(1, new_tokens // 2), prompt_len + new_tokens})
+    text = ",".join
+    return ["--prefill-batches", text(map(str, batches)), "--prompt-lengths", text(map(str, lengths)),
+            "--decode-batches", text(map(str, batches)), "--contexts", text(map(str, contexts))]
+
+
 def profile_devices(model_dir: Path, devices: Sequence[LocalDevice], workdir: Path, bits: str, quick: bool,
-                    env: dict) -> list[Path]:
+                    env: dict, dtype: str = "", grid: Sequence[str] = ()) -> list[Path]:
     """`pqmesh profile` of every device under its own pinning and budget, all at once: devices of one host
     share its caches and memory bandwidth, so each is measured with its neighbours busy, as in the mesh.
-    The profile files (samples are cached per device and setting)."""
+    The profile files (samples are cached per device and setting). ``dtype`` "" is each device's default
+    (float32 on a CPU, float16 on CUDA); a mesh mixing both runs one dtype, so pass it."""
     started, paths = [], []
     for device in devices:
         path = workdir / f"profile-{device.name}.json"
@@ -102,8 +115,9 @@ def profile_devices(model_dir: Path, devices: Sequence[LocalDevice], workdir: Pa
                 "--out", str(path), "--name", device.name, "--memory-bytes", str(device.budget_mb << 20)]
         if device.cpus:
             argv += ["--cpus", format_cpus(device.cpus)]
-        if quick:
-            argv.append("--quick")
+        argv += ["--quick"] if quick else list(grid)
+        if dtype:
+            argv += ["--dtype", dtype]
         started.append(_start(argv, env))
         paths.append(path)
     _wait(started)
@@ -197,8 +211,10 @@ def _results(stub, job: str) -> dict[int, list[int]]:
 
 
 def run_plan(children: Children, workdir: Path, tag: str, plan: planner_pb2.Plan, addresses: dict[str, str],
-             model_dir: Path, prompts: list[list[int]], new_tokens: int, env: dict, err: TextIO) -> RunResult:
-    """One coordinator for ``plan`` (the planner's answer, its cost included), one job, then it stops."""
+             model_dir: Path, prompts: list[list[int]], new_tokens: int, env: dict, err: TextIO,
+             dtype: str = "") -> RunResult:
+    """One coordinator for ``plan`` (the planner's answer, its cost included), one job, then it stops.
+    ``dtype`` "" lets each stage run its device's default."""
     pipeline = PipelinePlan.from_proto(plan)
     pipeline = pipeline.with_addresses([addresses[s.device] for s in pipeline.stages])
     plan_path = workdir / f"plan-{tag}.json"
@@ -207,6 +223,7 @@ def run_plan(children: Children, workdir: Path, tag: str, plan: planner_pb2.Plan
     command = [bin_path("pqmesh-coordinator"), "--listen", "127.0.0.1:0", "--state-dir", str(workdir / f"coord-{tag}"),
                "--plan", str(plan_path), "--model-id", model_dir.name, "--model-root", str(model_dir.parent),
                "--max-sequences", str(len(prompts)), "--max-tokens-per-sequence", str(max_tokens)]
+    command += ["--dtype", dtype] if dtype else []
     coordinator = children.start(f"coordinator-{tag}", command, env)
     try:
         coordinator.wait_ready("coordinator_serving", timeout=300)
