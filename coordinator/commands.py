@@ -181,7 +181,15 @@ def progress_line(p: coordinator_pb2.JobProgress, width: int = 24) -> str:
     phase = PHASES.get(p.phase, STATES.get(p.state, "?"))
     eta = f", ETA {p.eta_seconds:.0f} s" if p.eta_seconds else ""
     return (f"[{bar}] {p.sequences_done}/{p.sequences_total} sequences, {p.tokens_generated} tokens, "
-            f"{p.tokens_per_second:.1f} tok/s{eta}, {phase}   ")
+            f"{p.tokens_per_second:.1f} tok/s{eta}, {phase}{prediction_note(p)}   ")
+
+
+def prediction_note(p: coordinator_pb2.JobProgress) -> str:
+    """", predicted 9.6 s vs 10.2 s measured (-6%)" once a job with a prediction succeeded."""
+    if p.state != coordinator_pb2.JOB_STATE_SUCCEEDED or p.predicted_seconds <= 0 or p.elapsed_seconds <= 0:
+        return ""
+    error = (p.predicted_seconds - p.elapsed_seconds) / p.elapsed_seconds
+    return f"; predicted {p.predicted_seconds:.1f} s vs {p.elapsed_seconds:.1f} s measured ({error:+.0%})"
 
 
 def write_results(stub, job_id: str, out: Path | None, openai: bool | None = None) -> int:

@@ -35,6 +35,7 @@ import torch
 
 from coordinator.feeder import Feeder
 from coordinator.mesh import Mesh
+from coordinator.prediction import predict_job_seconds
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, OutageHandling, StepClock
 from coordinator.replan import Replanning
@@ -47,6 +48,7 @@ from pqmesh.stage_wire import left_pad, micro_batch_header
 
 log = structlog.get_logger(__name__)
 
+PREDICT_SAMPLE = 20_000  # prompts whose lengths the job-time prediction replays; more are scaled from them
 _GONE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", ""})  # stream ends that blame no micro-batch
 
 
@@ -167,9 +169,23 @@ class Engine(OutageHandling):
             self._fail(job_id, f"not run: {self._down}; submit it again once the mesh is back")
             return
         self.feeder.add(record)
+        self.board.predicted(job_id, self._predicted_seconds(record))
         log.info("job_loaded", job_id=job_id, prompts=record.num_prompts,
                  pending=record.num_prompts - record.num_results,
                  resumed=record.num_results > 0 or record.state is JobState.RUNNING)
+
+    def _predicted_seconds(self, record) -> float:
+        """The cost model's time for the job's pending prompts (`coordinator.prediction`), from the token
+        counts of up to PREDICT_SAMPLE of them, scaled to all; 0 while they are not tokenized yet (uploaded
+        lines are resolved as the feeder reaches them) or when the plan carries no cost."""
+        sample = self.store.pending_prompts(record.id, limit=PREDICT_SAMPLE)
+        lengths = [len(p.token_ids) for p in sample if p.token_ids is not None]
+        if not lengths or len(lengths) < len(sample):
+            return 0.0
+        pending = record.num_prompts - record.num_results
+        seconds = predict_job_seconds(self.mesh.spec.plan, lengths, record.params["max_new_tokens"],
+                                      self.scheduler.max_sequences, self.scheduler.max_in_flight)
+        return seconds * pending / len(lengths)
 
     def _on_feed(self) -> None:
         """More stored prompts to read (the loop feeds before it schedules)."""

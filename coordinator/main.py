@@ -19,6 +19,7 @@ from coordinator.engine import Engine, EngineSettings
 from coordinator.jobs import JobService, Limits
 from coordinator.mesh import Mesh, MeshSpec, StageUnavailable
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.prediction import add_gauges
 from coordinator.progress import ProgressBoard
 from coordinator.replan import PlanFile, Replanner, Replanning, read_plan_request
 from coordinator.resolve import Resolver, served_names
@@ -131,6 +132,7 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         release_in_band=config.release_mode == "in-band"),
                     codec.decode if codec else None, metrics=metrics, resolver=resolver, replanning=replanning)
     metrics.watch(scheduler, store)
+    add_gauges(metrics, board)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)
     jobs = JobService(store, engine, board, config.max_tokens_per_sequence, facts.vocab_size, codec, eos_ids,

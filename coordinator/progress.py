@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from coordinator.prediction import JobTiming
 from coordinator.scheduler import Phase
 from coordinator.store import JobRecord, JobState
 
@@ -26,6 +27,8 @@ class Progress:
     phase: int = 0  # a Phase number, 0 when not running
     eta_seconds: float = 0.0
     message: str = ""
+    predicted_seconds: float = 0.0  # the cost model's time for the job on this mesh; 0 = no prediction
+    elapsed_seconds: float = 0.0  # since its first micro-batch; at the end, the measured time
 
     @classmethod
     def from_record(cls, record: JobRecord) -> "Progress":
@@ -50,6 +53,8 @@ class _Live:
     run_started: float | None = None
     tokens_at_start: int = 0
     final_rate: float = 0.0
+    predicted_s: float = 0.0
+    elapsed_s: float = 0.0  # set when the job ends
 
     @property
     def tokens(self) -> int:
@@ -61,6 +66,7 @@ class ProgressBoard:
         self._jobs: dict[str, _Live] = {}
         self._changed = threading.Condition()
         self.version = 0
+        self.last_timing: JobTiming | None = None  # the last job that succeeded with a prediction
 
     def _touch(self) -> None:
         self.version += 1
@@ -72,6 +78,12 @@ class ProgressBoard:
             self._jobs[record.id] = _Live(record.num_prompts, record.num_results, record.tokens_generated,
                                           record.tokens_generated + pending * max_new_tokens, record.state)
             self._touch()
+
+    def predicted(self, job_id: str, seconds: float) -> None:
+        with self._changed:
+            if job_id in self._jobs:
+                self._jobs[job_id].predicted_s = seconds
+                self._touch()
 
     def running(self, job_id: str, phase: Phase) -> bool:
         """A micro-batch of the job went out; True the first time (the job just left QUEUED)."""
@@ -110,7 +122,10 @@ class ProgressBoard:
             live = self._jobs.get(job_id)
             if live is not None:
                 live.final_rate = self._rate(live)
+                live.elapsed_s = time.monotonic() - live.run_started if live.run_started is not None else 0.0
                 live.state, live.message, live.phase, live.partial_tokens = state, message, 0, 0
+                if state is JobState.SUCCEEDED and live.predicted_s > 0:
+                    self.last_timing = JobTiming(job_id, live.predicted_s, live.elapsed_s).logged()
                 self._touch()
 
     @staticmethod
@@ -131,11 +146,13 @@ class ProgressBoard:
             live = self._jobs.get(job_id)
             if live is None:
                 return None
-            rate, eta = live.final_rate, 0.0
+            rate, eta, elapsed = live.final_rate, 0.0, live.elapsed_s
             if not live.state.final:
                 rate = self._rate(live)
                 eta = max(live.expected_tokens - live.tokens, 0) / rate if rate > 0 else 0.0
-            return Progress(job_id, live.state, live.total, live.done, live.tokens, rate, live.phase, eta, live.message)
+                elapsed = time.monotonic() - live.run_started if live.run_started is not None else 0.0
+            return Progress(job_id, live.state, live.total, live.done, live.tokens, rate, live.phase, eta, live.message,
+                            live.predicted_s, elapsed)
 
     def wait(self, version: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> int:
         """Blocks until the board changes after ``version``, ``timeout`` passes or ``alive()`` turns false

@@ -121,10 +121,15 @@ def capacity_error(index: int, prompt_len: int, max_new_tokens: int, max_tokens:
     """Why prompt ``index`` cannot run within ``max_tokens`` per sequence, or None when it fits."""
     if prompt_len + max_new_tokens <= max_tokens:
         return None
-    return (f"prompt {index} has {prompt_len} tokens; with max_new_tokens {max_new_tokens} it needs "
+    need = (f"prompt {index} has {prompt_len} tokens; with max_new_tokens {max_new_tokens} it needs "
             f"{prompt_len + max_new_tokens} tokens of KV cache but the mesh holds {max_tokens} per sequence "
-            f"(--max-tokens-per-sequence): shorten it to at most {max(max_tokens - max_new_tokens, 0)} tokens "
-            "or lower max_new_tokens")
+            "(--max-tokens-per-sequence)")
+    if max_new_tokens < max_tokens:
+        return f"{need}: shorten it to at most {max_tokens - max_new_tokens} tokens or lower max_new_tokens"
+    if prompt_len < max_tokens:  # max_new_tokens alone fills the cache: no prompt length would fit
+        return f"{need}: lower max_new_tokens to at most {max_tokens - prompt_len}"
+    return (f"{need}: the prompt alone fills the cache; shorten it below {max_tokens} tokens and lower "
+            "max_new_tokens, or restart the coordinator with a larger --max-tokens-per-sequence")
 
 
 class Scheduler:

@@ -52,7 +52,8 @@ def encode_progress(p: Progress) -> coordinator_pb2.JobProgress:
     return coordinator_pb2.JobProgress(
         job_id=p.job_id, state=int(p.state), sequences_total=p.sequences_total, sequences_done=p.sequences_done,
         tokens_generated=p.tokens_generated, tokens_per_second=p.tokens_per_second, phase=p.phase,
-        eta_seconds=p.eta_seconds, message=p.message)
+        eta_seconds=p.eta_seconds, message=p.message, predicted_seconds=p.predicted_seconds,
+        elapsed_seconds=p.elapsed_seconds)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):

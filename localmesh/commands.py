@@ -24,13 +24,15 @@ DEMO_PROMPTS = (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="planner + 3 stage servers + coordinator on loopback, plan vs PipeEdge baseline")
+    demo = sub.add_parser("demo", help="planner + pinned stage servers (one per core set) + coordinator on "
+                                       "loopback, plan vs PipeEdge baseline")
     demo.add_argument("--prompts", type=int, default=64, help="prompts in the batch (default: 64)")
     demo.add_argument(
         "--max-new-tokens", type=int, default=None, help="new tokens per prompt (default: 32; 40 in-process)"
     )
     demo.add_argument("--budgets-mb", default=",".join(map(str, DEFAULT_BUDGETS_MB)),
-                      help="memory budget of each stage server in MiB (default: %(default)s)")
+                      help="memory budget of each stage server in MiB, one stage per budget, each on its own cores "
+                           "(default: %(default)s)")
     demo.add_argument("--quick-profile", action="store_true", help="profile on a small grid (faster, less accurate)")
     demo.add_argument("--workdir", type=Path, default=None, help="logs, plans and databases (default: a new temp dir)")
     demo.add_argument("--in-process", action="store_true",

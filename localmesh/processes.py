@@ -72,6 +72,10 @@ class Child:
         return self.port
 
     @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 

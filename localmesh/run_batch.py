@@ -23,12 +23,21 @@ from typing import TextIO
 from coordinator.batch_client import lines, run_file
 from coordinator.openai_batch import parse_line
 from coordinator.requests import RequestError
-from localmesh.demo import DemoOptions, _bin, mesh_plan_json, plan_request, profile_cpu, register_devices
+from localmesh.mesh import (
+    bin_path,
+    check_layout,
+    cpu_layout,
+    profile_devices,
+    profile_link,
+    register_and_plan,
+    stage_command,
+    workload_grid,
+)
 from localmesh.processes import Children
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from pqmesh.api.planner.v1 import planner_pb2_grpc
 from pqmesh.errors import FailedPrecondition, InvalidArgument
 from pqmesh.grpc_server import channel
+from pqmesh.plan import PipelinePlan
 
 SAMPLE_LINES = 2000
 
@@ -94,35 +103,33 @@ def _run_local(options: RunBatchOptions, err: TextIO) -> coordinator_pb2.JobProg
     new_tokens = options.params.max_new_tokens
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="pqmesh-run-batch-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    demo = DemoOptions(prompts=options.max_sequences, max_new_tokens=new_tokens, budgets_mb=options.budgets_mb,
-                       quick_profile=options.quick_profile, workdir=workdir,
-                       threads_per_process=options.threads_per_process)
+    devices = cpu_layout(options.budgets_mb)  # one device per budget, each on its own cores
+    check_layout(devices)
     env = {"OMP_NUM_THREADS": str(options.threads_per_process), "PYTHONUNBUFFERED": "1"}
     err.write(f"run-batch: model {model_dir.name}, longest of the first {sampled} prompts {longest} tokens; "
-              f"logs in {workdir}\n")
-    profile = profile_cpu(model_dir, workdir, demo, env, err)
+              f"{', '.join(d.describe() for d in devices)}; logs in {workdir}\n")
+    err.write("profiling this host's devices (cached after the first run) ...\n")
+    grid = workload_grid(options.max_sequences, longest, new_tokens)
+    profiles = profile_devices(model_dir, devices, workdir, "16,8,4", options.quick_profile, env, grid=grid)
+    network = profile_link(workdir, env)
     with Children(workdir) as children:
-        planner = children.start("planner", [_bin("pqmesh-planner"), "--listen", "127.0.0.1:0",
+        planner = children.start("planner", [bin_path("pqmesh-planner"), "--listen", "127.0.0.1:0",
                                              "--state-dir", str(workdir / "planner")], env)
-        stages = [children.start(f"stage-{i}", [_bin("pqmesh-stage"), "--listen", "127.0.0.1:0", "--device", "cpu",
-                                                "--memory-budget", str(mb << 20), "--model-root",
-                                                str(model_dir.parent)], env)
-                  for i, mb in enumerate(options.budgets_mb)]
+        stages = [children.start(f"stage-{i}", stage_command(model_dir, d), env) for i, d in enumerate(devices)]
         planner.wait_ready()
-        with channel(planner.address) as ch:
-            stub = planner_pb2_grpc.PlannerServiceStub(ch)
-            names = register_devices(stub, profile, options.budgets_mb)
-            reply = stub.Plan(plan_request((model_dir / "config.json").read_text(), profile.get("model", ""), names,
-                                           longest, demo), timeout=120)
+        reply = register_and_plan(planner.address, profiles, (model_dir / "config.json").read_text(), devices,
+                                  (options.max_sequences, longest, new_tokens), network, "16,8,4")
         for stage in stages:
             stage.wait_ready()
+        plan = PipelinePlan.from_proto(reply.plan)
+        addresses = {d.name: s.address for d, s in zip(devices, stages)}
         plan_path = workdir / "plan.json"
-        plan_path.write_text(mesh_plan_json(reply.plan, {n: s.address for n, s in zip(names, stages)}))
+        plan_path.write_text(plan.with_addresses([addresses[s.device] for s in plan.stages]).to_json())
         err.write(f"plan: {len(reply.plan.stages)} stage(s), prefill micro-batch {reply.plan.prefill_micro_batch}, "
                   f"decode micro-batch {reply.plan.decode_micro_batch}, predicted "
                   f"{reply.predicted.throughput_tokens_per_s:.1f} tokens/s\n")
         coordinator = children.start("coordinator", [
-            _bin("pqmesh-coordinator"), "--listen", "127.0.0.1:0", "--state-dir", str(workdir / "coordinator"),
+            bin_path("pqmesh-coordinator"), "--listen", "127.0.0.1:0", "--state-dir", str(workdir / "coordinator"),
             "--plan", str(plan_path), "--model-id", model_dir.name, "--model-root", str(model_dir.parent),
             "--max-sequences", str(options.max_sequences),
             "--max-tokens-per-sequence", str(2 * longest + new_tokens)], env)

@@ -25,6 +25,7 @@ import tomllib
 
 from planner.devices import DeviceProfile, builtin_profile, normalize_type
 from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.cpuset import check_disjoint, parse_cpus
 from pqmesh.errors import InvalidArgument, NotFound
 
 MAX_DEVICES = 4096  # per [[device]] entry; a plan needs at least one layer per device anyway
@@ -62,7 +63,8 @@ class ClusterEntry:
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.ClusterDevice) -> ClusterEntry:
-        return cls(msg.device_type, msg.count, msg.name, msg.host)
+        # proto3 leaves an unset count at 0, so 0 means the default, 1 (as in the cluster file)
+        return cls(msg.device_type, msg.count or 1, msg.name, msg.host)
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,22 @@ def expand(cluster: Cluster, lookup: ProfileLookup | None = None) -> tuple[Devic
     labels = [d.label for d in devices]
     if len(set(labels)) != len(labels):
         raise InvalidArgument(f"device labels {labels} are not unique; give [[device]] tables distinct names")
+    _check_pinned(devices)
     return tuple(devices)
+
+
+def _check_pinned(devices: list[Device]) -> None:
+    """A pinned profile is one set of cores: two devices of one host may not share a core."""
+    by_host: dict[str, dict[str, tuple[int, ...]]] = {}
+    for d in devices:
+        if d.profile.cpus:
+            by_host.setdefault(d.host, {})[d.label] = parse_cpus(d.profile.cpus)
+    for host, sets in by_host.items():
+        try:
+            check_disjoint(sets)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"host {host!r}: {err} (a profile made with `pqmesh profile --cpus` is one device: "
+                                  "count 1, and every device of a host needs its own profile)") from None
 
 
 @dataclass(frozen=True)

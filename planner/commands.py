@@ -29,9 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: 2^-2b per layer)")
     p.add_argument("--bits", default="", help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2)")
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+    p.add_argument("--dtype", default="", choices=("", "float16", "bfloat16", "float32"),
                    help="dtype the stages run in: bytes of unquantized weights, KV cache and activations "
-                        "(default: float16; float32 for stages on a CPU)")
+                        "(default: the dtype the devices' profiles were measured in, float32 for a CPU "
+                        "profile; float16 for built-in GPU types)")
     p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds (default: 10)")
     p.add_argument("--profile", type=Path, action="append", default=[], help="device profile JSON (repeatable)")
     p.add_argument("--state-dir", type=Path, help="read profiles registered with a planner using this state dir")

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format
 
 from pqmesh.api.planner.v1 import planner_pb2
+from pqmesh.cpuset import parse_cpus
 from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.types import Bits, Phase
+from pqmesh.types import DTYPE_BYTES, Bits, Phase
 
 PROFILE_VERSION = 1
 MIB = 1 << 20
@@ -133,6 +134,9 @@ class DeviceProfile:
     model: str = ""
     version: int = PROFILE_VERSION
     reserve_bytes: int | None = None  # None: the planner default (1 GiB)
+    dtype: str = ""  # what the profiled layers ran in; a plan request without dtype takes it
+    model_fingerprint: str = ""  # planner.model_shapes.ModelShape.fingerprint of `model`
+    cpus: str = ""  # the pinned core set ("0-3") a CPU device is; "" = not pinned
     _fitted: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +160,11 @@ class DeviceProfile:
         keys = [(m.bits, m.phase) for m in self.latency]
         if len(set(keys)) != len(keys):
             raise InvalidArgument(f"device profile {self.name!r} has two latency models for one (bits, phase)")
+        if self.dtype and self.dtype not in DTYPE_BYTES:
+            raise InvalidArgument(f"device profile {self.name!r}: dtype {self.dtype!r} is not one of "
+                                  f"{sorted(DTYPE_BYTES)}; leave it empty when unknown")
+        if self.cpus:
+            parse_cpus(self.cpus)  # InvalidArgument says how to write it
         if self.latency and not self.model:
             raise InvalidArgument(
                 f"device profile {self.name!r} has fitted latency models; set `model` to the model they were fitted on"
@@ -166,15 +175,22 @@ class DeviceProfile:
     def calibrated(self) -> bool:
         return any(m.calibrated for m in self.latency)
 
-    def fitted(self, model_name: str, bits: Bits, phase: Phase) -> LatencyModel | None:
-        """The fitted model for this (bits, phase), if fitted on `model_name`."""
-        return self._fitted.get((bits, phase)) if model_name == self.model else None
+    def fits_model(self, model) -> bool:
+        """True when the fitted entries apply to `model`: a name, or a ModelShape (same name or same shape)."""
+        if isinstance(model, str):
+            return model == self.model
+        return model.name == self.model or bool(self.model_fingerprint and model.fingerprint == self.model_fingerprint)
+
+    def fitted(self, model, bits: Bits, phase: Phase) -> LatencyModel | None:
+        """The fitted model for this (bits, phase), if fitted on `model` (a name or a ModelShape)."""
+        return self._fitted.get((bits, phase)) if self.fits_model(model) else None
 
     def to_proto(self) -> planner_pb2.DeviceProfile:
         return planner_pb2.DeviceProfile(
             name=self.name, device_type=self.device_type, memory_bytes=self.memory_bytes, version=self.version,
             latency=[m.to_proto() for m in self.latency], roofline=self.roofline.to_proto(), model=self.model,
-            reserve_bytes=self.reserve_bytes)
+            reserve_bytes=self.reserve_bytes, dtype=self.dtype, model_fingerprint=self.model_fingerprint,
+            cpus=self.cpus)
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.DeviceProfile) -> DeviceProfile:
@@ -191,6 +207,9 @@ class DeviceProfile:
             model=msg.model,
             version=msg.version,
             reserve_bytes=msg.reserve_bytes if msg.HasField("reserve_bytes") else None,
+            dtype=msg.dtype,
+            model_fingerprint=msg.model_fingerprint,
+            cpus=msg.cpus,
         )
 
     def to_json(self) -> str:

@@ -43,7 +43,7 @@ def layer_seconds(profile: DeviceProfile, shape: ModelShape, bits: Bits, phase: 
     new_tokens = prompt_length if phase == Phase.PREFILL else 1
     context = prompt_length if phase == Phase.PREFILL else context
     tokens = micro_batch * new_tokens
-    fitted = profile.fitted(shape.name, bits, phase)
+    fitted = profile.fitted(shape, bits, phase)
     if fitted is not None:
         return fitted.seconds(micro_batch, tokens, context)
     kv_tokens = tokens if phase == Phase.PREFILL else micro_batch * context  # written vs read

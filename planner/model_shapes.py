@@ -9,6 +9,7 @@ embedding and LM-head parameters that stay 16-bit on the first and last stage.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -44,6 +45,12 @@ class ModelShape:
     embed_layernorm: bool = False
     final_norm: bool = True  # False for post-LayerNorm OPT (opt-350m), which has no final norm
     version: int = SHAPE_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of every dimension but the name: two models with one fingerprint time alike."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
         if self.version != SHAPE_VERSION:

@@ -37,18 +37,22 @@ class Prediction:
     decode_s: float
     memory_bytes: tuple[int, ...]
     quality: float = 0.0
+    job_s: float = 0.0  # the whole mesh, replayed micro-batch by micro-batch (planner.mesh_costs); 0: not done
 
     def to_proto(self) -> planner_pb2.Prediction:
         return planner_pb2.Prediction(throughput_tokens_per_s=self.throughput_tokens_per_s, prefill_s=self.prefill_s,
-                                      decode_s=self.decode_s, memory_bytes=self.memory_bytes, quality=self.quality)
+                                      decode_s=self.decode_s, memory_bytes=self.memory_bytes, quality=self.quality,
+                                      job_s=self.job_s)
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.Prediction) -> Prediction:
-        return cls(msg.throughput_tokens_per_s, msg.prefill_s, msg.decode_s, tuple(msg.memory_bytes), msg.quality)
+        return cls(msg.throughput_tokens_per_s, msg.prefill_s, msg.decode_s, tuple(msg.memory_bytes), msg.quality,
+                   msg.job_s)
 
     def to_report(self) -> dict:
         return {"throughput_tokens_per_s": self.throughput_tokens_per_s, "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s, "memory_bytes": list(self.memory_bytes), "quality": self.quality}
+                "decode_s": self.decode_s, "memory_bytes": list(self.memory_bytes), "quality": self.quality,
+                "job_s": self.job_s}
 
 
 @dataclass(frozen=True)

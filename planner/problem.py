@@ -40,10 +40,20 @@ from pqmesh.types import ALL_BITS, Bits, Phase
 QUALITY_TOLERANCE = 1e-6  # relative; the solver's integer scaling rounds indicators
 
 
+#: Coordinator time per micro-batch reply (store, schedule, send the next): about 3 ms per decode step
+#: measured on a 2-core CPU host (docs/BENCHMARKS.md, "Coordinator"); PlanRequest.coordinator_turnaround_us.
+DEFAULT_COORDINATOR_S = 3e-3
+
+
 @dataclass(frozen=True)
 class CostConfig:
     reserve_bytes: int = DEFAULT_RESERVE_BYTES  # for devices whose profile sets no reserve_bytes
     decode_segments: int = lat.DEFAULT_DECODE_SEGMENTS
+    coordinator_s: float = DEFAULT_COORDINATOR_S  # used by the whole-mesh replay (planner.mesh_costs)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.coordinator_s < 60:  # NaN fails too
+            raise InvalidArgument(f"coordinator turn-around must be within [0, 60) s, got {self.coordinator_s}")
 
 
 @dataclass(frozen=True)

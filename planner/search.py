@@ -24,6 +24,7 @@ import structlog
 
 from planner.baselines import all_baselines, balanced_sizes, busy_seconds, layer_caps
 from planner.diagnose import raise_infeasible
+from planner.mesh_costs import with_mesh_costs
 from planner.orders import all_orders, order_key, representative_orders
 from planner.plans import PlanResult
 from planner.problem import Problem, evaluate
@@ -197,4 +198,4 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
         gap=round(gap, 4),
         throughput=round(predicted.throughput_tokens_per_s, 2),
     )
-    return PlanResult(best, predicted, baselines, seconds, gap)
+    return with_mesh_costs(problem, PlanResult(best, predicted, baselines, seconds, gap))

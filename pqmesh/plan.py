@@ -19,6 +19,7 @@ from typing import Sequence
 from pqmesh.api.common.v1 import tensor_pb2
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument
+from pqmesh.mesh_cost import MeshCost
 from pqmesh.types import Bits
 
 PLAN_VERSION = 1
@@ -88,6 +89,8 @@ class PipelinePlan:
     """Contiguous stages covering layers [0, num_layers), and the phase-aware micro-batch sizes.
 
     ``plan_id`` defaults to a hash of the content (devices, layers, bits, micro-batches; not addresses).
+    ``cost`` (optional) is the planner's cost model of this mesh (`pqmesh.mesh_cost`), with which the
+    coordinator predicts every job's time; it is not part of the content id.
     """
 
     stages: tuple[StagePlan, ...]
@@ -95,9 +98,13 @@ class PipelinePlan:
     decode_micro_batch: int
     plan_id: str = ""
     version: int = PLAN_VERSION
+    cost: MeshCost | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        if self.cost is not None and len(self.cost.stages) != len(self.stages):
+            raise InvalidArgument(f"the plan's cost describes {len(self.cost.stages)} stages but the plan has "
+                                  f"{len(self.stages)}; take both from the same planner answer")
         if self.version != PLAN_VERSION:
             raise InvalidArgument(f"plan version {self.version} is not supported; this build reads {PLAN_VERSION}")
         if not self.stages:
@@ -154,18 +161,25 @@ class PipelinePlan:
 
     # -- forms ------------------------------------------------------------------------------------
     def to_proto(self) -> planner_pb2.Plan:
-        return planner_pb2.Plan(plan_id=self.plan_id, stages=[s.to_proto() for s in self.stages],
-                                version=self.version, prefill_micro_batch=self.prefill_micro_batch,
-                                decode_micro_batch=self.decode_micro_batch)
+        msg = planner_pb2.Plan(plan_id=self.plan_id, stages=[s.to_proto() for s in self.stages],
+                               version=self.version, prefill_micro_batch=self.prefill_micro_batch,
+                               decode_micro_batch=self.decode_micro_batch)
+        if self.cost is not None:
+            msg.cost.CopyFrom(self.cost.to_proto())
+        return msg
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.Plan) -> PipelinePlan:
         return cls(tuple(StagePlan.from_proto(s) for s in msg.stages), msg.prefill_micro_batch,
-                   msg.decode_micro_batch, msg.plan_id, msg.version)
+                   msg.decode_micro_batch, msg.plan_id, msg.version,
+                   MeshCost.from_proto(msg.cost) if msg.HasField("cost") else None)
 
     def to_json_obj(self) -> dict:
-        return {"version": self.version, "plan_id": self.plan_id, "stages": [s.to_json_obj() for s in self.stages],
-                "prefill_micro_batch": self.prefill_micro_batch, "decode_micro_batch": self.decode_micro_batch}
+        out = {"version": self.version, "plan_id": self.plan_id, "stages": [s.to_json_obj() for s in self.stages],
+               "prefill_micro_batch": self.prefill_micro_batch, "decode_micro_batch": self.decode_micro_batch}
+        if self.cost is not None:
+            out["cost"] = self.cost.to_json_obj()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_json_obj())
@@ -184,8 +198,9 @@ class PipelinePlan:
                                   "\"decode_micro_batch\" (or the planner's answer holding it under \"plan\")")
         stages = tuple(StagePlan.from_json_obj(s) for s in obj["stages"])
         try:
+            cost = MeshCost.from_json_obj(obj["cost"]) if isinstance(obj.get("cost"), dict) else None
             return cls(stages, int(obj["prefill_micro_batch"]), int(obj["decode_micro_batch"]),
-                       str(obj.get("plan_id", "")), int(obj.get("version", PLAN_VERSION)))
+                       str(obj.get("plan_id", "")), int(obj.get("version", PLAN_VERSION)), cost)
         except (KeyError, TypeError, ValueError) as err:
             raise InvalidArgument(
                 f'the plan needs integer "prefill_micro_batch" and "decode_micro_batch" ({err})'

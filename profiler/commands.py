@@ -36,9 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", default="16,8,4,3", help="bitwidths to profile (default: 16,8,4,3)")
     p.add_argument("--out", type=Path, help="profile JSON to write (proto3 JSON of pqmesh.planner.v1.DeviceProfile)")
     p.add_argument("--name", default="", help="profile name (default: HOSTNAME-cpu or HOSTNAME-cudaN)")
-    p.add_argument(
-        "--memory-bytes", type=int, default=0, help="memory the planner may use (default: the device's total)"
-    )
+    p.add_argument("--memory-bytes", type=int, default=0,
+                   help="a stage's --memory-budget: what the planner may use on it, no reserve (default: the "
+                        "device's total, with the reserve a stage leaves by default: pqmesh.capacity)")
+    p.add_argument("--reserve-bytes", type=int, default=None,
+                   help="bytes of --memory-bytes the planner leaves unused (default: 0 with --memory-bytes, "
+                        "else 1 GiB of a GPU or 20%% of RAM)")
+    p.add_argument("--cpus", default="",
+                   help="profile pinned to these cores, e.g. 0-3, one torch thread each, as `pqmesh-stage --cpus` "
+                        "runs: each pinned set is one device with its own profile")
     p.add_argument(
         "--register", default="", metavar="PLANNER_ADDR", help="also RegisterDevice with the planner at HOST:PORT"
     )
@@ -104,11 +110,23 @@ def build_request(args):
     from profiler.timing import TimingOptions
 
     bits = _bits(args.bits)
+    cpus = _pin(args.cpus, args.device)
     device = resolve_device(args.device)
     model = resolve_model(args.model)
     options = TimingOptions(layers=args.layers, repeats=args.repeats)
     return ProfileRequest(model, device, parse_dtype(args.dtype, device), bits, _grid(args, device.kind), options,
-                          args.name, args.memory_bytes)
+                          args.name, args.memory_bytes, args.reserve_bytes, cpus)
+
+
+def _pin(text: str, device: str) -> tuple[int, ...]:
+    """Pins this process for --cpus (before torch starts its threads); the cores, or () unpinned."""
+    from pqmesh.cpuset import parse_cpus, pin
+
+    if not text:
+        return ()
+    if not device.strip().startswith("cpu"):
+        raise InvalidArgument(f"--cpus pins a CPU profile; --device {device} is not a CPU")
+    return pin(parse_cpus(text))
 
 
 def register(address: str, device_profile, credentials=None) -> bool:

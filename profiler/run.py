@@ -18,6 +18,8 @@ import structlog
 import torch
 
 from planner.devices import DeviceProfile
+from pqmesh.capacity import default_reserve
+from pqmesh.cpuset import format_cpus
 from pqmesh.errors import InvalidArgument
 from pqmesh.types import Bits, Phase
 from profiler.cache import ProfileCache, cache_key, shape_key
@@ -41,6 +43,8 @@ class ProfileRequest:
     options: TimingOptions = TimingOptions()
     name: str = ""
     memory_bytes: int = 0
+    reserve_bytes: int | None = None  # None: 0 with memory_bytes (a stage budget), else pqmesh.capacity's rule
+    cpus: tuple[int, ...] = ()  # the cores this process is pinned to (--cpus); () = unpinned
 
     def __post_init__(self) -> None:
         if not self.bits:
@@ -49,6 +53,28 @@ class ProfileRequest:
             raise InvalidArgument(f"--layers must be >= 1, got {self.options.layers}")
         if self.memory_bytes < 0:
             raise InvalidArgument(f"--memory-bytes must be positive, got {self.memory_bytes}")
+        if self.reserve_bytes is not None and not 0 <= self.reserve_bytes < self.capacity:
+            raise InvalidArgument(f"--reserve-bytes {self.reserve_bytes} must be at least 0 and below the memory "
+                                  f"the profile offers ({self.capacity} bytes)")
+
+    @property
+    def capacity(self) -> int:
+        """memory_bytes of the profile: --memory-bytes, else the device's total."""
+        return self.memory_bytes or self.device.memory_bytes
+
+    @property
+    def reserve(self) -> int:
+        """reserve_bytes of the profile: --reserve-bytes; else 0 for a stage budget (--memory-bytes), else
+        the reserve a stage leaves on this device by default (`pqmesh.capacity`)."""
+        if self.reserve_bytes is not None:
+            return self.reserve_bytes
+        return 0 if self.memory_bytes else default_reserve(self.device.kind, self.device.memory_bytes)
+
+    def profile_name(self) -> str:
+        if self.name:
+            return self.name
+        base = self.device.default_profile_name()
+        return f"{base}s{format_cpus(self.cpus)}" if self.cpus else base
 
     def layer_key(self, bits: Bits) -> dict:
         o = self.options
@@ -168,10 +194,11 @@ def profile(request: ProfileRequest, cache: ProfileCache) -> tuple[DeviceProfile
     if decode16 is not None and source == "measured" and decode16.coefficients[0] > 0:
         roofline = replace(roofline, layer_overhead_us=decode16.coefficients[0] * 1e6)
     device_profile = DeviceProfile(
-        name=request.name or request.device.default_profile_name(),
+        name=request.profile_name(),
         device_type="cpu" if request.device.kind == "cpu" else request.device.name,
-        memory_bytes=request.memory_bytes or request.device.memory_bytes, roofline=roofline, latency=models,
-        model=request.model.name)
+        memory_bytes=request.capacity, roofline=roofline, latency=models, model=request.model.name,
+        reserve_bytes=request.reserve, dtype=dtype_name(request.dtype),
+        model_fingerprint=request.model.shape.fingerprint, cpus=format_cpus(request.cpus))
     record = RunRecord(request.model.source, str(request.device.device), dtype_name(request.dtype), request.grid,
                        request.options.layers, request.options.group_size, samples, tuple(hits), source,
                        round(time.perf_counter() - started, 3))

@@ -116,12 +116,15 @@ def _cpu_name() -> str:
                 break
     except OSError:
         pass
-    return f"cpu {model} x{torch.get_num_threads()} threads"
+    from pqmesh.cpuset import available_cpus, format_cpus
+
+    # the cores this process may use: each pinned set (`--cpus`) is a device with its own measurements
+    return f"cpu {model} x{torch.get_num_threads()} threads on cores {format_cpus(available_cpus())}"
 
 
 def resolve_device(text: str) -> DeviceTarget:
     """"cpu" or "cuda[:N]"; anything else, or CUDA on a machine without it, is a clear error."""
-    from stage_server.config import physical_memory_bytes
+    from pqmesh.capacity import physical_memory_bytes
 
     try:
         device = torch.device(text.strip())

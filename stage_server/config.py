@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pqmesh import security
+from pqmesh.capacity import physical_memory_bytes  # noqa: F401 - re-exported for callers
+from pqmesh.cpuset import check_available, parse_cpus
 from pqmesh.errors import PqmeshError
 from pqmesh.metrics import add_metrics_flag
 
@@ -23,10 +24,6 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 @dataclass(frozen=True)
 class StageConfig:
     listen: str
@@ -39,11 +36,16 @@ class StageConfig:
     allowed_client_cns: tuple[str, ...] = ()  # LoadShard, Release and Forward (the coordinator)
     allowed_forward_cns: tuple[str, ...] = ()  # Forward only (the previous stage)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
+    cpus: tuple[int, ...] = ()  # --cpus: pin the process to these cores (one thread each); () = unpinned
 
     def __post_init__(self) -> None:
         if (self.allowed_client_cns or self.allowed_forward_cns) and not (self.credentials and self.credentials.mutual):
             raise ValueError("--allowed-client-cn and --allowed-forward-cn check client certificates: "
                              "they need mutual TLS (--tls-cert, --tls-key and --tls-ca)")
+        if self.cpus:
+            if not self.device.startswith("cpu"):
+                raise ValueError(f"--cpus pins a CPU stage; a {self.device} stage keeps --memory-budget instead")
+            check_available(self.cpus)
         if self.allowed_forward_cns and not self.allowed_client_cns:
             raise ValueError("--allowed-forward-cn needs --allowed-client-cn too (the coordinator's CN), "
                              "or LoadShard and Release stay open to every certificate of the CA")
@@ -63,7 +65,11 @@ class StageConfig:
                             help="HOST:PORT (port 0 picks a free one; default 0.0.0.0:50060, as pqmesh-stage@0)")
         parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
         parser.add_argument("--memory-budget", type=parse_bytes, default=0,
-                            help="bytes for weights + KV cache, e.g. 20GiB (default: 90%% of the device)")
+                            help="bytes for weights + KV cache, e.g. 20GiB (default: the device's memory minus "
+                                 "the reserve the planner assumes, pqmesh.capacity: 1 GiB of a GPU, 20%% of RAM)")
+        parser.add_argument("--cpus", default="",
+                            help="CPU stage: run only on these cores, e.g. 0-3 (an affinity list), with one torch "
+                                 "thread per core; profile with the same `pqmesh profile --cpus`")
         parser.add_argument("--model-root", type=Path, required=True,
                             help="directory whose sub-directories are safetensors checkpoints (model ids)")
         parser.add_argument("--queue-depth", type=int, default=8, help="micro-batches buffered before backpressure")
@@ -81,6 +87,7 @@ class StageConfig:
             return cls(args.listen, args.device, args.memory_budget, args.model_root, args.queue_depth, args.log_level,
                        credentials=security.from_args(args).require_server(),
                        allowed_client_cns=tuple(args.allowed_client_cn),
-                       allowed_forward_cns=tuple(args.allowed_forward_cn), metrics_listen=args.metrics_listen)
+                       allowed_forward_cns=tuple(args.allowed_forward_cn), metrics_listen=args.metrics_listen,
+                       cpus=parse_cpus(args.cpus) if args.cpus else ())
         except (PqmeshError, ValueError) as err:
             parser.error(str(err))

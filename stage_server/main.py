@@ -8,11 +8,13 @@ import threading
 import structlog
 import torch
 
+from pqmesh import capacity
 from pqmesh.api.stage.v1 import stage_pb2, stage_pb2_grpc
+from pqmesh.cpuset import format_cpus, pin
 from pqmesh.grpc_server import create_server
 from pqmesh.log import configure
 from pqmesh.security import server_interceptors
-from stage_server.config import StageConfig, physical_memory_bytes
+from stage_server.config import StageConfig
 from stage_server.metrics import StageMetrics
 from stage_server.runtime import StageRuntime
 from stage_server.servicer import StageServicer
@@ -21,10 +23,11 @@ SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
 
 
 def default_budget(device: str) -> int:
-    """90% of the GPU's memory, or 80% of the host's RAM for a CPU stage."""
+    """The device's memory minus the reserve the planner assumes for it (`pqmesh.capacity`)."""
     if device.startswith("cuda"):
-        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory * 0.9)
-    return int(physical_memory_bytes() * 0.8)
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return capacity.default_budget("cuda", int(total))
+    return capacity.default_budget("cpu", capacity.physical_memory_bytes())
 
 
 def serve(config: StageConfig, metrics: StageMetrics | None = None, worker_thread: bool = True):
@@ -50,13 +53,16 @@ def serve(config: StageConfig, metrics: StageMetrics | None = None, worker_threa
 def main(argv: list[str] | None = None) -> int:
     config = StageConfig.from_args(argv)
     configure(config.log_level)
+    if config.cpus:  # before any torch work: every thread torch starts inherits the affinity
+        pin(config.cpus)
     if config.device.startswith("cuda"):  # this (main) thread loads and computes: let it own CUDA first
         torch.cuda.set_device(torch.device(config.device))
         torch.zeros(1, device=config.device)
     log = structlog.get_logger("pqmesh-stage")
     server, port, servicer = serve(config, worker_thread=False)
     log.info("stage_serving", port=port, device=config.device, budget=servicer.runtime.memory_budget,
-             model_root=str(config.model_root))
+             model_root=str(config.model_root), cpus=format_cpus(config.cpus) if config.cpus else "",
+             threads=torch.get_num_threads())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -193,8 +193,9 @@ def test_plan_request_dtype_round_trip():
     assert PlanInputs.from_json(inputs.to_json()) == inputs
     assert inputs.to_problem().dtype == "float32"
     default = PlanInputs("opt-13b", Cluster((ClusterEntry("t4", 1),)), Workload(4, 32, 16), dtype="")
-    assert default.dtype == "float16" and default.to_proto().dtype == ""
-    assert PlanInputs.from_proto(default.to_proto()).dtype == "float16"
+    # unset stays unset until the devices are known: then the profiles' dtype, else float16
+    assert default.dtype == "" and default.to_proto().dtype == ""
+    assert PlanInputs.from_proto(default.to_proto()).to_problem().dtype == "float16"
     with pytest.raises(InvalidArgument, match="float16, bfloat16, float32"):
         PlanInputs("opt-13b", Cluster((ClusterEntry("t4", 1),)), Workload(4, 32, 16), dtype="int8")
 

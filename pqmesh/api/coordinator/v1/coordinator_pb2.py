@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from pqmesh.api.common.v1 import tensor_pb2 as pqmesh_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pqmesh/coordinator/v1/coordinator.proto\x12\x15pqmesh.coordinator.v1\x1a\x1dpqmesh/common/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"D\n\x0c\x43hatMessages\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".pqmesh.coordinator.v1.ChatMessage\"\xc7\x01\n\rRequestParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xea\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x34\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1f.pqmesh.coordinator.v1.TokenIdsH\x00\x12\x33\n\x04\x63hat\x18\x05 \x01(\x0b\x32#.pqmesh.coordinator.v1.ChatMessagesH\x00\x12\x14\n\njsonl_line\x18\x06 \x01(\tH\x00\x12\x11\n\tcustom_id\x18\x03 \x01(\t\x12\x34\n\x06params\x18\x04 \x01(\x0b\x32$.pqmesh.coordinator.v1.RequestParamsB\x06\n\x04kind\"s\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0bstop_on_eos\x18\x02 \x01(\x08\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pqmesh.common.v1.SamplingParams\"\x94\x01\n\x10SubmitJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12.\n\x07prompts\x18\x02 \x03(\x0b\x32\x1d.pqmesh.coordinator.v1.Prompt\x12\x37\n\x06params\x18\x03 \x01(\x0b\x32\'.pqmesh.coordinator.v1.GenerationParams\"S\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x81\x02\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fsequences_total\x18\x03 \x01(\r\x12\x16\n\x0esequences_done\x18\x04 \x01(\r\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12&\n\x05phase\x18\x07 \x01(\x0e\x32\x17.pqmesh.common.v1.Phase\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\"J\n\x11GetResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x85\x02\n\x0eSequenceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12:\n\rfinish_reason\x18\x04 \x01(\x0e\x32#.pqmesh.coordinator.v1.FinishReason\x12\x11\n\tcustom_id\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\t\x12\x10\n\x08\x65ndpoint\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\"e\n\x12GetResultsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.pqmesh.coordinator.v1.SequenceResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x11\n\x0fListJobsRequest\"\xc6\x01\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x17\n\x0fsequences_total\x18\x04 \x01(\r\x12\x16\n\x0esequences_done\x18\x05 \x01(\r\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x04\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\"C\n\x10ListJobsResponse\x12/\n\x04jobs\x18\x01 \x03(\x0b\x32!.pqmesh.coordinator.v1.JobSummary\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"|\n\x10\x43reateJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x37\n\x06params\x18\x02 \x01(\x0b\x32\'.pqmesh.coordinator.v1.GenerationParams\x12\x16\n\x0e\x63ontent_digest\x18\x03 \x01(\t\"m\n\x11\x43reateJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x18\n\x10prompts_received\x18\x03 \x01(\x04\"f\n\x14\x41ppendPromptsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12.\n\x07prompts\x18\x03 \x03(\x0b\x32\x1d.pqmesh.coordinator.v1.Prompt\"1\n\x15\x41ppendPromptsResponse\x12\x18\n\x10prompts_received\x18\x01 \x01(\x04\"8\n\x0fStartJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rprompts_total\x18\x02 \x01(\x04\";\n\x14StreamResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bresume_from\x18\x02 \x01(\x04*\xb3\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x17\n\x13JOB_STATE_UPLOADING\x10\x06*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xf9\x06\n\x12\x43oordinatorService\x12^\n\tSubmitJob\x12\'.pqmesh.coordinator.v1.SubmitJobRequest\x1a(.pqmesh.coordinator.v1.SubmitJobResponse\x12X\n\x08WatchJob\x12&.pqmesh.coordinator.v1.WatchJobRequest\x1a\".pqmesh.coordinator.v1.JobProgress0\x01\x12\x61\n\nGetResults\x12(.pqmesh.coordinator.v1.GetResultsRequest\x1a).pqmesh.coordinator.v1.GetResultsResponse\x12[\n\x08ListJobs\x12&.pqmesh.coordinator.v1.ListJobsRequest\x1a\'.pqmesh.coordinator.v1.ListJobsResponse\x12X\n\tCancelJob\x12\'.pqmesh.coordinator.v1.CancelJobRequest\x1a\".pqmesh.coordinator.v1.JobProgress\x12^\n\tCreateJob\x12\'.pqmesh.coordinator.v1.CreateJobRequest\x1a(.pqmesh.coordinator.v1.CreateJobResponse\x12j\n\rAppendPrompts\x12+.pqmesh.coordinator.v1.AppendPromptsRequest\x1a,.pqmesh.coordinator.v1.AppendPromptsResponse\x12\\\n\x08StartJob\x12&.pqmesh.coordinator.v1.StartJobRequest\x1a(.pqmesh.coordinator.v1.SubmitJobResponse\x12\x65\n\rStreamResults\x12+.pqmesh.coordinator.v1.StreamResultsRequest\x1a%.pqmesh.coordinator.v1.SequenceResult0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pqmesh/coordinator/v1/coordinator.proto\x12\x15pqmesh.coordinator.v1\x1a\x1dpqmesh/common/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"D\n\x0c\x43hatMessages\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".pqmesh.coordinator.v1.ChatMessage\"\xc7\x01\n\rRequestParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xea\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x34\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1f.pqmesh.coordinator.v1.TokenIdsH\x00\x12\x33\n\x04\x63hat\x18\x05 \x01(\x0b\x32#.pqmesh.coordinator.v1.ChatMessagesH\x00\x12\x14\n\njsonl_line\x18\x06 \x01(\tH\x00\x12\x11\n\tcustom_id\x18\x03 \x01(\t\x12\x34\n\x06params\x18\x04 \x01(\x0b\x32$.pqmesh.coordinator.v1.RequestParamsB\x06\n\x04kind\"s\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0bstop_on_eos\x18\x02 \x01(\x08\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .pqmesh.common.v1.SamplingParams\"\x94\x01\n\x10SubmitJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12.\n\x07prompts\x18\x02 \x03(\x0b\x32\x1d.pqmesh.coordinator.v1.Prompt\x12\x37\n\x06params\x18\x03 \x01(\x0b\x32\'.pqmesh.coordinator.v1.GenerationParams\"S\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xb5\x02\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fsequences_total\x18\x03 \x01(\r\x12\x16\n\x0esequences_done\x18\x04 \x01(\r\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12&\n\x05phase\x18\x07 \x01(\x0e\x32\x17.pqmesh.common.v1.Phase\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\x19\n\x11predicted_seconds\x18( \x01(\x01\x12\x17\n\x0f\x65lapsed_seconds\x18) \x01(\x01\"J\n\x11GetResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x85\x02\n\x0eSequenceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12:\n\rfinish_reason\x18\x04 \x01(\x0e\x32#.pqmesh.coordinator.v1.FinishReason\x12\x11\n\tcustom_id\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\t\x12\x10\n\x08\x65ndpoint\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\"e\n\x12GetResultsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.pqmesh.coordinator.v1.SequenceResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x11\n\x0fListJobsRequest\"\xc6\x01\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x17\n\x0fsequences_total\x18\x04 \x01(\r\x12\x16\n\x0esequences_done\x18\x05 \x01(\r\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x04\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\"C\n\x10ListJobsResponse\x12/\n\x04jobs\x18\x01 \x03(\x0b\x32!.pqmesh.coordinator.v1.JobSummary\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"|\n\x10\x43reateJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x37\n\x06params\x18\x02 \x01(\x0b\x32\'.pqmesh.coordinator.v1.GenerationParams\x12\x16\n\x0e\x63ontent_digest\x18\x03 \x01(\t\"m\n\x11\x43reateJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.pqmesh.coordinator.v1.JobState\x12\x18\n\x10prompts_received\x18\x03 \x01(\x04\"f\n\x14\x41ppendPromptsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12.\n\x07prompts\x18\x03 \x03(\x0b\x32\x1d.pqmesh.coordinator.v1.Prompt\"1\n\x15\x41ppendPromptsResponse\x12\x18\n\x10prompts_received\x18\x01 \x01(\x04\"8\n\x0fStartJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rprompts_total\x18\x02 \x01(\x04\";\n\x14StreamResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bresume_from\x18\x02 \x01(\x04*\xb3\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x17\n\x13JOB_STATE_UPLOADING\x10\x06*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xf9\x06\n\x12\x43oordinatorService\x12^\n\tSubmitJob\x12\'.pqmesh.coordinator.v1.SubmitJobRequest\x1a(.pqmesh.coordinator.v1.SubmitJobResponse\x12X\n\x08WatchJob\x12&.pqmesh.coordinator.v1.WatchJobRequest\x1a\".pqmesh.coordinator.v1.JobProgress0\x01\x12\x61\n\nGetResults\x12(.pqmesh.coordinator.v1.GetResultsRequest\x1a).pqmesh.coordinator.v1.GetResultsResponse\x12[\n\x08ListJobs\x12&.pqmesh.coordinator.v1.ListJobsRequest\x1a\'.pqmesh.coordinator.v1.ListJobsResponse\x12X\n\tCancelJob\x12\'.pqmesh.coordinator.v1.CancelJobRequest\x1a\".pqmesh.coordinator.v1.JobProgress\x12^\n\tCreateJob\x12\'.pqmesh.coordinator.v1.CreateJobRequest\x1a(.pqmesh.coordinator.v1.CreateJobResponse\x12j\n\rAppendPrompts\x12+.pqmesh.coordinator.v1.AppendPromptsRequest\x1a,.pqmesh.coordinator.v1.AppendPromptsResponse\x12\\\n\x08StartJob\x12&.pqmesh.coordinator.v1.StartJobRequest\x1a(.pqmesh.coordinator.v1.SubmitJobResponse\x12\x65\n\rStreamResults\x12+.pqmesh.coordinator.v1.StreamResultsRequest\x1a%.pqmesh.coordinator.v1.SequenceResult0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pqmesh.coordinator.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2605
-  _globals['_JOBSTATE']._serialized_end=2784
-  _globals['_FINISHREASON']._serialized_start=2787
-  _globals['_FINISHREASON']._serialized_end=2930
+  _globals['_JOBSTATE']._serialized_start=2657
+  _globals['_JOBSTATE']._serialized_end=2836
+  _globals['_FINISHREASON']._serialized_start=2839
+  _globals['_FINISHREASON']._serialized_end=2982
   _globals['_TOKENIDS']._serialized_start=97
   _globals['_TOKENIDS']._serialized_end=120
   _globals['_CHATMESSAGE']._serialized_start=122
@@ -55,33 +55,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST']._serialized_start=1030
   _globals['_WATCHJOBREQUEST']._serialized_end=1063
   _globals['_JOBPROGRESS']._serialized_start=1066
-  _globals['_JOBPROGRESS']._serialized_end=1323
-  _globals['_GETRESULTSREQUEST']._serialized_start=1325
-  _globals['_GETRESULTSREQUEST']._serialized_end=1399
-  _globals['_SEQUENCERESULT']._serialized_start=1402
-  _globals['_SEQUENCERESULT']._serialized_end=1663
-  _globals['_GETRESULTSRESPONSE']._serialized_start=1665
-  _globals['_GETRESULTSRESPONSE']._serialized_end=1766
-  _globals['_LISTJOBSREQUEST']._serialized_start=1768
-  _globals['_LISTJOBSREQUEST']._serialized_end=1785
-  _globals['_JOBSUMMARY']._serialized_start=1788
-  _globals['_JOBSUMMARY']._serialized_end=1986
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1988
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2055
-  _globals['_CANCELJOBREQUEST']._serialized_start=2057
-  _globals['_CANCELJOBREQUEST']._serialized_end=2091
-  _globals['_CREATEJOBREQUEST']._serialized_start=2093
-  _globals['_CREATEJOBREQUEST']._serialized_end=2217
-  _globals['_CREATEJOBRESPONSE']._serialized_start=2219
-  _globals['_CREATEJOBRESPONSE']._serialized_end=2328
-  _globals['_APPENDPROMPTSREQUEST']._serialized_start=2330
-  _globals['_APPENDPROMPTSREQUEST']._serialized_end=2432
-  _globals['_APPENDPROMPTSRESPONSE']._serialized_start=2434
-  _globals['_APPENDPROMPTSRESPONSE']._serialized_end=2483
-  _globals['_STARTJOBREQUEST']._serialized_start=2485
-  _globals['_STARTJOBREQUEST']._serialized_end=2541
-  _globals['_STREAMRESULTSREQUEST']._serialized_start=2543
-  _globals['_STREAMRESULTSREQUEST']._serialized_end=2602
-  _globals['_COORDINATORSERVICE']._serialized_start=2933
-  _globals['_COORDINATORSERVICE']._serialized_end=3822
+  _globals['_JOBPROGRESS']._serialized_end=1375
+  _globals['_GETRESULTSREQUEST']._serialized_start=1377
+  _globals['_GETRESULTSREQUEST']._serialized_end=1451
+  _globals['_SEQUENCERESULT']._serialized_start=1454
+  _globals['_SEQUENCERESULT']._serialized_end=1715
+  _globals['_GETRESULTSRESPONSE']._serialized_start=1717
+  _globals['_GETRESULTSRESPONSE']._serialized_end=1818
+  _globals['_LISTJOBSREQUEST']._serialized_start=1820
+  _globals['_LISTJOBSREQUEST']._serialized_end=1837
+  _globals['_JOBSUMMARY']._serialized_start=1840
+  _globals['_JOBSUMMARY']._serialized_end=2038
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2040
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2107
+  _globals['_CANCELJOBREQUEST']._serialized_start=2109
+  _globals['_CANCELJOBREQUEST']._serialized_end=2143
+  _globals['_CREATEJOBREQUEST']._serialized_start=2145
+  _globals['_CREATEJOBREQUEST']._serialized_end=2269
+  _globals['_CREATEJOBRESPONSE']._serialized_start=2271
+  _globals['_CREATEJOBRESPONSE']._serialized_end=2380
+  _globals['_APPENDPROMPTSREQUEST']._serialized_start=2382
+  _globals['_APPENDPROMPTSREQUEST']._serialized_end=2484
+  _globals['_APPENDPROMPTSRESPONSE']._serialized_start=2486
+  _globals['_APPENDPROMPTSRESPONSE']._serialized_end=2535
+  _globals['_STARTJOBREQUEST']._serialized_start=2537
+  _globals['_STARTJOBREQUEST']._serialized_end=2593
+  _globals['_STREAMRESULTSREQUEST']._serialized_start=2595
+  _globals['_STREAMRESULTSREQUEST']._serialized_end=2654
+  _globals['_COORDINATORSERVICE']._serialized_start=2985
+  _globals['_COORDINATORSERVICE']._serialized_end=3874
 # @@protoc_insertion_point(module_scope)

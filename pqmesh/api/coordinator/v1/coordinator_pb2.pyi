@@ -125,7 +125,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobProgress(_message.Message):
-    __slots__ = ("job_id", "state", "sequences_total", "sequences_done", "tokens_generated", "tokens_per_second", "phase", "eta_seconds", "message")
+    __slots__ = ("job_id", "state", "sequences_total", "sequences_done", "tokens_generated", "tokens_per_second", "phase", "eta_seconds", "message", "predicted_seconds", "elapsed_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,8 @@ class JobProgress(_message.Message):
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     sequences_total: int
@@ -144,7 +146,9 @@ class JobProgress(_message.Message):
     phase: _tensor_pb2.Phase
     eta_seconds: float
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., sequences_total: _Optional[int] = ..., sequences_done: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., eta_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    predicted_seconds: float
+    elapsed_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., sequences_total: _Optional[int] = ..., sequences_done: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., eta_seconds: _Optional[float] = ..., message: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class GetResultsRequest(_message.Message):
     __slots__ = ("job_id", "page_size", "page_token")

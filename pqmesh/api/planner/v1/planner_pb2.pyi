@@ -22,7 +22,7 @@ class LatencyModel(_message.Message):
     def __init__(self, bits: _Optional[_Union[_tensor_pb2.Bits, str]] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., features: _Optional[_Iterable[str]] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model", "reserve_bytes")
+    __slots__ = ("name", "device_type", "memory_bytes", "latency", "version", "roofline", "model", "reserve_bytes", "dtype", "model_fingerprint", "cpus")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,9 @@ class DeviceProfile(_message.Message):
     ROOFLINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_type: str
     memory_bytes: int
@@ -39,7 +42,10 @@ class DeviceProfile(_message.Message):
     roofline: Roofline
     model: str
     reserve_bytes: int
-    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ..., reserve_bytes: _Optional[int] = ...) -> None: ...
+    dtype: str
+    model_fingerprint: str
+    cpus: str
+    def __init__(self, name: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., latency: _Optional[_Iterable[_Union[LatencyModel, _Mapping]]] = ..., version: _Optional[int] = ..., roofline: _Optional[_Union[Roofline, _Mapping]] = ..., model: _Optional[str] = ..., reserve_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., cpus: _Optional[str] = ...) -> None: ...
 
 class Roofline(_message.Message):
     __slots__ = ("peak_fp16_tflops", "memory_bandwidth_gbs", "compute_efficiency", "memory_efficiency", "dequant_overhead", "layer_overhead_us")
@@ -122,7 +128,7 @@ class Workload(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., prompt_length: _Optional[int] = ..., generation_length: _Optional[int] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds", "allowed_bits", "dtype")
+    __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds", "allowed_bits", "dtype", "coordinator_turnaround_us")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +140,7 @@ class PlanRequest(_message.Message):
     TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_BITS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_TURNAROUND_US_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_config_json: str
     devices: _containers.RepeatedCompositeFieldContainer[ClusterDevice]
@@ -145,7 +152,8 @@ class PlanRequest(_message.Message):
     time_limit_seconds: float
     allowed_bits: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Bits]
     dtype: str
-    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., theta: _Optional[float] = ..., quality_bound: _Optional[float] = ..., indicator_json: _Optional[str] = ..., time_limit_seconds: _Optional[float] = ..., allowed_bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    coordinator_turnaround_us: float
+    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., theta: _Optional[float] = ..., quality_bound: _Optional[float] = ..., indicator_json: _Optional[str] = ..., time_limit_seconds: _Optional[float] = ..., allowed_bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ..., dtype: _Optional[str] = ..., coordinator_turnaround_us: _Optional[float] = ...) -> None: ...
 
 class Stage(_message.Message):
     __slots__ = ("device", "layers", "bits")
@@ -158,32 +166,72 @@ class Stage(_message.Message):
     def __init__(self, device: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("plan_id", "stages", "prefill_micro_batch", "decode_micro_batch", "version")
+    __slots__ = ("plan_id", "stages", "prefill_micro_batch", "decode_micro_batch", "version", "cost")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     DECODE_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     stages: _containers.RepeatedCompositeFieldContainer[Stage]
     prefill_micro_batch: int
     decode_micro_batch: int
     version: int
-    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    cost: MeshCost
+    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ..., version: _Optional[int] = ..., cost: _Optional[_Union[MeshCost, _Mapping]] = ...) -> None: ...
+
+class PhaseCost(_message.Message):
+    __slots__ = ("const_s", "per_sequence_s", "per_token_s", "per_token_key_s")
+    CONST_S_FIELD_NUMBER: _ClassVar[int]
+    PER_SEQUENCE_S_FIELD_NUMBER: _ClassVar[int]
+    PER_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    PER_TOKEN_KEY_S_FIELD_NUMBER: _ClassVar[int]
+    const_s: float
+    per_sequence_s: float
+    per_token_s: float
+    per_token_key_s: float
+    def __init__(self, const_s: _Optional[float] = ..., per_sequence_s: _Optional[float] = ..., per_token_s: _Optional[float] = ..., per_token_key_s: _Optional[float] = ...) -> None: ...
+
+class StageCost(_message.Message):
+    __slots__ = ("prefill", "decode", "hop_latency_s", "hop_bytes_per_s")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    HOP_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    HOP_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    prefill: PhaseCost
+    decode: PhaseCost
+    hop_latency_s: float
+    hop_bytes_per_s: float
+    def __init__(self, prefill: _Optional[_Union[PhaseCost, _Mapping]] = ..., decode: _Optional[_Union[PhaseCost, _Mapping]] = ..., hop_latency_s: _Optional[float] = ..., hop_bytes_per_s: _Optional[float] = ...) -> None: ...
+
+class MeshCost(_message.Message):
+    __slots__ = ("stages", "hidden_bytes_per_token", "coordinator_s", "send_latency_s")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageCost]
+    hidden_bytes_per_token: int
+    coordinator_s: float
+    send_latency_s: float
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageCost, _Mapping]]] = ..., hidden_bytes_per_token: _Optional[int] = ..., coordinator_s: _Optional[float] = ..., send_latency_s: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("throughput_tokens_per_s", "prefill_s", "decode_s", "memory_bytes", "quality")
+    __slots__ = ("throughput_tokens_per_s", "prefill_s", "decode_s", "memory_bytes", "quality", "job_s")
     THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    JOB_S_FIELD_NUMBER: _ClassVar[int]
     throughput_tokens_per_s: float
     prefill_s: float
     decode_s: float
     memory_bytes: _containers.RepeatedScalarFieldContainer[int]
     quality: float
-    def __init__(self, throughput_tokens_per_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., memory_bytes: _Optional[_Iterable[int]] = ..., quality: _Optional[float] = ...) -> None: ...
+    job_s: float
+    def __init__(self, throughput_tokens_per_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., memory_bytes: _Optional[_Iterable[int]] = ..., quality: _Optional[float] = ..., job_s: _Optional[float] = ...) -> None: ...
 
 class Baseline(_message.Message):
     __slots__ = ("feasible", "predicted", "reason", "plan")
