@@ -99,7 +99,7 @@ class CoordinatorConfig:
                    credentials=credentials, stage_credentials=stage_credentials,
                    max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
                    max_prompt_bytes=args.max_prompt_bytes, feed_window=args.feed_window,
-                   release_mode=args.release_mode, planner=args.planner, replan_request=args.replan_request,
+                   release_mode=args.release_mode, planner=args.planner or "", replan_request=args.replan_request,
                    device_addresses=device_addresses, replan_after=args.replan_after,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
 
@@ -177,7 +177,7 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
 def _add_replan_flags(parser: argparse.ArgumentParser) -> None:
     """Re-planning onto the remaining devices when a stage is lost (coordinator.replan)."""
     group = parser.add_argument_group("re-planning")
-    group.add_argument("--planner", type=_address, default="", metavar="HOST:PORT",
+    group.add_argument("--planner", type=_address, default=None, metavar="HOST:PORT",
                        help="planner to ask for a new plan when a stage stays unreachable (default: never re-plan)")
     group.add_argument("--replan-request", type=Path, default=None, metavar="FILE",
                        help="the PlanRequest JSON the plan came from, listing every usable device once by name "

@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(torch.device(config.device))
         torch.zeros(1, device=config.device)
     log = structlog.get_logger("pqmesh-stage")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before "stage_serving": a caller may stop us at once
+        signal.signal(sig, lambda *_: stop.set())
     server, port, servicer = serve(config, worker_thread=False)
     log.info("stage_serving", port=port, device=config.device, budget=servicer.runtime.memory_budget,
              model_root=str(config.model_root), cpus=format_cpus(config.cpus) if config.cpus else "",
              threads=torch.get_num_threads())
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
 
     def shut_down() -> None:  # a helper thread: the main thread is busy computing
         stop.wait()
