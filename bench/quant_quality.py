@@ -54,6 +54,7 @@ from pqmesh.quant.ppl import nll_sum, perplexity
 from pqmesh.quant.quantize import quantize_checkpoint
 
 WIDTHS = (8, 4, 3, 2)
+INDICATORS = {"variance": ("variance", "rtn"), "direct-rtn": ("direct", "rtn"), "direct-gptq": ("direct", "gptq")}
 
 
 def log(msg: str) -> None:
@@ -87,7 +88,7 @@ def evaluate(model: Path, plan: list[int], method: str, ctx: dict) -> dict:
         source = model
         if method == "gptq" and any(b != 16 for b in plan):
             source = Path(scratch) / "q"
-            quantize_checkpoint(model, source, plan, "gptq", ctx["calib"], ctx["group"], GptqSettings(),
+            quantize_checkpoint(model, source, plan, "gptq", ctx["calib"], ctx["group"], ctx["gptq"],
                                 ctx["batch"], calibration={"file": "wikitext-2/valid.txt"})
         r = perplexity(source, plan, ctx["eval"], ctx["group"], ctx["batch"])
     return {"ppl": r.ppl, "weight_bytes": r.weight_bytes, "tokens": r.tokens, "seconds": time.perf_counter() - started}
@@ -105,8 +106,8 @@ def step_uniform(model: Path, layers: int, ctx: dict, results: dict) -> None:
 
 def step_indicator(model: Path, ctx: dict, results: dict) -> None:
     out = results.setdefault("indicator", {})
-    for name, kind, method in (("variance", "variance", "rtn"), ("direct-rtn", "direct", "rtn"),
-                               ("direct-gptq", "direct", "gptq")):
+    for name in ctx["indicators"]:
+        kind, method = INDICATORS[name]
         started = time.perf_counter()
         runner = LayerwiseRunner(model, ctx["calib"], micro_batch=ctx["batch"])
         widths = WIDTHS if kind == "variance" else (8, 4, 3)  # what the mixed plans and the layers step use
@@ -178,7 +179,7 @@ def step_mixed(model: Path, layers: int, ctx: dict, results: dict) -> None:
     shape = layer_shape(config)
     sizes = {b: predict_layer_bytes(config, b, ctx["group"], torch.float32, shape) for b in (8, 4, 3)}
     out = results.setdefault("mixed", {})
-    for method in ("rtn", "gptq"):
+    for method in ctx["mixed"]:
         table = results["indicator"][f"direct-{method}"]
         plan = knapsack(table, sizes, layers * sizes[4])
         out[method] = r = {"plan": plan, **evaluate(model, plan, method, ctx)}
@@ -195,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="gptq act-order")
+    parser.add_argument("--indicators", default=",".join(INDICATORS), help="indicators the indicator step computes")
+    parser.add_argument("--mixed-methods", default="rtn,gptq", help="quantizers the mixed step plans for")
     parser.add_argument("--out", type=Path, default=None, help="JSON results, merged with what is there")
     args = parser.parse_args(argv)
     configure("warning")
@@ -204,11 +208,13 @@ def main(argv=None) -> int:
     ctx = {"eval": token_windows(tokens, args.seq_len, bos=bos_token(model)), "group": args.group_size,
            "batch": args.batch,
            "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
-           "work": os.environ.get("TMPDIR", "/tmp")}
+           "work": os.environ.get("TMPDIR", "/tmp"), "gptq": GptqSettings(act_order=args.act_order),
+           "indicators": args.indicators.split(","), "mixed": args.mixed_methods.split(",")}
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
     results.update(model=args.model, seq_len=args.seq_len, eval_tokens=int(ctx["eval"].numel()),
                    calib_tokens=int(ctx["calib"].numel()), group_size=args.group_size,
-                   threads=torch.get_num_threads(), corpus="wikitext-2 (tokenized form): test / valid")
+                   threads=torch.get_num_threads(), act_order=args.act_order,
+                   corpus="wikitext-2 (tokenized form): test / valid")
     steps = {"uniform": lambda: step_uniform(model, layers, ctx, results),
              "indicator": lambda: step_indicator(model, ctx, results),
              "layers": lambda: step_layers(model, layers, ctx, results),

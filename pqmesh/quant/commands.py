@@ -65,7 +65,8 @@ def _calibration(parser: argparse.ArgumentParser, method_default: str) -> None:
     parser.add_argument("--calib", default=None, help="calibration text file (gptq)")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows of --seq-len tokens (default 32)")
     parser.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of mean diag(H) (0.01)")
-    parser.add_argument("--act-order", action="store_true", help="gptq: visit input channels by decreasing H_jj")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="gptq: visit input channels by decreasing H_jj (default on)")
 
 
 def add_parser(subparsers) -> None:
