@@ -101,7 +101,7 @@ def _header(out: TextIO, devices: tuple[LocalDevice, ...], model_dir: Path, prom
 
 def _profiles(model_dir: Path, devices, workdir: Path, options: DemoOptions, prompts: list,
               out: TextIO) -> tuple[list[Path], dict]:
-    out.write("profiling every device at once, each under its own pinning and budget, and the loopback link "
+    out.write("profiling each device under its own pinning and budget, one at a time, and the loopback link "
               "(cached after the first run) ...\n")
     out.flush()
     started = time.perf_counter()

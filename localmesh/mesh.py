@@ -104,11 +104,12 @@ def workload_grid(prompts: int, prompt_len: int, new_tokens: int) -> list[str]:
 
 def profile_devices(model_dir: Path, devices: Sequence[LocalDevice], workdir: Path, bits: str, quick: bool,
                     env: dict, dtype: str = "", grid: Sequence[str] = ()) -> list[Path]:
-    """`pqmesh profile` of every device under its own pinning and budget, all at once: devices of one host
-    share its caches and memory bandwidth, so each is measured with its neighbours busy, as in the mesh.
-    The profile files (samples are cached per device and setting). ``dtype`` "" is each device's default
-    (float32 on a CPU, float16 on CUDA); a mesh mixing both runs one dtype, so pass it."""
-    started, paths = [], []
+    """`pqmesh profile` of every device under its own pinning and budget, one device at a time. (Measured
+    all at once, every core is busy all the time, which a mesh's stages are not: on the 2-core demo host
+    such profiles predicted jobs 10-44% long, docs/BENCHMARKS.md.) The profile files (samples are cached
+    per device and setting). ``dtype`` "" is each device's default (float32 on a CPU, float16 on CUDA);
+    a mesh mixing both runs one dtype, so pass it."""
+    paths = []
     for device in devices:
         path = workdir / f"profile-{device.name}.json"
         argv = [bin_path("pqmesh"), "profile", "--model", str(model_dir), "--device", device.device, "--bits", bits,
@@ -118,9 +119,8 @@ def profile_devices(model_dir: Path, devices: Sequence[LocalDevice], workdir: Pa
         argv += ["--quick"] if quick else list(grid)
         if dtype:
             argv += ["--dtype", dtype]
-        started.append(_start(argv, env))
+        _wait([_start(argv, env)])
         paths.append(path)
-    _wait(started)
     return paths
 
 
