@@ -178,6 +178,9 @@ class Engine(OutageHandling):
         """The cost model's time for the job's pending prompts (`coordinator.prediction`), from the token
         counts of up to PREDICT_SAMPLE of them, scaled to all; 0 while they are not tokenized yet (uploaded
         lines are resolved as the feeder reaches them) or when the plan carries no cost."""
+        first = self.store.pending_prompts(record.id, limit=1)
+        if not first or first[0].token_ids is None:  # uploaded lines: not tokenized yet, nothing to read
+            return 0.0
         sample = self.store.pending_prompts(record.id, limit=PREDICT_SAMPLE)
         lengths = [len(p.token_ids) for p in sample if p.token_ids is not None]
         if not lengths or len(lengths) < len(sample):

@@ -89,9 +89,7 @@ def _bring_up(spec: MeshSpec, config: CoordinatorConfig, replanning: Replanning 
             mesh.close()
             if replanning is None or err.index is None:
                 raise
-            plan = replanning.replanner.plan_without(spec.plan.stages[err.index].device)
-            replanning.plan_file.save(replanning.base_plan_id, plan, replanning.replanner.lost)
-            spec = replace(spec, plan=plan)
+            spec = replace(spec, plan=replanning.without(spec.plan.stages[err.index].device))
         except BaseException:
             mesh.close()
             raise

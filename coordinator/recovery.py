@@ -303,12 +303,11 @@ class OutageHandling:
         outage, replanning = self._outage, self.replanning
         device = self.mesh.spec.plan.stages[outage.stage_index].device or outage.stage
         try:
-            plan = replanning.replanner.plan_without(device)
+            plan = replanning.without(device)
         except PqmeshError as err:
             self._give_up(f"{outage.stage} is lost and re-planning found no plan: {err}")
             self._retry_later(self.settings.backoff.maximum)
             return
-        replanning.plan_file.save(replanning.base_plan_id, plan, replanning.replanner.lost)
         self._switch_mesh(plan)
         outage.replans += 1
         outage.stage_index, outage.started = None, time.monotonic()  # the new mesh gets a full recovery timeout

@@ -129,3 +129,9 @@ class Replanning:
     plan_file: PlanFile
     base_plan_id: str
     after_s: float = 30.0
+
+    def without(self, device: str) -> PipelinePlan:
+        """A plan without ``device`` (and those lost before), kept in the plan file before it is used."""
+        plan = self.replanner.plan_without(device)
+        self.plan_file.save(self.base_plan_id, plan, self.replanner.lost)
+        return plan

@@ -27,6 +27,7 @@ from test_coordinator_e2e import mixed_prompts
 from test_stage_failure import MAX_NEW, StageProcess, stored_counts
 from tiny_models import build_checkpoint, reference_greedy
 
+from coordinator.batch_client import final_progress
 from localmesh.processes import Child
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
@@ -77,17 +78,9 @@ def coordinator_argv(work: Path, root: Path, plan_path: Path, request_path: Path
             *[f"--device-address={n}={addresses[n]}" for n in DEVICES]]
 
 
-def progress(stub, job: str) -> coordinator_pb2.JobProgress:
-    stream = stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=10)
-    try:
-        return next(stream)
-    finally:
-        stream.cancel()
-
-
 def wait_tokens(coordinator: CoordinatorProcess, job: str, tokens: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
-    while progress(coordinator.stub, job).tokens_generated < tokens:
+    while final_progress(coordinator.stub, job).tokens_generated < tokens:
         assert time.monotonic() < deadline, f"the job did not reach {tokens} tokens"
         time.sleep(0.1)
 
@@ -140,7 +133,7 @@ def test_job_survives_frozen_killed_and_lost_stages_and_a_coordinator_kill(tmp_p
         coordinator.child.kill()
         coordinator = CoordinatorProcess(tmp_path, argv, 1)
         deadline = time.monotonic() + 180
-        while (state := progress(coordinator.stub, job)).state not in (coordinator_pb2.JOB_STATE_SUCCEEDED,
+        while (state := final_progress(coordinator.stub, job)).state not in (coordinator_pb2.JOB_STATE_SUCCEEDED,
                                                                         coordinator_pb2.JOB_STATE_FAILED):
             assert time.monotonic() < deadline, f"the job did not finish: {state}"
             time.sleep(0.2)
