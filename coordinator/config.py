@@ -9,6 +9,7 @@ from pathlib import Path
 from coordinator.replan import parse_device_address
 from pqmesh import security
 from pqmesh.errors import InvalidArgument, PqmeshError
+from pqmesh.length_groups import DEFAULT_WINDOW
 from pqmesh.metrics import add_metrics_flag
 from pqmesh.plan import PipelinePlan
 
@@ -58,6 +59,7 @@ class CoordinatorConfig:
     max_prompts_per_job: int = 10_000_000  # stored on disk, fed to the scheduler a window at a time
     max_prompt_bytes: int = 1 << 20  # one uploaded prompt (serialized); past it AppendPrompts is refused
     feed_window: int = 2048  # prompts read from the store into the scheduler at most at once
+    prefill_length_window: int = DEFAULT_WINDOW  # prefill candidates per micro-batch place, grouped by length
     planner: str = ""  # HOST:PORT of the planner to re-plan with; "" = never re-plan
     replan_request: Path | None = None  # the PlanRequest (JSON) the plan came from, every usable device named
     device_addresses: tuple[tuple[str, str], ...] = ()  # (device name, stage address) of every such device
@@ -99,6 +101,7 @@ class CoordinatorConfig:
                    credentials=credentials, stage_credentials=stage_credentials,
                    max_pending_jobs=args.max_pending_jobs, max_prompts_per_job=args.max_prompts_per_job,
                    max_prompt_bytes=args.max_prompt_bytes, feed_window=args.feed_window,
+                   prefill_length_window=args.prefill_length_window,
                    release_mode=args.release_mode, planner=args.planner or "", replan_request=args.replan_request,
                    device_addresses=device_addresses, replan_after=args.replan_after,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
@@ -164,6 +167,10 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed-window", type=_positive, default=2048,
                         help="prompts read from the job database into the scheduler at most at once (bounds "
                              "memory; at least 2 x --max-sequences; default 2048)")
+    parser.add_argument("--prefill-length-window", type=_positive, default=DEFAULT_WINDOW,
+                        help="a prefill micro-batch takes the oldest waiting prompt and, among the next N x its "
+                             "size, those nearest its length (rows are padded to the longest); 1 = first come, "
+                             f"first served (default {DEFAULT_WINDOW})")
     parser.add_argument("--release-mode", choices=("in-band", "rpc"), default="in-band",
                         help="how finished sequences' KV slots are freed on the stages: in the header of the next "
                              "micro-batch (in-band, default) or by a Release call to every stage that waits behind "

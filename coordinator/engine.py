@@ -187,7 +187,8 @@ class Engine(OutageHandling):
             return 0.0
         pending = record.num_prompts - record.num_results
         seconds = predict_job_seconds(self.mesh.spec.plan, lengths, record.params["max_new_tokens"],
-                                      self.scheduler.max_sequences, self.scheduler.max_in_flight)
+                                      self.scheduler.max_sequences, self.scheduler.max_in_flight,
+                                      self.scheduler.group_window)
         return seconds * pending / len(lengths)
 
     def _on_feed(self) -> None:

@@ -119,7 +119,8 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         raise
     plan = mesh.spec.plan
     scheduler = Scheduler(config.max_sequences, config.max_tokens_per_sequence, plan.prefill_micro_batch,
-                          plan.decode_micro_batch, config.max_in_flight or len(plan.stages))
+                          plan.decode_micro_batch, config.max_in_flight or len(plan.stages),
+                          config.prefill_length_window)
     board = ProgressBoard()
     resolver = Resolver(config.max_tokens_per_sequence, codec, facts.vocab_size, eos_ids,
                         served_names(config.model_id, config.model_dir), config.model_id)

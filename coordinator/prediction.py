@@ -14,6 +14,7 @@ from typing import Sequence
 
 import structlog
 
+from pqmesh.length_groups import DEFAULT_WINDOW
 from pqmesh.mesh_sim import simulate
 from pqmesh.plan import PipelinePlan
 
@@ -21,12 +22,12 @@ log = structlog.get_logger(__name__)
 
 
 def predict_job_seconds(plan: PipelinePlan, prompt_lengths: Sequence[int], max_new_tokens: int,
-                        max_sequences: int, max_in_flight: int = 0) -> float:
+                        max_sequences: int, max_in_flight: int = 0, group_window: int = DEFAULT_WINDOW) -> float:
     """Predicted seconds of a job on this plan's mesh; 0.0 when the plan carries no cost."""
     if plan.cost is None or not prompt_lengths:
         return 0.0
     return simulate(plan.cost, prompt_lengths, max_new_tokens, max_sequences, plan.prefill_micro_batch,
-                    plan.decode_micro_batch, max_in_flight).job_s
+                    plan.decode_micro_batch, max_in_flight, group_window).job_s
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Policy, with at most ``max_in_flight`` micro-batches in the pipeline (the number
    soon as its tokens come back);
 2. otherwise, while prompts wait and KV slots are free, a prefill micro-batch of up to
    ``prefill_micro_batch`` prompts into free slots (this refills a decode micro-batch that lost
-   finished sequences, and keeps the pipeline full while the job is larger than the KV cache);
+   finished sequences, and keeps the pipeline full while the job is larger than the KV cache): the
+   oldest waiting prompt and, among the next ``group_window`` x that many, those nearest its length
+   (`pqmesh.length_groups`: rows are left-padded to the longest, so this cuts padding);
 3. otherwise a smaller decode micro-batch of whatever is ready, rather than let a stage idle.
 
 A sequence holds one KV slot (the same index on every stage) from its prefill until it finishes
@@ -34,6 +36,7 @@ from typing import Iterable
 from typing import Sequence as Seq
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument
+from pqmesh.length_groups import DEFAULT_WINDOW, prefill_group
 from pqmesh.types import Phase
 
 
@@ -136,9 +139,11 @@ class Scheduler:
     """Owns waiting prompts, ready sequences, in-flight micro-batches and the KV slot pool."""
 
     def __init__(self, max_sequences: int, max_tokens: int, prefill_micro_batch: int, decode_micro_batch: int,
-                 max_in_flight: int) -> None:
-        if min(max_sequences, max_tokens, prefill_micro_batch, decode_micro_batch, max_in_flight) < 1:
-            raise InvalidArgument("KV slots, tokens per sequence, micro-batch sizes and in-flight depth must be >= 1")
+                 max_in_flight: int, group_window: int = DEFAULT_WINDOW) -> None:
+        if min(max_sequences, max_tokens, prefill_micro_batch, decode_micro_batch, max_in_flight, group_window) < 1:
+            raise InvalidArgument("KV slots, tokens per sequence, micro-batch sizes, in-flight depth and the "
+                                  "prefill grouping window must be >= 1")
+        self.group_window = group_window  # prefill candidates per place in the micro-batch (1: FIFO)
         self.max_sequences, self.max_tokens = max_sequences, max_tokens
         self.prefill_size, self.decode_size = prefill_micro_batch, decode_micro_batch
         self.max_in_flight = max_in_flight
@@ -188,11 +193,14 @@ class Scheduler:
         return None
 
     def _prefill(self) -> MicroBatch:
-        group = []
-        while self.waiting and self._free and len(group) < self.prefill_size:
-            sequence = self.waiting.popleft()
+        take = min(self.prefill_size, len(self._free), len(self.waiting))
+        window = [self.waiting[i] for i in range(min(len(self.waiting), take * self.group_window))]
+        picked = prefill_group([len(s.context) for s in window], take)
+        for i in reversed(picked):
+            del self.waiting[i]
+        group = [window[i] for i in picked]
+        for sequence in group:
             sequence.slot = heapq.heappop(self._free)
-            group.append(sequence)
         return MicroBatch(next(self._ids), Phase.PREFILL, tuple(group), tuple(s.slot for s in group),
                           tuple(len(s.context) for s in group), tuple(len(s.generated) for s in group))
 

@@ -3,7 +3,7 @@
 The replay follows `coordinator.scheduler.Scheduler`'s policy exactly (tested against it in
 `tests/test_mesh_model.py`): at most one micro-batch per stage in flight; a decode micro-batch of the
 decode size whenever that many sequences are ready, else a prefill micro-batch into free KV slots
-(continuous refill), else a smaller decode micro-batch of what is ready. So prefill and decode
+(continuous refill; grouped by length as the scheduler groups them, `pqmesh.length_groups`), else a smaller decode micro-batch of what is ready. So prefill and decode
 interleave as they do on the mesh, pipeline bubbles and the last partial waves come out of the
 replay, not out of a formula.
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pqmesh.errors import InvalidArgument
+from pqmesh.length_groups import DEFAULT_WINDOW, prefill_group
 from pqmesh.mesh_cost import MeshCost
 
 TOKEN_ID_BYTES = 4
@@ -36,12 +37,14 @@ class SimResult:
     prefill_micro_batches: int
     decode_micro_batches: int
     trace: tuple[tuple[str, int], ...] = ()  # (phase, sequences) of every micro-batch, in send order
+    prefill_rows: tuple[tuple[int, ...], ...] = ()  # context lengths of each prefill micro-batch's rows
 
 
 class _Replay:
     def __init__(self, cost: MeshCost, prompts: Sequence[int], max_new_tokens: int, max_sequences: int,
-                 prefill_mb: int, decode_mb: int, max_in_flight: int) -> None:
+                 prefill_mb: int, decode_mb: int, max_in_flight: int, group_window: int) -> None:
         self.cost, self.prompts, self.max_new = cost, list(prompts), max_new_tokens
+        self.group_window = group_window
         self.prefill_mb, self.decode_mb, self.max_in_flight = prefill_mb, decode_mb, max_in_flight
         n = len(cost.stages)
         self.stage_free, self.hop_free = [0.0] * n, [0.0] * n
@@ -51,11 +54,14 @@ class _Replay:
         self.in_flight, self.ids = 0, itertools.count()
         self.counts = {"prefill": 0, "decode": 0}
         self.trace: list[tuple[str, int]] = []
+        self.prefill_rows: list[tuple[int, ...]] = []  # the context length of every row of every prefill
 
     def _send(self, phase: str, group: list[int], at: float) -> None:
         self.counts[phase] += 1
         self.trace.append((phase, len(group)))
         contexts = [self.prompts[s] + self.generated[s] for s in group]
+        if phase == "prefill":
+            self.prefill_rows.append(tuple(contexts))
         new_tokens = max(contexts) if phase == "prefill" else 1  # prefill rows are left-padded
         arrive = at + self.cost.send_latency_s
         last = len(self.cost.stages) - 1
@@ -75,7 +81,11 @@ class _Replay:
         if self.waiting and self.free_slots:
             take = min(self.prefill_mb, self.free_slots, len(self.waiting))
             self.free_slots -= take
-            return "prefill", [self.waiting.popleft() for _ in range(take)]
+            window = [self.waiting[i] for i in range(min(len(self.waiting), take * self.group_window))]
+            picked = prefill_group([self.prompts[s] + self.generated[s] for s in window], take)
+            for i in reversed(picked):
+                del self.waiting[i]
+            return "prefill", [window[i] for i in picked]
         if self.ready:
             return "decode", [self.ready.popleft() for _ in range(len(self.ready))]
         return None
@@ -116,14 +126,17 @@ class _Replay:
 
 
 def simulate(cost: MeshCost, prompt_lengths: Sequence[int], max_new_tokens: int, max_sequences: int,
-             prefill_micro_batch: int, decode_micro_batch: int, max_in_flight: int = 0) -> SimResult:
+             prefill_micro_batch: int, decode_micro_batch: int, max_in_flight: int = 0,
+             group_window: int = DEFAULT_WINDOW) -> SimResult:
     """Predicted seconds from the job's first scheduling step until its last sequence is stored.
-    ``max_in_flight``: micro-batches in the pipeline at once (0: one per stage, the coordinator's default)."""
+    ``max_in_flight``: micro-batches in the pipeline at once (0: one per stage, the coordinator's default);
+    ``group_window``: the scheduler's prefill grouping window (1: FIFO)."""
     if not prompt_lengths or min(prompt_lengths) < 1:
         raise InvalidArgument("simulate a job of at least one prompt of at least one token")
-    if min(max_new_tokens, max_sequences, prefill_micro_batch, decode_micro_batch) < 1:
-        raise InvalidArgument("max_new_tokens, KV slots and micro-batch sizes must be >= 1")
+    if min(max_new_tokens, max_sequences, prefill_micro_batch, decode_micro_batch, group_window) < 1:
+        raise InvalidArgument("max_new_tokens, KV slots, micro-batch sizes and the grouping window must be >= 1")
     replay = _Replay(cost, prompt_lengths, max_new_tokens, max_sequences, prefill_micro_batch, decode_micro_batch,
-                     max_in_flight or len(cost.stages))
+                     max_in_flight or len(cost.stages), group_window)
     job_s = replay.run()
-    return SimResult(job_s, replay.counts["prefill"], replay.counts["decode"], tuple(replay.trace))
+    return SimResult(job_s, replay.counts["prefill"], replay.counts["decode"], tuple(replay.trace),
+                     tuple(replay.prefill_rows))

@@ -23,35 +23,42 @@ def _cost(stages: int, coordinator_s: float = 2e-3, hop_s: float = 1e-3) -> Mesh
     return MeshCost((stage,) * stages, 256, coordinator_s, hop_s)
 
 
-def _real_trace(prompts, max_new, slots, prefill, decode, in_flight) -> list[tuple[str, int]]:
-    """Drives coordinator.scheduler.Scheduler; replies come back in send order (FIFO stages)."""
-    scheduler = Scheduler(slots, max(prompts) + max_new, prefill, decode, in_flight)
+def _real_trace(prompts, max_new, slots, prefill, decode, in_flight, window=8):
+    """Drives coordinator.scheduler.Scheduler; replies come back in send order (FIFO stages). Returns
+    (phase, sequences) per micro-batch and the context lengths of every prefill's rows."""
+    scheduler = Scheduler(slots, max(prompts) + max_new, prefill, decode, in_flight, window)
     for i, n in enumerate(prompts):
         scheduler.add(Sequence("job", i, tuple(range(1, n + 1)), max_new))
-    trace, pending = [], []
-    pending += scheduler.schedule()
-    trace += [(b.phase.name.lower(), len(b.sequences)) for b in pending]
+    trace, rows, pending = [], [], []
+
+    def sent(batches):
+        trace.extend((b.phase.name.lower(), len(b.sequences)) for b in batches)
+        rows.extend(b.lengths for b in batches if b.phase.name == "PREFILL")
+        pending.extend(batches)
+
+    sent(scheduler.schedule())
     while pending:
         batch = pending.pop(0)
         result = scheduler.update(batch.id, batch.slots, [7] * len(batch.slots))
         scheduler.released(result.release)
-        new = scheduler.schedule()
-        trace += [(b.phase.name.lower(), len(b.sequences)) for b in new]
-        pending += new
+        sent(scheduler.schedule())
     assert not scheduler.has_work()
-    return trace
+    return trace, rows
 
 
-@pytest.mark.parametrize("count, max_new, slots, prefill, decode, stages", [
-    (64, 32, 64, 8, 32, 2),   # the demo's shape: refill interleaves prefill with decode
-    (20, 5, 8, 3, 4, 3),      # more prompts than KV slots: continuous refill, partial waves
-    (7, 4, 7, 2, 5, 1),       # micro-batch sizes that do not divide the batch
+@pytest.mark.parametrize("count, max_new, slots, prefill, decode, stages, window", [
+    (64, 32, 64, 8, 32, 2, 8),   # the demo's shape: refill interleaves prefill with decode
+    (20, 5, 8, 3, 4, 3, 8),      # more prompts than KV slots: continuous refill, partial waves
+    (7, 4, 7, 2, 5, 1, 8),       # micro-batch sizes that do not divide the batch
+    (40, 6, 12, 4, 4, 2, 1),     # FIFO prefill order
 ])
-def test_replay_sends_the_micro_batches_the_scheduler_sends(count, max_new, slots, prefill, decode, stages):
+def test_replay_sends_the_micro_batches_the_scheduler_sends(count, max_new, slots, prefill, decode, stages, window):
     rng = random.Random(count)
     prompts = [rng.randint(3, 40) for _ in range(count)]
-    result = simulate(_cost(stages), prompts, max_new, slots, prefill, decode)
-    assert list(result.trace) == _real_trace(prompts, max_new, slots, prefill, decode, stages)
+    result = simulate(_cost(stages), prompts, max_new, slots, prefill, decode, group_window=window)
+    trace, rows = _real_trace(prompts, max_new, slots, prefill, decode, stages, window)
+    assert list(result.trace) == trace
+    assert list(result.prefill_rows) == rows  # the same prompts share each prefill (same padded widths)
     assert result.prefill_micro_batches == sum(1 for p, _ in result.trace if p == "prefill")
 
 
