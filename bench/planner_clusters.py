@@ -9,14 +9,24 @@ Each [[device]] group is one host; hosts talk over the default network
 (10 Gbit/s, 100 us). Latency models are the built-in, uncalibrated rooflines.
 
 Run: ``python bench/planner_clusters.py [--time-limit S] [--json]``.
+
+``--large N [N ...]``: instead, one pool of N devices per N (seeded, so reproducible: ``--seed``) of
+the five GPU types T4, V100-32G, A10G, A100-40G and A100-80G (at least one of each, the rest drawn
+uniformly), in hosts of up to 8 devices of one type, planning OPT-175B (96 layers) for batch 64,
+prompt 512, generation 100 in one pipeline. Prints the solve time the planner reports, the wall time
+of the whole call (incl. baselines and the whole-mesh replay), the optimality gap and throughput
+against PipeEdge. A pool larger than the model's 96 layers cannot be one pipeline (every device
+holds a layer): its row says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
+import time
 from dataclasses import dataclass, replace
 
 from planner.cluster import Cluster, ClusterEntry, Workload
@@ -24,7 +34,11 @@ from planner.indicator import Quality
 from planner.plans import BASELINE_NAMES
 from planner.request import PlanInputs
 from planner.search import plan
+from pqmesh.errors import PqmeshError
 from pqmesh.log import configure
+
+LARGE_TYPES = ("T4", "V100-32G", "A10G", "A100-40G", "A100-80G")
+LARGE_MODEL, LARGE_WORKLOAD, HOST_SIZE = "opt-175b", Workload(64, 512, 100), 8
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,58 @@ def run_case(case: Case, time_limit: float) -> dict:
     return row
 
 
+def large_pool(devices: int, seed: int = 0) -> Cluster:
+    """`devices` GPUs of the five LARGE_TYPES (each at least once), seeded; hosts of up to 8 of a type."""
+    if devices < len(LARGE_TYPES):
+        raise SystemExit(f"--large pools need at least {len(LARGE_TYPES)} devices (one of each type)")
+    rng = random.Random(seed)
+    counts = dict.fromkeys(LARGE_TYPES, 1)
+    for _ in range(devices - len(LARGE_TYPES)):
+        counts[rng.choice(LARGE_TYPES)] += 1
+    entries = []
+    for device_type, count in counts.items():
+        for h in range(0, count, HOST_SIZE):
+            host = f"{device_type.lower()}-h{h // HOST_SIZE}"
+            entries.append(ClusterEntry(device_type, min(HOST_SIZE, count - h), name=host, host=host))
+    return Cluster(tuple(entries))
+
+
+def run_large(devices: int, seed: int, time_limit: float) -> dict:
+    cluster = large_pool(devices, seed)
+    counts = {t: sum(e.count for e in cluster.entries if e.device_type == t) for t in LARGE_TYPES}
+    row = {"devices": devices, "seed": seed, "pool": " ".join(f"{n}x{t}" for t, n in counts.items()),
+           "model": LARGE_MODEL, "hosts": len(cluster.entries)}
+    inputs = PlanInputs(LARGE_MODEL, cluster, LARGE_WORKLOAD, time_limit_s=time_limit)
+    started = time.monotonic()
+    try:
+        result = plan(inputs.to_problem(), time_limit)
+    except PqmeshError as err:
+        return row | {"error": str(err)}
+    pipeedge = result.baselines["pipeedge"]
+    row |= {"solve_s": result.solve_seconds, "wall_s": time.monotonic() - started, "gap": result.optimality_gap,
+            "ours": result.predicted.throughput_tokens_per_s,
+            "pipeedge": pipeedge.predicted.throughput_tokens_per_s if pipeedge.feasible else None,
+            "bits": sorted({int(b) for b in result.plan.bits_per_layer}, reverse=True),
+            "micro_batches": [result.plan.prefill_micro_batch, result.plan.decode_micro_batch]}
+    row["vs_pipeedge"] = row["ours"] / row["pipeedge"] if row["pipeedge"] else None
+    return row
+
+
+def large_table(rows: list[dict]) -> str:
+    head = ("| devices | pool (hosts) | solve s | wall s | gap | ours tok/s | pipeedge tok/s | ours/pipeedge "
+            "| bits used | mb (prefill, decode) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['devices']} | {r['pool']} ({r['hosts']}) | - | - | - | - | - | - | - | "
+                         f"not planned: {r['error']} |")
+            continue
+        lines.append(f"| {r['devices']} | {r['pool']} ({r['hosts']}) | {r['solve_s']:.2f} | {r['wall_s']:.2f} | "
+                     f"{r['gap']:.2%} | {r['ours']:.1f} | {_fmt(r['pipeedge'])} | {_fmt(r['vs_pipeedge'], '.2f')} | "
+                     f"{r['bits']} | {tuple(r['micro_batches'])} |")
+    return "\n".join(lines)
+
+
 def _fmt(value, spec: str = ".1f") -> str:
     return "OOM" if value is None else format(value, spec)
 
@@ -123,9 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver limit per cluster, seconds")
     parser.add_argument("--json", action="store_true", help="one JSON object per cluster instead of the table")
+    parser.add_argument("--large", type=int, nargs="+", metavar="N",
+                        help="plan seeded pools of N devices of 5 GPU types (OPT-175B) instead of the 11 clusters")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --large pools (default 0)")
     args = parser.parse_args(argv)
     configure("warning")
     rows = []
+    if args.large:
+        for n in args.large:
+            rows.append(run_large(n, args.seed, args.time_limit))
+            if args.json:
+                sys.stdout.write(json.dumps(rows[-1]) + "\n")
+        if not args.json:
+            sys.stdout.write(large_table(rows) + "\n")
+        return 0
     for case in CASES:
         rows.append(run_case(case, args.time_limit))
         if args.json:

@@ -89,8 +89,12 @@ class Problem:
         return {d.label: d for d in self.devices}
 
     def segments(self) -> list[tuple[int, float]]:
+        return list(self._segments)
+
+    @functools.cached_property
+    def _segments(self) -> tuple[tuple[int, float], ...]:
         w = self.workload
-        return lat.decode_segments(w.prompt_length, w.generation_length, self.cost.decode_segments)
+        return tuple(lat.decode_segments(w.prompt_length, w.generation_length, self.cost.decode_segments))
 
     def micro_batches(self, size: int) -> int:
         return math.ceil(self.workload.batch_size / size)

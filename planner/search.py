@@ -1,8 +1,9 @@
 """The planner's search: device orders x micro-batch pairs x (CP-SAT over layers and bits).
 
-1. Baselines and a heuristic plan per order and micro-batch size (balanced by device speed, the
-   highest bits that fit) are evaluated; each one that fits memory and meets the quality setting is
-   an incumbent: the warm start. The best one sets the cutoff, and each order's best is its hint.
+1. Baselines and heuristic plans (balanced by device speed, the highest bits that fit; one order at
+   every micro-batch size up front, each other order at an item's sizes when the search first
+   solves it) are evaluated; each one that fits memory and meets the quality setting is an
+   incumbent: the warm start. The best one sets the cutoff, and each order's best is its hint.
 2. Best-first search over a queue of items ordered by lower bound (LP relaxations, GLOP):
    - a micro-batch pair, bounded for every order at once (`planner.tables.pool_input`: one row per
      device profile); taken from the queue it is refined into its orders;
@@ -66,6 +67,7 @@ class _State:
     tables: dict = field(default_factory=dict)  # labels -> OrderInput of the full order
     device_tables: dict = field(default_factory=dict)  # planner.tables' per-device cache
     solves: int = 0
+    heuristics_tried: set = field(default_factory=set)  # (labels, size)
 
     def offer(self, plan: PipelinePlan) -> None:
         if any(b not in self.problem.allowed_bits for b in plan.bits_per_layer):
@@ -84,6 +86,14 @@ class _State:
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def try_heuristic(self, order, size: int) -> None:
+        tried = (tuple(d.label for d in order), size)
+        if tried not in self.heuristics_tried:
+            self.heuristics_tried.add(tried)
+            heuristic = heuristic_plan(self.problem, order, size)
+            if heuristic is not None:
+                self.offer(heuristic)
 
     def hint(self, order) -> Hint | None:
         found = self.order_best.get(tuple(d.label for d in order))
@@ -193,6 +203,8 @@ def _solve_item(state: _State, item: _Item, left: int) -> float:
         state.tables[key] = build_input(problem, item.order, state.sizes, state.sizes, per_layer=item.units,
                                         cache=state.device_tables)
     data = state.tables[key]
+    for size in {state.sizes[item.kp], state.sizes[item.kd]}:  # incumbent and hint for this order
+        state.try_heuristic(item.order, size)
     cutoff = state.cutoff()
     budget = max(0.05, state.remaining() / max(1, min(left, 4)))
     sol = solve_order(data, item.kp, item.kd, budget, cutoff, state.hint(item.order))
@@ -240,11 +252,9 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
     for b in baselines.values():
         if b.plan is not None:
             state.offer(b.plan)
-    for order in undominated(representative_orders(problem.devices, problem.network), problem.network):
-        for size in state.sizes:
-            heuristic = heuristic_plan(problem, order, size)
-            if heuristic is not None:
-                state.offer(heuristic)
+    first = undominated(representative_orders(problem.devices, problem.network), problem.network)[0]
+    for size in state.sizes:  # one order's heuristics up front; the others' when the search reaches them
+        state.try_heuristic(first, size)
     lower, lp_solves = _search(state, not problem.indicator.is_uniform())
     if state.best is None:
         raise_infeasible(problem)
