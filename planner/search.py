@@ -176,7 +176,12 @@ class _Search:
             for order in self.by_key.get(order_key(item.order), []):
                 self.queue.push(item.bound, SOLVE, item.kp, item.kd, order, units=True)
         else:
-            return _solve_item(self.state, item, len(self.queue) + 1)
+            proven, unfinished = _solve_item(self.state, item, len(self.queue) + 1)
+            best = self.state.best
+            if not unfinished or (best is not None and proven >= best[0] * (1 - CUTOFF_SLACK)):
+                return proven  # proven, or too close to the incumbent to change the reported gap
+            # unproven: back into the queue with what it proved, to be taken up again with more time
+            self.queue.push(proven, SOLVE, item.kp, item.kd, item.order, item.units)
         return None
 
     def _refine(self, item: _Item) -> None:
@@ -194,8 +199,9 @@ class _Search:
                                 item.kd, order, units=False)
 
 
-def _solve_item(state: _State, item: _Item, left: int) -> float:
-    """Solve one item; returns its proven lower bound (seconds)."""
+def _solve_item(state: _State, item: _Item, left: int) -> tuple[float, bool]:
+    """Solve one item; returns its proven lower bound (seconds) and whether the solve stopped at its
+    time slice before proving it (then a longer solve may prove more)."""
     problem = state.problem
     labels = tuple(d.label for d in item.order)
     key = (labels, item.units)
@@ -216,11 +222,15 @@ def _solve_item(state: _State, item: _Item, left: int) -> float:
         else:
             state.offer(plan_from_counts(problem, item.order, sol.counts, p, d))
     exact = not item.units or max(data.unit_sizes) == 1  # grouped layers restrict: their bound is not ours
-    if sol.status == "infeasible" and exact:
-        return float("inf") if cutoff is None else cutoff / TIME_SCALE
-    if sol.found and exact:
-        return max(item.bound, sol.bound / TIME_SCALE)
-    return item.bound
+    if not exact:
+        return item.bound, False
+    if sol.status == "infeasible":
+        return (float("inf") if cutoff is None else cutoff / TIME_SCALE), False
+    if sol.status == "optimal":
+        return max(item.bound, sol.bound / TIME_SCALE), False
+    if sol.status in ("feasible", "unknown"):  # stopped at its time slice
+        return max(item.bound, sol.bound / TIME_SCALE if sol.found else 0.0), True
+    return item.bound, False
 
 
 def _search(state: _State, per_layer: bool) -> tuple[float, int]:
