@@ -309,6 +309,23 @@ def lower_bound(data: OrderInput, kp: int, kd: int) -> float | None:
     return 0.0  # no proof either way: the trivial bound
 
 
+def quality_lower_bound(data: OrderInput, kp: int, kd: int) -> float | None:
+    """The LP relaxation's smallest summed indicator (scaled units) of a plan that fits memory; None
+    when even the relaxation does not fit (then no plan does)."""
+    b = _Builder(data, kp, kd, lp=True)
+    terms, _ = b.objective(minimize_quality=True)
+    objective = b.m.Objective()
+    for v, c in terms.items():
+        objective.SetCoefficient(b.vars[v], c)
+    objective.SetMinimization()
+    status = b.m.Solve()
+    if status == pywraplp.Solver.OPTIMAL:
+        return objective.Value() / b.q_unit * (1 - 1e-7)
+    if status == pywraplp.Solver.INFEASIBLE:
+        return None
+    return 0.0  # no proof either way: the trivial bound
+
+
 def solve_order(data: OrderInput, kp: int, kd: int, time_limit: float, cutoff: int | None = None,
                 hint: Hint | None = None, minimize_quality: bool = False, workers: int = 1) -> OrderSolution:
     """CP-SAT for one order and micro-batch pair (`kp`, `kd` index the candidates). `cutoff`: only
