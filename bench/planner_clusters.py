@@ -17,6 +17,10 @@ prompt 512, generation 100 in one pipeline. Prints the solve time the planner re
 of the whole call (incl. baselines and the whole-mesh replay), the optimality gap and throughput
 against PipeEdge. A pool larger than the model's 96 layers cannot be one pipeline (every device
 holds a layer): its row says so.
+
+``--frontier CASE [CASE ...]``: instead, the throughput-quality frontier of those clusters (the
+what-if's: the best plan under each of ``--points`` quality bounds, from the tightest that fits to
+the fastest plan's), with PipeEdge's throughput and summed indicator for reference.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from planner.baselines import all_baselines
 from planner.cluster import Cluster, ClusterEntry, Workload
 from planner.indicator import Quality
 from planner.plans import BASELINE_NAMES
 from planner.request import PlanInputs
 from planner.search import plan
+from planner.whatif import quality_frontier
 from pqmesh.errors import PqmeshError
 from pqmesh.log import configure
 
@@ -156,6 +162,39 @@ def large_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_frontier(case: Case, time_limit: float, points: int) -> list[dict]:
+    cluster = Cluster(tuple(ClusterEntry(t, n, host=f"{t.lower()}-host") for t, n in case.devices))
+    problem = PlanInputs(case.model, cluster, Workload(case.batch, case.prompt, case.generation)).to_problem()
+    started = time.monotonic()
+    points_ = quality_frontier(problem, time_limit, points)
+    seconds = time.monotonic() - started
+    pipeedge = all_baselines(problem)["pipeedge"]
+    rows = []
+    for f in points_:
+        r = f.result
+        rows.append({"case": case.name, "model": case.model, "cluster": "+".join(f"{n}x{t}" for t, n in case.devices),
+                     "bound": f.quality_bound, "ours": r.predicted.throughput_tokens_per_s if r else None,
+                     "quality": r.predicted.quality if r else None, "gap": r.optimality_gap if r else None,
+                     "bits": sorted({int(b) for b in r.plan.bits_per_layer}, reverse=True) if r else None,
+                     "pipeedge": pipeedge.predicted.throughput_tokens_per_s if pipeedge.feasible else None,
+                     "pipeedge_quality": pipeedge.predicted.quality if pipeedge.feasible else None,
+                     "frontier_s": seconds, "reason": f.reason})
+    return rows
+
+
+def frontier_table(rows: list[dict]) -> str:
+    head = ("| # | model | cluster | quality bound | ours tok/s | quality | bits used | gap | pipeedge tok/s "
+            "(quality) | ours/pipeedge | frontier s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ratio = r["ours"] / r["pipeedge"] if r["ours"] and r["pipeedge"] else None
+        pe = f"{_fmt(r['pipeedge'])} ({_fmt(r['pipeedge_quality'], '.4f')})"
+        lines.append(f"| {r['case']} | {r['model']} | {r['cluster']} | {r['bound']:.4g} | {_fmt(r['ours'])} | "
+                     f"{_fmt(r['quality'], '.4f')} | {r['bits'] or r['reason']} | {_fmt(r['gap'], '.3f')} | {pe} | "
+                     f"{_fmt(ratio, '.2f')} | {r['frontier_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def _fmt(value, spec: str = ".1f") -> str:
     return "OOM" if value is None else format(value, spec)
 
@@ -187,14 +226,26 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time-limit", type=float, default=10.0, help="solver limit per cluster, seconds")
+    parser.add_argument("--time-limit", type=float, default=10.0,
+                        help="solver limit per cluster, seconds (--frontier: for all of one cluster's solves)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cluster instead of the table")
     parser.add_argument("--large", type=int, nargs="+", metavar="N",
                         help="plan seeded pools of N devices of 5 GPU types (OPT-175B) instead of the 11 clusters")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --large pools (default 0)")
+    parser.add_argument("--frontier", nargs="+", metavar="CASE", choices=[c.name for c in CASES],
+                        help="print the throughput-quality frontier of these clusters instead")
+    parser.add_argument("--points", type=int, default=5, help="plans on each --frontier (default 5)")
     args = parser.parse_args(argv)
     configure("warning")
     rows = []
+    if args.frontier:
+        for case in (c for c in CASES if c.name in args.frontier):
+            rows.extend(run_frontier(case, args.time_limit, args.points))
+            if args.json:
+                sys.stdout.write("".join(json.dumps(r) + "\n" for r in rows[-args.points:]))
+        if not args.json:
+            sys.stdout.write(frontier_table(rows) + "\n")
+        return 0
     if args.large:
         for n in args.large:
             rows.append(run_large(n, args.seed, args.time_limit))

@@ -153,7 +153,8 @@ def render_what_if(result) -> str:
     if m.result is None:
         lines.append(f"largest batch that fits: {m.batch_size} ({m.reason})")
     else:
-        lines.append(f"largest batch that fits: {m.batch_size} sequences, "
+        edge = "" if m.batch_size_bound == m.batch_size else f" (none above {m.batch_size_bound})"
+        lines.append(f"largest batch that fits: {m.batch_size} sequences{edge}, "
                      f"{m.result.predicted.throughput_tokens_per_s:.1f} tokens/s  {_plan_summary(m.result)}")
     return "\n".join(lines) + "\n"
 

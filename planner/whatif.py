@@ -287,6 +287,12 @@ def what_if(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit:
     return WhatIfResult(base, tuple(devices), frontier, max_batch, seconds)
 
 
+def quality_frontier(problem: Problem, time_limit: float, points: int = DEFAULT_FRONTIER_POINTS
+                     ) -> tuple[FrontierPoint, ...]:
+    """The frontier alone (bench/planner_clusters.py --frontier), `time_limit` for all its solves."""
+    return _frontier(problem, _Clock(time_limit, points), points)
+
+
 def _frontier(problem: Problem, clock: _Clock, points: int) -> tuple[FrontierPoint, ...]:
     loosest = sum(problem.indicator.value(i, problem.allowed_bits[-1]) for i in range(problem.shape.num_layers))
     fastest, reason = _try(lambda: replace(problem, quality=Quality(bound=loosest)), clock.share())
