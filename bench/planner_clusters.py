@@ -18,6 +18,10 @@ of the whole call (incl. baselines and the whole-mesh replay), the optimality ga
 against PipeEdge. A pool larger than the model's 96 layers cannot be one pipeline (every device
 holds a layer): its row says so.
 
+``--large N ... --replicas [--batch B]``: plan each pool as several pipelines (data-parallel replicas,
+``planner.replicas``; the coordinator cannot run them yet): the best replica count found within
+``--time-limit`` (for the whole search), its throughput, and PipeEdge's on the same split.
+
 ``--frontier CASE [CASE ...]``: instead, the throughput-quality frontier of those clusters (the
 what-if's: the best plan under each of ``--points`` quality bounds, from the tightest that fits to
 the fastest plan's), with PipeEdge's throughput and summed indicator for reference.
@@ -37,6 +41,7 @@ from planner.baselines import all_baselines
 from planner.cluster import Cluster, ClusterEntry, Workload
 from planner.indicator import Quality
 from planner.plans import BASELINE_NAMES
+from planner.replicas import plan_replicas
 from planner.request import PlanInputs
 from planner.search import plan
 from planner.whatif import quality_frontier
@@ -147,6 +152,43 @@ def run_large(devices: int, seed: int, time_limit: float) -> dict:
     return row
 
 
+def run_replicas(devices: int, seed: int, time_limit: float, batch: int) -> dict:
+    """The pool as several pipelines (planner.replicas): the best replica count, its throughput and
+    PipeEdge's on the same split."""
+    cluster = large_pool(devices, seed)
+    counts = {t: sum(e.count for e in cluster.entries if e.device_type == t) for t in LARGE_TYPES}
+    row = {"devices": devices, "seed": seed, "pool": " ".join(f"{n}x{t}" for t, n in counts.items()),
+           "model": LARGE_MODEL, "hosts": len(cluster.entries), "batch": batch}
+    inputs = PlanInputs(LARGE_MODEL, cluster, replace(LARGE_WORKLOAD, batch_size=batch), time_limit_s=time_limit)
+    started = time.monotonic()
+    try:
+        found = plan_replicas(inputs, time_limit=time_limit)
+    except PqmeshError as err:
+        return row | {"error": str(err)}
+    best = found.best
+    row |= {"solve_s": found.solve_seconds, "wall_s": time.monotonic() - started, "replicas": len(best.replicas),
+            "stages": sorted({len(r.result.plan.stages) for r in best.replicas}), "gap": best.optimality_gap,
+            "ours": best.throughput_tokens_per_s, "pipeedge": best.pipeedge_tokens_per_s,
+            "tried": {r: (p.throughput_tokens_per_s if not isinstance(p, str) else p) for r, p in found.tried.items()}}
+    row["vs_pipeedge"] = row["ours"] / row["pipeedge"] if row["pipeedge"] else None
+    return row
+
+
+def replicas_table(rows: list[dict]) -> str:
+    head = ("| devices | pool (hosts) | batch | replicas (stages each) | solve s | wall s | gap (worst replica) "
+            "| ours tok/s | pipeedge tok/s (same split) | ours/pipeedge | tok/s by replica count |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['devices']} | {r['pool']} ({r['hosts']}) | {r['batch']} | not planned: {r['error']} |")
+            continue
+        tried = ", ".join(f"{k}: {_fmt(v) if not isinstance(v, str) else 'none'}" for k, v in r["tried"].items())
+        lines.append(f"| {r['devices']} | {r['pool']} ({r['hosts']}) | {r['batch']} | {r['replicas']} {r['stages']} | "
+                     f"{r['solve_s']:.2f} | {r['wall_s']:.2f} | {r['gap']:.2%} | {r['ours']:.1f} | "
+                     f"{_fmt(r['pipeedge'])} | {_fmt(r['vs_pipeedge'], '.2f')} | {tried} |")
+    return "\n".join(lines)
+
+
 def large_table(rows: list[dict]) -> str:
     head = ("| devices | pool (hosts) | solve s | wall s | gap | ours tok/s | pipeedge tok/s | ours/pipeedge "
             "| bits used | mb (prefill, decode) |")
@@ -232,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", type=int, nargs="+", metavar="N",
                         help="plan seeded pools of N devices of 5 GPU types (OPT-175B) instead of the 11 clusters")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --large pools (default 0)")
+    parser.add_argument("--replicas", action="store_true",
+                        help="--large: plan each pool as several pipelines (planner.replicas); --time-limit "
+                             "bounds the whole search")
+    parser.add_argument("--batch", type=int, default=0, help="--large --replicas: the job's batch (default 64)")
     parser.add_argument("--frontier", nargs="+", metavar="CASE", choices=[c.name for c in CASES],
                         help="print the throughput-quality frontier of these clusters instead")
     parser.add_argument("--points", type=int, default=5, help="plans on each --frontier (default 5)")
@@ -248,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.large:
         for n in args.large:
-            rows.append(run_large(n, args.seed, args.time_limit))
+            batch = args.batch or LARGE_WORKLOAD.batch_size
+            rows.append(run_replicas(n, args.seed, args.time_limit, batch) if args.replicas
+                        else run_large(n, args.seed, args.time_limit))
             if args.json:
                 sys.stdout.write(json.dumps(rows[-1]) + "\n")
         if not args.json:
-            sys.stdout.write(large_table(rows) + "\n")
+            sys.stdout.write((replicas_table(rows) if args.replicas else large_table(rows)) + "\n")
         return 0
     for case in CASES:
         rows.append(run_case(case, args.time_limit))
