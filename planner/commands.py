@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--what-if: plans on the quality frontier (default 5)")
     p.add_argument("--add-type", action="append", default=[], metavar="TYPE",
                    help="--what-if: also ask what one device of TYPE (not in the cluster) adds (repeatable)")
+    p.add_argument("--replicas", action="store_true",
+                   help="plan the pool as several pipelines (data-parallel replicas, the best count found); "
+                        "no coordinator runs them yet")
     p.set_defaults(func=run)
 
 
@@ -87,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     from planner.request import PlanInputs
     from planner.search import plan
 
-    if args.what_if and args.plot:
-        raise InvalidArgument("--plot draws one plan; leave it out with --what-if")
+    if (args.what_if or args.replicas) and args.plot:
+        raise InvalidArgument("--plot draws one plan; leave it out with --what-if and --replicas")
+    if args.what_if and args.replicas:
+        raise InvalidArgument("give --what-if or --replicas, not both")
     if args.plot and not args.plot.resolve().parent.is_dir():
         raise NotFound(f"--plot: directory {args.plot.resolve().parent} does not exist")
     indicator = ""
@@ -103,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
                         dtype=args.dtype)
     if args.what_if:
         return _what_if(args, inputs)
+    if args.replicas:
+        return _replicas(args, inputs)
     problem = inputs.to_problem(_lookup(args))
     result = plan(problem, inputs.time_limit_s)
     if args.json:
@@ -125,6 +132,29 @@ def _what_if(args: argparse.Namespace, inputs) -> int:
         sys.stdout.write(json.dumps(result.to_report()) + "\n")
     else:
         sys.stdout.write(render_what_if(result))
+    return 0
+
+
+def _replicas(args: argparse.Namespace, inputs) -> int:
+    from planner.replicas import plan_replicas
+
+    found = plan_replicas(inputs, _lookup(args), args.time_limit or 60.0)
+    if args.json:
+        sys.stdout.write(json.dumps(found.to_report()) + "\n")
+        return 0
+    best = found.best
+    pipeedge = best.pipeedge_tokens_per_s
+    lines = [f"{len(best.replicas)} pipelines: {best.throughput_tokens_per_s:.1f} tokens/s"
+             + (f" ({best.throughput_tokens_per_s / pipeedge:.2f}x PipeEdge on the same split)" if pipeedge else "")
+             + f", worst gap {best.optimality_gap:.2%}; searched in {found.solve_seconds:.2f} s",
+             "tried: " + ", ".join(f"{r}: {p.throughput_tokens_per_s:.1f}" if not isinstance(p, str) else f"{r}: none"
+                                   for r, p in found.tried.items()), ""]
+    for i, r in enumerate(best.replicas):
+        pool = " ".join(f"{e.count}x{e.label}@{e.host}" for e in r.cluster.entries)
+        tput = r.result.predicted.throughput_tokens_per_s
+        lines.append(f"pipeline {i}: {r.batch_size} sequences on {pool}; {tput:.1f} tokens/s, "
+                     f"{_plan_summary(r.result)}")
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Several pipelines for one pool (data-parallel replicas, each its own mesh plan): the planner half
-of issue 19 part 2. Library only: nothing serves or runs these plans yet (no proto, CLI or
-coordinator support), `bench/planner_clusters.py --large N --replicas` measures them.
+of issue 19 part 2, `pqmesh plan --replicas`. No gRPC method serves them and no coordinator runs
+several meshes yet; `bench/planner_clusters.py --large N --replicas` measures them.
 
 A pool with more devices than the model has layers cannot be one pipeline, and a long pipeline
 starves when the job has fewer sequences in flight than stages. For a number of replicas R, every
@@ -55,6 +55,18 @@ class ReplicaSearch:
     best: ReplicaPlan
     tried: dict  # R -> ReplicaPlan, or the reason it has none
     solve_seconds: float
+
+    def to_report(self) -> dict:
+        """The `pqmesh plan --replicas --json` object."""
+        best = self.best
+        return {"replicas": [{"devices": [{"type": e.device_type, "count": e.count, "name": e.name, "host": e.host}
+                                          for e in r.cluster.entries],
+                              "batch_size": r.batch_size, "plan": r.result.to_report()} for r in best.replicas],
+                "throughput_tokens_per_s": best.throughput_tokens_per_s,
+                "pipeedge_tokens_per_s": best.pipeedge_tokens_per_s, "optimality_gap": best.optimality_gap,
+                "tried": {str(r): (p.throughput_tokens_per_s if isinstance(p, ReplicaPlan) else p)
+                          for r, p in self.tried.items()},
+                "solve_seconds": self.solve_seconds}
 
 
 def split_pool(cluster: Cluster, replicas: int) -> list[Cluster]:

@@ -57,3 +57,20 @@ def test_no_replica_count_fits_the_batch():
     cluster = Cluster((ClusterEntry("T4", 10, host="a"),))
     with pytest.raises(InvalidArgument, match="every replica needs a sequence"):
         plan_replicas(PlanInputs(TINY, cluster, Workload(2, 32, 8)), time_limit=10)
+
+
+def test_cli_replicas_json(tmp_path, capsys):
+    from cli.main import main
+
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[[device]]\ntype = "T4"\ncount = 6\nhost = "a"\n[[device]]\ntype = "V100-32G"\ncount = 4\n')
+    model = tmp_path / "config.json"
+    model.write_text(TINY)
+    assert main(["plan", "--cluster", str(cluster), "--model", str(model), "--batch", "8", "--prompt-len", "32",
+                 "--gen-len", "8", "--replicas", "--json", "--time-limit", "60"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"replicas", "throughput_tokens_per_s", "pipeedge_tokens_per_s", "optimality_gap", "tried",
+                           "solve_seconds"}
+    assert set(report["tried"]) == {"3", "6"} and len(report["replicas"]) in (3, 6)
+    assert sum(d["count"] for r in report["replicas"] for d in r["devices"]) == 10
+    assert all(set(r["plan"]) >= {"plan", "predicted", "baselines", "optimality_gap"} for r in report["replicas"])
