@@ -15,6 +15,7 @@ their summed indicator is reported.
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Callable
 
@@ -22,7 +23,7 @@ from planner.cluster import Device
 from planner.orders import representative_orders
 from planner.plans import Baseline
 from planner.problem import Evaluation, Problem, evaluate, head_cost, layer_bytes, layer_cost
-from planner.tables import budgets, micro_batch_candidates, plan_from_bits
+from planner.tables import device_budgets, micro_batch_candidates, plan_from_bits
 from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
 from pqmesh.units import format_bytes
@@ -84,10 +85,16 @@ def uniform(problem: Problem, bits: Bits) -> Baseline:
 
 
 def layer_caps(problem: Problem, order: list[Device], size: int, bits: Bits) -> list[int]:
-    per_layer = layer_bytes(problem, bits)
-    pre = budgets(problem, order, (size,), Phase.PREFILL)
-    dec = budgets(problem, order, (size,), Phase.DECODE)
-    return [max(0, min(p[0], d[0]) // per_layer) for p, d in zip(pre, dec)]
+    """Most layers at `bits` each stage of `order` holds at micro-batch `size` (both phases)."""
+    per_layer, last, memo, out = layer_bytes(problem, bits), len(order) - 1, {}, []
+    for i, d in enumerate(order):
+        key = (id(d.profile), i == 0, i == last)  # identical devices: computed once
+        if key not in memo:
+            pre = device_budgets(problem, d, i == 0, i == last, (size,), Phase.PREFILL)[0]
+            dec = device_budgets(problem, d, i == 0, i == last, (size,), Phase.DECODE)[0]
+            memo[key] = max(0, min(pre, dec) // per_layer)
+        out.append(memo[key])
+    return out
 
 
 def adabits(problem: Problem) -> Baseline:
@@ -126,9 +133,13 @@ def balanced_sizes(work: list[float], fixed: list[float], caps: list[int], layer
     sizes = take(levels[lo])
     if min(sizes) < 1 or sum(sizes) < layers:
         return None
-    while sum(sizes) > layers:  # drop surplus layers from the busiest stages
-        i = max((i for i in range(len(sizes)) if sizes[i] > 1), key=lambda i: sizes[i] * work[i] + fixed[i])
+    busiest = [(-(n * w + f), i) for i, (n, w, f) in enumerate(zip(sizes, work, fixed)) if n > 1]
+    heapq.heapify(busiest)
+    for _ in range(sum(sizes) - layers):  # drop surplus layers from the busiest stages (ties: first)
+        _, i = heapq.heappop(busiest)
         sizes[i] -= 1
+        if sizes[i] > 1:
+            heapq.heappush(busiest, (-(sizes[i] * work[i] + fixed[i]), i))
     return sizes
 
 
@@ -144,13 +155,24 @@ def busy_seconds(problem: Problem, device: Device, bits: Bits, size: int, last: 
     return per_layer, (rounds * m * head_cost(device.profile, shape, size, e) if last else 0.0)
 
 
+def busy_per_stage(problem: Problem, order: list[Device], bits: Bits, size: int) -> list[tuple[float, float]]:
+    """`busy_seconds` of every stage of `order` (identical devices computed once)."""
+    last, memo, out = len(order) - 1, {}, []
+    for i, d in enumerate(order):
+        key = (id(d.profile), i == last)
+        if key not in memo:
+            memo[key] = busy_seconds(problem, d, bits, size, i == last)
+        out.append(memo[key])
+    return out
+
+
 def pipeedge(problem: Problem) -> Baseline:
     orders = representative_orders(problem.devices, problem.network)
     for bits in ALL_BITS:
         candidates = []
         for order in orders:
             def make(size: int, order=order) -> PipelinePlan | None:
-                busy = [busy_seconds(problem, d, bits, size, i == len(order) - 1) for i, d in enumerate(order)]
+                busy = busy_per_stage(problem, order, bits, size)
                 sizes = balanced_sizes([b[0] for b in busy], [b[1] for b in busy],
                                        layer_caps(problem, order, size, bits), problem.shape.num_layers)
                 return None if sizes is None else plan_from_bits(order, [[bits] * n for n in sizes], size, size)

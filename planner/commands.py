@@ -33,12 +33,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dtype the stages run in: bytes of unquantized weights, KV cache and activations "
                         "(default: the dtype the devices' profiles were measured in, float32 for a CPU "
                         "profile; float16 for built-in GPU types)")
-    p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds (default: 10)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="solver time limit in seconds (default: 10; with --what-if, for all its solves: 60)")
     p.add_argument("--profile", type=Path, action="append", default=[], help="device profile JSON (repeatable)")
     p.add_argument("--state-dir", type=Path, help="read profiles registered with a planner using this state dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", type=Path, metavar="PNG",
                    help="also draw the plan (memory, layer bits, per-phase times vs the baselines) to this PNG")
+    p.add_argument("--what-if", action="store_true",
+                   help="answer what-if questions instead: one device more or less of each type, throughput "
+                        "against the quality bound (a frontier of plans), the largest batch that fits")
+    p.add_argument("--frontier-points", type=int, default=5,
+                   help="--what-if: plans on the quality frontier (default 5)")
+    p.add_argument("--add-type", action="append", default=[], metavar="TYPE",
+                   help="--what-if: also ask what one device of TYPE (not in the cluster) adds (repeatable)")
+    p.add_argument("--replicas", action="store_true",
+                   help="plan the pool as several pipelines (data-parallel replicas, the best count found); "
+                        "no coordinator runs them yet")
     p.set_defaults(func=run)
 
 
@@ -79,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     from planner.request import PlanInputs
     from planner.search import plan
 
+    if (args.what_if or args.replicas) and args.plot:
+        raise InvalidArgument("--plot draws one plan; leave it out with --what-if and --replicas")
+    if args.what_if and args.replicas:
+        raise InvalidArgument("give --what-if or --replicas, not both")
     if args.plot and not args.plot.resolve().parent.is_dir():
         raise NotFound(f"--plot: directory {args.plot.resolve().parent} does not exist")
     indicator = ""
@@ -89,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = PlanInputs(_model_text(args.model), Cluster.load(args.cluster),
                         Workload(args.batch, args.prompt_len, args.gen_len),
                         Quality(theta=args.theta, bound=args.quality_bound), indicator,
-                        tuple(b for b in args.bits.split(",") if b.strip()), args.time_limit, dtype=args.dtype)
+                        tuple(b for b in args.bits.split(",") if b.strip()), args.time_limit or 10.0,
+                        dtype=args.dtype)
+    if args.what_if:
+        return _what_if(args, inputs)
+    if args.replicas:
+        return _replicas(args, inputs)
     problem = inputs.to_problem(_lookup(args))
     result = plan(problem, inputs.time_limit_s)
     if args.json:
@@ -101,6 +121,78 @@ def run(args: argparse.Namespace) -> int:
 
         plot_plan(result, problem, args.plot)
     return 0
+
+
+def _what_if(args: argparse.Namespace, inputs) -> int:
+    from planner.whatif import DEFAULT_WHAT_IF_LIMIT_S, what_if
+
+    result = what_if(inputs, _lookup(args), args.time_limit or DEFAULT_WHAT_IF_LIMIT_S, args.frontier_points,
+                     tuple(args.add_type))
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_report()) + "\n")
+    else:
+        sys.stdout.write(render_what_if(result))
+    return 0
+
+
+def _replicas(args: argparse.Namespace, inputs) -> int:
+    from planner.replicas import plan_replicas
+
+    found = plan_replicas(inputs, _lookup(args), args.time_limit or 60.0)
+    if args.json:
+        sys.stdout.write(json.dumps(found.to_report()) + "\n")
+        return 0
+    best = found.best
+    pipeedge = best.pipeedge_tokens_per_s
+    lines = [f"{len(best.replicas)} pipelines: {best.throughput_tokens_per_s:.1f} tokens/s"
+             + (f" ({best.throughput_tokens_per_s / pipeedge:.2f}x PipeEdge on the same split)" if pipeedge else "")
+             + f", worst gap {best.optimality_gap:.2%}; searched in {found.solve_seconds:.2f} s",
+             "tried: " + ", ".join(f"{r}: {p.throughput_tokens_per_s:.1f}" if not isinstance(p, str) else f"{r}: none"
+                                   for r, p in found.tried.items()), ""]
+    for i, r in enumerate(best.replicas):
+        pool = " ".join(f"{e.count}x{e.label}@{e.host}" for e in r.cluster.entries)
+        tput = r.result.predicted.throughput_tokens_per_s
+        lines.append(f"pipeline {i}: {r.batch_size} sequences on {pool}; {tput:.1f} tokens/s, "
+                     f"{_plan_summary(r.result)}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def render_what_if(result) -> str:
+    """The human-readable what-if: base plan, device changes, frontier, largest batch."""
+    base = result.base.predicted.throughput_tokens_per_s
+    lines = [f"base plan {result.base.plan.plan_id}: {base:.1f} tokens/s, quality {result.base.predicted.quality:.4g}; "
+             f"what-if answered in {result.solve_seconds:.2f} s", "",
+             f"{'device change':<28}{'tokens/s':>10}{'marginal':>10}  plan / why not"]
+    for d in result.devices:
+        what = f"{'+' if d.delta > 0 else '-'}1 {d.device_type} ({d.host})"
+        if d.result is None:
+            lines.append(f"{what:<28}{'-':>10}{'-':>10}  {d.reason}")
+        else:
+            lines.append(f"{what:<28}{d.result.predicted.throughput_tokens_per_s:>10.1f}"
+                         f"{d.marginal_tokens_per_s:>+10.1f}  {_plan_summary(d.result)}")
+    lines += ["", f"{'quality bound':<16}{'tokens/s':>10}{'quality':>12}  plan / why not"]
+    for f in result.frontier:
+        if f.result is None:
+            lines.append(f"{f.quality_bound:<16.4g}{'-':>10}{'-':>12}  {f.reason}")
+        else:
+            lines.append(f"{f.quality_bound:<16.4g}{f.result.predicted.throughput_tokens_per_s:>10.1f}"
+                         f"{f.result.predicted.quality:>12.4g}  {_plan_summary(f.result)}")
+    m = result.max_batch
+    lines.append("")
+    if m.result is None:
+        lines.append(f"largest batch that fits: {m.batch_size} ({m.reason})")
+    else:
+        edge = "" if m.batch_size_bound == m.batch_size else f" (none above {m.batch_size_bound})"
+        lines.append(f"largest batch that fits: {m.batch_size} sequences{edge}, "
+                     f"{m.result.predicted.throughput_tokens_per_s:.1f} tokens/s  {_plan_summary(m.result)}")
+    return "\n".join(lines) + "\n"
+
+
+def _plan_summary(result) -> str:
+    p = result.plan
+    return (f"plan {p.plan_id}: {len(p.stages)} stages, {_bits_summary(p.bits_per_layer)}, micro-batches "
+            f"{p.prefill_micro_batch}/{p.decode_micro_batch}, gap {result.optimality_gap:.2%}")
 
 
 def _bits_summary(bits) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
+from planner.hashing import cached_hash, state_without_hash
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.cpuset import parse_cpus
 from pqmesh.errors import InvalidArgument, NotFound
@@ -138,6 +139,8 @@ class DeviceProfile:
     model_fingerprint: str = ""  # planner.model_shapes.ModelShape.fingerprint of `model`
     cpus: str = ""  # the pinned core set ("0-3") a CPU device is; "" = not pinned
     _fitted: dict = field(default=None, init=False, repr=False, compare=False)
+    __hash__ = cached_hash
+    __getstate__ = state_without_hash
 
     def __post_init__(self) -> None:
         if self.version != PROFILE_VERSION:

@@ -95,13 +95,14 @@ def memory_message(problem: Problem) -> str:
     return "; ".join(parts) + ". To fit: " + ", or ".join(fixes)
 
 
-def min_quality(problem: Problem) -> float:
-    """Smallest summed indicator of any plan that fits memory (layers not tied to stages: a bound)."""
+def min_quality(problem: Problem, time_limit: float = 2.0) -> float:
+    """Smallest summed indicator of any plan that fits memory (layers not tied to stages: a bound);
+    `time_limit` per order (an order whose solve finds nothing in time counts as not fitting)."""
     scale, best = QualityScale(problem), None
     sizes = (1,)
     for order in representative_orders(problem.devices, problem.network):
-        sol = solve_order(build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True), 0, 0, 2.0,
-                          minimize_quality=True)
+        sol = solve_order(build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True), 0, 0,
+                          time_limit, minimize_quality=True)
         if sol.found:
             best = sol.objective if best is None else min(best, sol.objective)
     return float("inf") if best is None else best / scale.scale

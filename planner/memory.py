@@ -18,6 +18,8 @@ agree.
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from dataclasses import dataclass
 
 from planner.cluster import Workload
@@ -63,6 +65,7 @@ def linear_weight_bytes(in_features: int, out_features: int, bits: Bits, group_s
     return out_features * (packed + 2 * groups * SCALE_BYTES)
 
 
+@functools.lru_cache(maxsize=4096)
 def layer_weight_bytes(
     shape: ModelShape, bits: Bits, group_size: int = DEFAULT_GROUP_SIZE, element: int = DEFAULT_ELEMENT_BYTES
 ) -> int:
@@ -71,6 +74,7 @@ def layer_weight_bytes(
     return linear + shape.layer_fp16_params() * element
 
 
+@functools.lru_cache(maxsize=4096)
 def workspace_bytes(shape: ModelShape, bits: Bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """The stage's shared dequantization buffer for layers at `bits` (0 at 16), as
     `pqmesh.quant.memory.workspace_bytes`: the largest linear's weight in the stage dtype plus, below
@@ -150,7 +154,7 @@ def stage_memory(shape: ModelShape, workload: Workload, bits: list[Bits], first:
                  element: int = DEFAULT_ELEMENT_BYTES) -> StageMemory:
     """Memory of a stage holding `len(bits)` decoder layers at those bitwidths, unquantized values
     taking `element` bytes."""
-    weights = sum(layer_weight_bytes(shape, b, element=element) for b in bits)
+    weights = sum(n * layer_weight_bytes(shape, b, element=element) for b, n in Counter(bits).items())
     kv = len(bits) * kv_cache_bytes_per_layer(shape, workload.batch_size, workload.max_context, element)
     prefill = temp_activation_bytes(shape, prefill_micro_batch, workload.prompt_length, workload.prompt_length, element)
     decode = temp_activation_bytes(shape, decode_micro_batch, 1, workload.max_context, element)

@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from planner.hashing import cached_hash, state_without_hash
 from pqmesh.errors import InvalidArgument, UnsupportedModel
 
 SHAPE_VERSION = 1
@@ -45,6 +46,9 @@ class ModelShape:
     embed_layernorm: bool = False
     final_norm: bool = True  # False for post-LayerNorm OPT (opt-350m), which has no final norm
     version: int = SHAPE_VERSION
+
+    __hash__ = cached_hash
+    __getstate__ = state_without_hash
 
     @property
     def fingerprint(self) -> str:

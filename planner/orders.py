@@ -1,11 +1,15 @@
 """Device orders to search: distinct pipelines over individual devices, with symmetry pruning.
 
 Devices of the same kind (same profile and host) are interchangeable, so orders are permutations of
-the multiset of kinds. For layer-uniform costs an order matters only through its first device
-(embeddings), its last device (LM head) and which links cross hosts; when a network link is no faster
-than an intra-host link, fewer crossings never hurt, so one order per (first kind, last kind) with
-the fewest crossings (hosts as contiguous blocks) represents them all (`representative_orders`).
-Per-layer indicators make positions matter, so `all_orders` enumerates every distinct order.
+the multiset of kinds. For layer-uniform costs an order matters only through its cost class
+(`order_key`): the profiles of its first device (embeddings) and last device (LM head), how many
+forward links cross hosts, and whether the decode return link does; identical devices on other
+hosts are interchangeable too. When a network link is no faster than an intra-host link, fewer
+crossings never hurt, so one order per (first kind, last kind) with the fewest crossings (hosts as
+contiguous blocks) covers every class that can win, and `representative_orders` keeps one order
+per class among those; `undominated` then drops classes with more crossings and no better return
+link than another of the same (first, last) profiles. Per-layer indicators make positions matter,
+so `all_orders` enumerates every distinct order.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ def crossings(order: list[Device]) -> int:
 
 
 def order_key(order: list[Device]) -> tuple:
-    """What the cost of an order depends on when every layer costs the same: first, last, crossings
-    (and whether the decode return link crosses hosts, fixed by first and last)."""
-    return (order[0].kind, order[-1].kind, crossings(order))
+    """What the cost of an order depends on when every layer costs the same: the first and last
+    devices' profiles, the forward links crossing hosts, and whether the return link stays on a host."""
+    return (order[0].profile, order[-1].profile, crossings(order), order[0].host == order[-1].host)
 
 
 def all_orders(devices: tuple[Device, ...], limit: int = MAX_ORDERS) -> list[list[Device]]:
@@ -95,10 +99,26 @@ def representative_orders(devices: tuple[Device, ...], network: Network) -> list
     firsts: dict[tuple, Device] = {}
     for d in devices:
         firsts.setdefault(d.kind, d)
-    out = []
+    seen: dict[tuple, list[Device]] = {}
     for first in firsts.values():
         for last_kind in firsts:
             last = next((d for d in devices if d.kind == last_kind and d is not first), None)
             if last is not None:
-                out.append(_host_block_order(devices, first, last))
-    return out
+                order = _host_block_order(devices, first, last)
+                seen.setdefault(order_key(order), order)
+    return list(seen.values())
+
+
+def undominated(orders: list[list[Device]], network: Network) -> list[list[Device]]:
+    """Orders whose class no other class of the same (first, last) profiles beats on every link: one
+    with no more host crossings and a return link at least as local (layer-uniform costs only, and
+    only when the network is never faster than an intra-host link: then link times only grow with
+    crossings, and every pipeline formula grows with every link time)."""
+    if not network_never_faster(network):
+        return orders
+    keys = [order_key(o) for o in orders]
+
+    def beaten(k: tuple) -> bool:
+        return any(o[:2] == k[:2] and o != k and o[2] <= k[2] and o[3] >= k[3] for o in keys)
+
+    return [o for o, k in zip(orders, keys) if not beaten(k)]

@@ -79,14 +79,22 @@ class Problem:
         self.indicator.check(self.shape.num_layers, self.allowed_bits, self.shape.name)
 
     def device(self, label: str) -> Device:
-        for d in self.devices:
-            if d.label == label:
-                return d
-        raise InvalidArgument(f"plan names device {label!r}, which is not in the cluster")
+        found = self._by_label.get(label)
+        if found is None:
+            raise InvalidArgument(f"plan names device {label!r}, which is not in the cluster")
+        return found
+
+    @functools.cached_property
+    def _by_label(self) -> dict[str, Device]:
+        return {d.label: d for d in self.devices}
 
     def segments(self) -> list[tuple[int, float]]:
+        return list(self._segments)
+
+    @functools.cached_property
+    def _segments(self) -> tuple[tuple[int, float], ...]:
         w = self.workload
-        return lat.decode_segments(w.prompt_length, w.generation_length, self.cost.decode_segments)
+        return tuple(lat.decode_segments(w.prompt_length, w.generation_length, self.cost.decode_segments))
 
     def micro_batches(self, size: int) -> int:
         return math.ceil(self.workload.batch_size / size)
@@ -99,7 +107,7 @@ class Problem:
         own = device.profile.reserve_bytes
         return self.cost.reserve_bytes if own is None else own
 
-    @property
+    @functools.cached_property
     def element(self) -> int:
         """Bytes per unquantized value in the stage dtype."""
         return element_bytes(self.dtype)
@@ -144,24 +152,28 @@ def phase_seconds(
     problem: Problem, order: list[Device], counts: list[dict], prefill_mb: int, decode_mb: int
 ) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of the whole job."""
-    last = len(order) - 1
-    s = problem.workload.prompt_length
-    stages = [
-        stage_seconds(problem, d, c, i == last, Phase.PREFILL, prefill_mb, s)
-        for i, (d, c) in enumerate(zip(order, counts))
-    ]
+    stages = _stage_times(problem, order, counts, Phase.PREFILL, prefill_mb, problem.workload.prompt_length)
     prefill = lat.prefill_seconds(
         stages + link_times(problem, order, Phase.PREFILL, prefill_mb), problem.micro_batches(prefill_mb)
     )
     links = link_times(problem, order, Phase.DECODE, decode_mb)
     decode = 0.0
     for rounds, context in problem.segments():
-        stages = [
-            stage_seconds(problem, d, c, i == last, Phase.DECODE, decode_mb, context)
-            for i, (d, c) in enumerate(zip(order, counts))
-        ]
+        stages = _stage_times(problem, order, counts, Phase.DECODE, decode_mb, context)
         decode += rounds * lat.decode_round_seconds(stages + links, problem.micro_batches(decode_mb))
     return prefill, decode
+
+
+def _stage_times(problem: Problem, order: list[Device], counts: list[dict], phase: Phase, micro_batch: int,
+                 context: float) -> list[float]:
+    """`stage_seconds` of every stage; identical devices holding the same counts computed once."""
+    last, memo, out = len(order) - 1, {}, []
+    for i, (d, c) in enumerate(zip(order, counts)):
+        key = (id(d.profile), tuple(sorted(c.items())), i == last)
+        if key not in memo:
+            memo[key] = stage_seconds(problem, d, c, i == last, phase, micro_batch, context)
+        out.append(memo[key])
+    return out
 
 
 @dataclass(frozen=True)
@@ -191,10 +203,14 @@ def evaluate(problem: Problem, plan: PipelinePlan) -> Evaluation:
     order = [problem.device(s.device) for s in plan.stages]
     counts = [dict(Counter(s.bits)) for s in plan.stages]
     prefill, decode = phase_seconds(problem, order, counts, plan.prefill_micro_batch, plan.decode_micro_batch)
-    w = problem.workload
-    memory = tuple(stage_memory(problem.shape, w, list(s.bits), i == 0, i == len(order) - 1, plan.prefill_micro_batch,
-                                plan.decode_micro_batch, problem.reserve(d), problem.element)
-                   for i, (s, d) in enumerate(zip(plan.stages, order)))
+    w, last, memo = problem.workload, len(order) - 1, {}
+    keys = [(tuple(sorted(c.items())), i == 0, i == last, problem.reserve(d))
+            for i, (c, d) in enumerate(zip(counts, order))]
+    for key, s in zip(keys, plan.stages):  # memory depends on the counts, not on the layers' order
+        if key not in memo:
+            memo[key] = stage_memory(problem.shape, w, list(s.bits), key[1], key[2], plan.prefill_micro_batch,
+                                     plan.decode_micro_batch, key[3], problem.element)
+    memory = tuple(memo[key] for key in keys)
     quality = problem.indicator.total(plan.bits_per_layer)
     throughput = w.batch_size * w.generation_length / (prefill + decode)
     prediction = Prediction(throughput, prefill, decode, tuple(m.total for m in memory), quality)

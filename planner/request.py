@@ -10,6 +10,7 @@ from planner.catalog import builtin_model, model_from_config_json
 from planner.cluster import Cluster, ProfileLookup, Workload, expand
 from planner.indicator import Indicator, Quality, default_indicator
 from planner.memory import DEFAULT_DTYPE, element_bytes
+from planner.model_shapes import ModelShape
 from planner.problem import DEFAULT_COORDINATOR_S, CostConfig, Problem
 from planner.search import DEFAULT_TIME_LIMIT_S
 from pqmesh.api.planner.v1 import planner_pb2
@@ -53,8 +54,11 @@ class PlanInputs:
     def inline_config(self) -> bool:
         return self.model.lstrip().startswith("{")
 
+    def shape(self) -> ModelShape:
+        return model_from_config_json(self.model) if self.inline_config else builtin_model(self.model)
+
     def to_problem(self, lookup: ProfileLookup | None = None) -> Problem:
-        shape = model_from_config_json(self.model) if self.inline_config else builtin_model(self.model)
+        shape = self.shape()
         indicator = (
             Indicator.from_json(self.indicator_json) if self.indicator_json else default_indicator(shape.num_layers)
         )

@@ -1,4 +1,4 @@
-"""PlannerService: a thin gRPC servicer over the registry and the planner library."""
+"""PlannerService: a thin gRPC servicer over the registry and the planner library (Plan, WhatIf)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from planner.metrics import PlannerMetrics
 from planner.registry import ProfileRegistry
 from planner.request import PlanInputs
 from planner.search import plan
+from planner.whatif import DEFAULT_FRONTIER_POINTS, DEFAULT_WHAT_IF_LIMIT_S, what_if
 from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.grpc_server import rpc_errors
@@ -59,4 +60,17 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             self.metrics.plan_requests.labels(outcome=outcome).inc()
         self.metrics.solve_seconds.observe(result.solve_seconds)
         log.info("plan_served", plan_id=result.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
+        return result.to_proto()
+
+    @rpc_errors
+    def WhatIf(self, request, context):
+        if not request.HasField("base"):
+            raise InvalidArgument("WhatIf needs `base`: the PlanRequest (cluster, model, workload) to ask about")
+        inputs = PlanInputs.from_proto(request.base)
+        limit = request.time_limit_seconds or DEFAULT_WHAT_IF_LIMIT_S
+        if not 0 < limit <= MAX_TIME_LIMIT_S:
+            raise InvalidArgument(f"time_limit_seconds {limit} must be within (0, {MAX_TIME_LIMIT_S}]; ask for less")
+        result = what_if(inputs, self.registry.get, limit, request.frontier_points or DEFAULT_FRONTIER_POINTS,
+                         tuple(request.extra_device_types))
+        log.info("what_if_served", plan_id=result.base.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
         return result.to_proto()

@@ -13,14 +13,11 @@ unit (contiguous, no stage empty), and n[i][b] = sum of unit sizes. The relaxati
 per-layer problems (`free_quality`) gives each layer l a bitwidth y[l][b] matching only the totals
 sum_i n[i][b], not a stage.
 
-Objective:
-  prefill = sum_i stage_i + sum(links) + (m_p - 1) * Mp,   Mp >= every stage and link time
-  decode  = sum_q rounds_q * C_q,  C_q >= m_d * Md_q,  C_q >= sum_i stage_iq + sum(links),
-            Md_q >= every stage and link time in segment q
-  minimize prefill + decode (+ theta cost of the bits); the max terms are linearized by the
-  auxiliary variables Mp, Md_q, C_q, which the minimization pushes down onto the maxima.
-Memory, per stage and phase: sum_b n[i][b] * layer_bytes[b] <= budget (capacity minus
-reserve, embeddings/head and that phase's largest activation).
+Identical devices: middle stages with the same profile are interchangeable in the count model
+(`stage_class`); CP-SAT gets symmetry-breaking rows (their layer counts non-increasing). The LP
+bound may be stated on one row per class (`multiplicity`): averaging any solution over a class
+keeps it feasible at the same objective, so the grouped LP has the same optimum as the full one,
+with a handful of rows instead of one per device.
 """
 
 from __future__ import annotations
@@ -60,6 +57,8 @@ class OrderInput:
     quality_bound: int | None = None
     free_quality: tuple = ()                          # [l][b], relaxation: layers not tied to stages
     free_theta: tuple = ()                            # [l][b]
+    multiplicity: tuple[int, ...] = ()                # [i] stages each row stands for (grouped LP); () = 1 each
+    stage_class: tuple[int, ...] = ()                 # [i] interchangeable stages share a class (symmetry breaking)
 
 
 @dataclass(frozen=True)
@@ -91,10 +90,11 @@ class _Builder:
         self.m = pywraplp.Solver.CreateSolver("GLOP") if lp else cp_model.CpModel()
         self.vars: list = []
         self.nb, L = len(data.layer_bytes), data.num_layers
+        self.mult = data.multiplicity or (1,) * data.stages
         self.n = [[self.var(0, L, f"n{i}_{b}") for b in range(self.nb)] for i in range(data.stages)]
         for row in self.n:
             self.row({v: 1 for v in row}, 1, L)
-        self.row({v: 1 for row in self.n for v in row}, L, L)
+        self.row({v: m for row, m in zip(self.n, self.mult) for v in row}, L, L)
         self.x = None
         self.stage_cap = self._stage_cap()
 
@@ -141,14 +141,26 @@ class _Builder:
                 budget * self.mem_unit,
             )
 
+    def _sum(self, stages: list[tuple[dict, float]]) -> tuple[dict, float]:
+        """The summed stage times (each row counted as often as the stages it stands for)."""
+        terms = _add(*[{v: c * m for v, c in t.items()} for (t, _), m in zip(stages, self.mult)])
+        return terms, sum(f * m for (_, f), m in zip(stages, self.mult))
+
     def _max_over(self, stages: list[tuple[dict, float]], floor: float, cap: float, name: str) -> int:
         """A variable >= every stage time (and >= floor), and stages x it >= their sum."""
         peak = self.var(floor, cap, name)
         for terms, fixed in stages:
             self.row({**{v: -c for v, c in terms.items()}, peak: 1}, fixed, math.inf)
-        total = _add(*[t for t, _ in stages])
-        self.row({**{v: -c for v, c in total.items()}, peak: len(stages)}, sum(f for _, f in stages), math.inf)
+        total, fixed_total = self._sum(stages)
+        self.row({**{v: -c for v, c in total.items()}, peak: sum(self.mult)}, fixed_total, math.inf)
         return peak
+
+    def symmetry(self) -> None:
+        """Interchangeable stages (same class) hold non-increasing numbers of layers: every solution
+        has a permutation that does, so no optimum is lost. (A full lexicographic order on the count
+        vectors needs huge coefficients, which slowed CP-SAT's proofs down by 100x.)"""
+        for a, b in _class_pairs(self.d.stage_class):
+            self.row({**{v: 1 for v in self.n[a]}, **{v: -1 for v in self.n[b]}}, 0, math.inf)
 
     def prefill(self) -> tuple[dict, float]:
         d, k, u = self.d, self.kp, self.time_unit
@@ -158,8 +170,8 @@ class _Builder:
         ]
         links = [x * u for x in d.prefill_links[k]]
         peak = self._max_over(stages, max(links, default=0), self.stage_cap * u, "mp")
-        terms = _add(*[t for t, _ in stages], {peak: d.prefill_counts[k] - 1})
-        return terms, sum(f for _, f in stages) + sum(links)
+        total, fixed_total = self._sum(stages)
+        return _add(total, {peak: d.prefill_counts[k] - 1}), fixed_total + sum(links)
 
     def decode(self) -> tuple[dict, float]:
         d, k, u = self.d, self.kd, self.time_unit
@@ -171,10 +183,10 @@ class _Builder:
                 for i in range(d.stages)
             ]
             peak = self._max_over(stages, max(links, default=0), cap, f"md{q}")
-            cycle = self.var(0, (max(d.decode_counts[k], d.stages) + len(links)) * cap, f"c{q}")
+            cycle = self.var(0, (max(d.decode_counts[k], sum(self.mult)) + len(links)) * cap, f"c{q}")
             self.row({cycle: 1, peak: -d.decode_counts[k]}, 0, math.inf)
-            total = _add(*[t for t, _ in stages])
-            self.row({cycle: 1, **{v: -c for v, c in total.items()}}, sum(f for _, f in stages) + sum(links), math.inf)
+            total, fixed_total = self._sum(stages)
+            self.row({cycle: 1, **{v: -c for v, c in total.items()}}, fixed_total + sum(links), math.inf)
             objective[cycle] = rounds
         return objective, 0.0
 
@@ -204,11 +216,12 @@ class _Builder:
                     {v: d.unit_theta[u][b] * self.time_unit for v, u, b in cells} if d.unit_theta else {})
         if d.free_quality or d.free_theta:
             return self._free_layers()
+        m = self.mult
         return (
-            _add(*[{self.n[i][b]: d.quality_per_bits[b] * self.q_unit for b in range(nb)} for i in range(S)])
+            _add(*[{self.n[i][b]: d.quality_per_bits[b] * m[i] * self.q_unit for b in range(nb)} for i in range(S)])
             if d.quality_per_bits
             else {},
-            _add(*[{self.n[i][b]: d.theta_per_bits[b] * self.time_unit for b in range(nb)} for i in range(S)])
+            _add(*[{self.n[i][b]: d.theta_per_bits[b] * m[i] * self.time_unit for b in range(nb)} for i in range(S)])
             if d.theta_per_bits
             else {},
         )
@@ -221,7 +234,8 @@ class _Builder:
         for row in y:
             self.row({v: 1 for v in row}, 1, 1)
         for b in range(nb):
-            self.row({**{y[li][b]: 1 for li in range(len(y))}, **{self.n[i][b]: -1 for i in range(d.stages)}}, 0, 0)
+            totals = {self.n[i][b]: -self.mult[i] for i in range(d.stages)}
+            self.row({**{y[li][b]: 1 for li in range(len(y))}, **totals}, 0, 0)
         cells = [(y[li][b], li, b) for li in range(len(y)) for b in range(nb)]
         return ({v: d.free_quality[li][b] * self.q_unit for v, li, b in cells} if d.free_quality else {},
                 {v: d.free_theta[li][b] * self.time_unit for v, li, b in cells} if d.free_theta else {})
@@ -230,6 +244,7 @@ class _Builder:
         if self.d.unit_sizes:
             self.units()
         self.memory()
+        self.symmetry()
         quality, theta = self.quality_terms()
         if minimize_quality:
             return quality, 0.0
@@ -239,7 +254,15 @@ class _Builder:
         return _add(pre, dec, theta), pre_const
 
     def hint(self, hint: Hint) -> None:
-        for i, row in enumerate(hint.counts):
+        counts = list(hint.counts)
+        if self.d.stage_class:  # the hint's rows in the order the symmetry constraints want
+            members: dict[int, list[int]] = {}
+            for i, c in enumerate(self.d.stage_class):
+                members.setdefault(c, []).append(i)
+            for group in members.values():
+                for i, row in zip(group, sorted((counts[i] for i in group), key=sum, reverse=True)):
+                    counts[i] = row
+        for i, row in enumerate(counts):
             for b, value in enumerate(row):
                 self.m.add_hint(self.vars[self.n[i][b]], value)
         if self.x is not None and hint.units:
@@ -247,6 +270,17 @@ class _Builder:
                 for i in range(self.d.stages):
                     for b in range(self.nb):
                         self.m.add_hint(self.vars[self.x[u][i][b]], i == stage and b == bits)
+
+
+def _class_pairs(classes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Consecutive members (a, b), a < b, of every class with more than one stage."""
+    last: dict[int, int] = {}
+    pairs = []
+    for i, c in enumerate(classes):
+        if c in last:
+            pairs.append((last[c], i))
+        last[c] = i
+    return pairs
 
 
 def _add(*terms: dict) -> dict:
@@ -270,6 +304,23 @@ def lower_bound(data: OrderInput, kp: int, kd: int) -> float | None:
     status = b.m.Solve()
     if status == pywraplp.Solver.OPTIMAL:
         return objective.Value() / b.time_unit * (1 - 1e-7)  # LP tolerances: stay below the optimum
+    if status == pywraplp.Solver.INFEASIBLE:
+        return None
+    return 0.0  # no proof either way: the trivial bound
+
+
+def quality_lower_bound(data: OrderInput, kp: int, kd: int) -> float | None:
+    """The LP relaxation's smallest summed indicator (scaled units) of a plan that fits memory; None
+    when even the relaxation does not fit (then no plan does)."""
+    b = _Builder(data, kp, kd, lp=True)
+    terms, _ = b.objective(minimize_quality=True)
+    objective = b.m.Objective()
+    for v, c in terms.items():
+        objective.SetCoefficient(b.vars[v], c)
+    objective.SetMinimization()
+    status = b.m.Solve()
+    if status == pywraplp.Solver.OPTIMAL:
+        return objective.Value() / b.q_unit * (1 - 1e-7)
     if status == pywraplp.Solver.INFEASIBLE:
         return None
     return 0.0  # no proof either way: the trivial bound

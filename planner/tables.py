@@ -7,8 +7,10 @@ scaled quality indicators as integers (`planner.solver_ortools.OrderInput`).
 
 from __future__ import annotations
 
+import functools
 import math
 
+from planner import latency as lat
 from planner.cluster import Device
 from planner.memory import embedding_bytes, head_bytes, logits_bytes, stage_workspace_bytes, temp_activation_bytes
 from planner.problem import Problem, head_cost, layer_bytes, layer_cost, link_times
@@ -62,27 +64,65 @@ def budgets(problem: Problem, order: list[Device], sizes: tuple[int, ...], phase
     """Bytes left for layers (weights + KV) per stage and micro-batch size: capacity minus the
     device's reserve, embeddings/head, the phase's largest activation and the dequantization
     workspace (that of the allowed bits needing the most: conservative for stages that use fewer)."""
-    shape, w, e = problem.shape, problem.workload, problem.element
-    workspace = stage_workspace_bytes(shape, problem.allowed_bits, e)
+    last = len(order) - 1
+    return tuple(device_budgets(problem, d, i == 0, i == last, tuple(sizes), phase) for i, d in enumerate(order))
+
+
+def device_budgets(problem: Problem, device: Device, first: bool, last: bool, sizes: tuple[int, ...],
+                   phase: Phase) -> tuple[int, ...]:
+    """`budgets` of one device at a position (first and/or last stage or neither), per size."""
+    return _device_budgets(problem.shape, problem.workload, problem.element, problem.allowed_bits,
+                           problem.capacity(device) - problem.reserve(device), first, last, sizes, phase)
+
+
+@functools.lru_cache(maxsize=16384)
+def _device_budgets(shape, workload, e: int, allowed_bits: tuple, usable: int, first: bool, last: bool,
+                    sizes: tuple[int, ...], phase: Phase) -> tuple[int, ...]:
+    workspace = stage_workspace_bytes(shape, allowed_bits, e)
+    fixed = (embedding_bytes(shape, e) if first else 0) + (head_bytes(shape, first, e) if last else 0)
+    new = workload.prompt_length if phase == Phase.PREFILL else 1
+    context = workload.prompt_length if phase == Phase.PREFILL else workload.max_context
+    return tuple(usable - fixed - workspace - temp_activation_bytes(shape, b, new, context, e)
+                 - (logits_bytes(shape, b) if last else 0) for b in sizes)
+
+
+def stage_classes(order: list[Device]) -> tuple[int, ...]:
+    """Interchangeable stages of the count model share a class (the index of its first stage): middle
+    stages (neither first nor last) with the same profile. First and last stand alone."""
+    first_of: dict = {}
     out = []
-    for i, device in enumerate(order):
-        first, last = i == 0, i == len(order) - 1
-        fixed = (embedding_bytes(shape, e) if first else 0) + (head_bytes(shape, first, e) if last else 0)
-        row = []
-        for b in sizes:
-            new = w.prompt_length if phase == Phase.PREFILL else 1
-            context = w.prompt_length if phase == Phase.PREFILL else w.max_context
-            temp = temp_activation_bytes(shape, b, new, context, e) + (logits_bytes(shape, b) if last else 0)
-            row.append(problem.capacity(device) - problem.reserve(device) - fixed - temp - workspace)
-        out.append(tuple(row))
+    for i, d in enumerate(order):
+        if i in (0, len(order) - 1):
+            out.append(i)
+        else:
+            out.append(first_of.setdefault(d.profile, i))
     return tuple(out)
 
 
 def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int, ...], decode_sizes: tuple[int, ...],
-                per_layer: bool, relaxed_indicator: bool = False) -> OrderInput:
+                per_layer: bool, relaxed_indicator: bool = False, grouped: bool = False,
+                cache: dict | None = None) -> OrderInput:
     """The solver's tables for `order`. `relaxed_indicator`: count model in which each layer keeps its
-    own indicator but is not tied to a stage (a lower bound when indicators differ by layer)."""
-    common = _time_and_memory_tables(problem, order, prefill_sizes, decode_sizes)
+    own indicator but is not tied to a stage (a lower bound when indicators differ by layer).
+    `grouped` (count models only): one stage per class of interchangeable stages, with its
+    multiplicity, for the LP bound. `cache`: per-device tables shared between calls of one problem."""
+    if grouped and per_layer and not relaxed_indicator:
+        raise ValueError("the unit model cannot be grouped")
+    classes = stage_classes(order)
+    stages, multiplicity = list(range(len(order))), ()
+    if grouped:
+        stages = sorted(set(classes))
+        multiplicity = tuple(classes.count(c) for c in stages)
+    common = _time_and_memory_tables(problem, order, stages, prefill_sizes, decode_sizes, cache)
+    if grouped:
+        common["multiplicity"] = multiplicity
+    elif not per_layer:
+        common["stage_class"] = classes
+    return _with_quality(problem, common, per_layer, relaxed_indicator)
+
+
+def _with_quality(problem: Problem, common: dict, per_layer: bool, relaxed_indicator: bool) -> OrderInput:
+    """`common` (times, budgets, links) plus the quality tables of the model asked for."""
     shape, bits = problem.shape, problem.allowed_bits
     qs, ind, theta = QualityScale(problem), problem.indicator, problem.quality.theta
     bounded = problem.quality.bound is not None
@@ -109,44 +149,96 @@ def build_input(problem: Problem, order: list[Device], prefill_sizes: tuple[int,
                       theta_per_bits=tuple(_t(theta * v) for v in row) if theta else ())
 
 
-def _time_and_memory_tables(problem: Problem, order: list[Device], prefill_sizes: tuple[int, ...],
-                            decode_sizes: tuple[int, ...]) -> dict:
-    """The OrderInput fields that do not depend on the quality setting: costs, budgets, links, counts."""
-    shape, s, bits, last = problem.shape, problem.workload.prompt_length, problem.allowed_bits, len(order) - 1
-    segments, e = problem.segments(), problem.element
+def pool_input(problem: Problem, sizes: tuple[int, ...], relaxed_indicator: bool = False,
+               cache: dict | None = None) -> OrderInput:
+    """A relaxation valid for every device order at once, one row per profile with its multiplicity:
+    every device gets a middle stage's budget (no embeddings or head to hold), the LM head costs the
+    cheapest device's time as one more serial resource, and every link takes the cheaper of an
+    intra-host and a network hop. Its LP optimum for a micro-batch pair bounds that pair in every
+    order, so the search refines pairs into orders only while this bound beats the incumbent."""
+    reps: dict = {}
+    for d in problem.devices:
+        reps.setdefault(d.profile, [d, 0])[1] += 1
+    devices, cache = [d for d, _ in reps.values()], {} if cache is None else cache
+    for d in devices:
+        key = (d.profile, False, False, sizes, sizes)
+        if key not in cache:
+            cache[key] = _device_tables(problem, d, False, False, sizes, sizes)
+    column = [tuple(cache[(d.profile, False, False, sizes, sizes)][j] for d in devices) for j in range(6)]
+    shape, e, net, count = problem.shape, problem.element, problem.network, len(problem.devices)
+
+    def links(phase: Phase, k: int) -> tuple[int, ...]:
+        new = problem.workload.prompt_length if phase == Phase.PREFILL else 1
+        hop = lat.activation_bytes(shape, k, new, e)
+        out = [min(net.link_seconds(hop, True), net.link_seconds(hop, False))] * (count - 1)
+        if phase == Phase.DECODE and count > 1:
+            ret = lat.return_bytes(k)
+            out.append(min(net.link_seconds(ret, True), net.link_seconds(ret, False)))
+        out.append(min(head_cost(d.profile, shape, k, e) for d in devices))  # the head, wherever it runs
+        return tuple(_t(t) for t in out)
+
+    common = dict(
+        num_layers=shape.num_layers, stages=len(devices),
+        layer_bytes=tuple(layer_bytes(problem, b) for b in problem.allowed_bits),
+        prefill_counts=tuple(problem.micro_batches(k) for k in sizes), prefill_budget=column[4],
+        prefill_layer=column[0], prefill_fixed=column[1],
+        prefill_links=tuple(links(Phase.PREFILL, k) for k in sizes),
+        decode_counts=tuple(problem.micro_batches(k) for k in sizes), decode_budget=column[5],
+        decode_layer=column[2], decode_fixed=column[3], decode_links=tuple(links(Phase.DECODE, k) for k in sizes),
+        segment_rounds=tuple(r for r, _ in problem.segments()), multiplicity=tuple(n for _, n in reps.values()),
+    )
+    return _with_quality(problem, common, per_layer=False, relaxed_indicator=relaxed_indicator)
+
+
+def _device_tables(problem: Problem, device: Device, first: bool, last: bool, prefill_sizes: tuple[int, ...],
+                   decode_sizes: tuple[int, ...]) -> tuple:
+    """(prefill per layer [b][k], prefill fixed [k], decode per layer [b][k][q], decode fixed [k][q],
+    prefill budget [k], decode budget [k]) of one device at one position kind."""
+    shape, s, bits, e = problem.shape, problem.workload.prompt_length, problem.allowed_bits, problem.element
+    segments = problem.segments()
     pre_layer = tuple(
-        tuple(
-            tuple(_t(layer_cost(d.profile, shape, b, Phase.PREFILL, k, s, s, e)) for k in prefill_sizes) for b in bits
-        )
-        for d in order
+        tuple(_t(layer_cost(device.profile, shape, b, Phase.PREFILL, k, s, s, e)) for k in prefill_sizes) for b in bits
     )
-    pre_fixed = tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for k in prefill_sizes)
-                      for i, d in enumerate(order))
+    pre_fixed = tuple(_t(head_cost(device.profile, shape, k, e)) if last else 0 for k in prefill_sizes)
     dec_layer = tuple(
-        tuple(
-            tuple(tuple(_t(layer_cost(d.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
-                  for k in decode_sizes)
-            for b in bits
-        )
-        for d in order
+        tuple(tuple(_t(layer_cost(device.profile, shape, b, Phase.DECODE, k, s, ctx, e)) for _, ctx in segments)
+              for k in decode_sizes)
+        for b in bits
     )
-    dec_fixed = tuple(tuple(tuple(_t(head_cost(d.profile, shape, k, e)) if i == last else 0 for _ in segments)
-                            for k in decode_sizes) for i, d in enumerate(order))
+    dec_fixed = tuple(tuple(_t(head_cost(device.profile, shape, k, e)) if last else 0 for _ in segments)
+                      for k in decode_sizes)
+    return (pre_layer, pre_fixed, dec_layer, dec_fixed,
+            device_budgets(problem, device, first, last, prefill_sizes, Phase.PREFILL),
+            device_budgets(problem, device, first, last, decode_sizes, Phase.DECODE))
+
+
+def _time_and_memory_tables(problem: Problem, order: list[Device], stages: list[int], prefill_sizes: tuple[int, ...],
+                            decode_sizes: tuple[int, ...], cache: dict | None) -> dict:
+    """The OrderInput fields that do not depend on the quality setting, for the stages `stages` of
+    `order` (all of them, or one per class): costs, budgets, links (always the whole order's), counts."""
+    cache = {} if cache is None else cache
+    last, rows = len(order) - 1, []
+    for i in stages:
+        key = (order[i].profile, i == 0, i == last, prefill_sizes, decode_sizes)
+        if key not in cache:
+            cache[key] = _device_tables(problem, order[i], i == 0, i == last, prefill_sizes, decode_sizes)
+        rows.append(cache[key])
+    column = [tuple(r[j] for r in rows) for j in range(6)]
     return dict(
-        num_layers=shape.num_layers,
-        stages=len(order),
-        layer_bytes=tuple(layer_bytes(problem, b) for b in bits),
+        num_layers=problem.shape.num_layers,
+        stages=len(stages),
+        layer_bytes=tuple(layer_bytes(problem, b) for b in problem.allowed_bits),
         prefill_counts=tuple(problem.micro_batches(k) for k in prefill_sizes),
-        prefill_budget=budgets(problem, order, prefill_sizes, Phase.PREFILL),
-        prefill_layer=pre_layer,
-        prefill_fixed=pre_fixed,
+        prefill_budget=column[4],
+        prefill_layer=column[0],
+        prefill_fixed=column[1],
         prefill_links=tuple(tuple(_t(t) for t in link_times(problem, order, Phase.PREFILL, k)) for k in prefill_sizes),
         decode_counts=tuple(problem.micro_batches(k) for k in decode_sizes),
-        decode_budget=budgets(problem, order, decode_sizes, Phase.DECODE),
-        decode_layer=dec_layer,
-        decode_fixed=dec_fixed,
+        decode_budget=column[5],
+        decode_layer=column[2],
+        decode_fixed=column[3],
         decode_links=tuple(tuple(_t(t) for t in link_times(problem, order, Phase.DECODE, k)) for k in decode_sizes),
-        segment_rounds=tuple(r for r, _ in segments),
+        segment_rounds=tuple(r for r, _ in problem.segments()),
     )
 
 

@@ -48,6 +48,10 @@ class _Replay:
         self.prefill_mb, self.decode_mb, self.max_in_flight = prefill_mb, decode_mb, max_in_flight
         n = len(cost.stages)
         self.stage_free, self.hop_free = [0.0] * n, [0.0] * n
+        # per phase and stage: (const, per sequence, per token, per token x key, hop latency, hop bytes/s)
+        self.terms = {phase: [(m.const_s, m.per_sequence_s, m.per_token_s, m.per_token_key_s, st.hop_latency_s,
+                               st.hop_bytes_per_s) for st in cost.stages for m in [getattr(st, phase)]]
+                      for phase in ("prefill", "decode")}
         self.waiting, self.ready = deque(range(len(self.prompts))), deque()
         self.free_slots, self.generated = max_sequences, [0] * len(self.prompts)
         self.replies: list = []
@@ -65,13 +69,14 @@ class _Replay:
         new_tokens = max(contexts) if phase == "prefill" else 1  # prefill rows are left-padded
         arrive = at + self.cost.send_latency_s
         last = len(self.cost.stages) - 1
-        for i, stage in enumerate(self.cost.stages):
-            model = stage.prefill if phase == "prefill" else stage.decode
-            start = max(arrive, self.stage_free[i])
-            self.stage_free[i] = start + model.seconds(len(group), new_tokens, max(contexts))
-            nbytes = len(group) * (TOKEN_ID_BYTES if i == last else new_tokens * self.cost.hidden_bytes_per_token)
-            self.hop_free[i] = max(self.stage_free[i], self.hop_free[i]) + stage.hop_seconds(nbytes)
-            arrive = self.hop_free[i]
+        rows, keys = len(group), max(contexts)
+        tokens = rows * new_tokens  # PhaseCost.seconds and StageCost.hop_seconds, inlined (the hot loop)
+        hidden, ids = tokens * self.cost.hidden_bytes_per_token, rows * TOKEN_ID_BYTES
+        stage_free, hop_free = self.stage_free, self.hop_free
+        for i, (const, per_seq, per_tok, per_key, hop_s, hop_bps) in enumerate(self.terms[phase]):
+            done = max(arrive, stage_free[i]) + (const + per_seq * rows + per_tok * tokens + per_key * tokens * keys)
+            stage_free[i] = done
+            arrive = hop_free[i] = max(done, hop_free[i]) + (hop_s + (ids if i == last else hidden) / hop_bps)
         heapq.heappush(self.replies, (arrive, next(self.ids), group))
         self.in_flight += 1
 

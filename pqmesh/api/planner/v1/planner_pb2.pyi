@@ -265,3 +265,73 @@ class PlanResponse(_message.Message):
     solve_seconds: float
     optimality_gap: float
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., baselines: _Optional[_Mapping[str, Baseline]] = ..., solve_seconds: _Optional[float] = ..., optimality_gap: _Optional[float] = ...) -> None: ...
+
+class WhatIfRequest(_message.Message):
+    __slots__ = ("base", "time_limit_seconds", "frontier_points", "extra_device_types")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FRONTIER_POINTS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_DEVICE_TYPES_FIELD_NUMBER: _ClassVar[int]
+    base: PlanRequest
+    time_limit_seconds: float
+    frontier_points: int
+    extra_device_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, base: _Optional[_Union[PlanRequest, _Mapping]] = ..., time_limit_seconds: _Optional[float] = ..., frontier_points: _Optional[int] = ..., extra_device_types: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeviceChange(_message.Message):
+    __slots__ = ("device_type", "delta", "host", "feasible", "reason", "marginal_tokens_per_s", "plan")
+    DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MARGINAL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    device_type: str
+    delta: int
+    host: str
+    feasible: bool
+    reason: str
+    marginal_tokens_per_s: float
+    plan: PlanResponse
+    def __init__(self, device_type: _Optional[str] = ..., delta: _Optional[int] = ..., host: _Optional[str] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., marginal_tokens_per_s: _Optional[float] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ...) -> None: ...
+
+class FrontierPoint(_message.Message):
+    __slots__ = ("quality_bound", "feasible", "reason", "plan")
+    QUALITY_BOUND_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    quality_bound: float
+    feasible: bool
+    reason: str
+    plan: PlanResponse
+    def __init__(self, quality_bound: _Optional[float] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ...) -> None: ...
+
+class MaxBatch(_message.Message):
+    __slots__ = ("batch_size", "feasible", "reason", "plan", "batch_size_bound")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_BOUND_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    feasible: bool
+    reason: str
+    plan: PlanResponse
+    batch_size_bound: int
+    def __init__(self, batch_size: _Optional[int] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ..., batch_size_bound: _Optional[int] = ...) -> None: ...
+
+class WhatIfResponse(_message.Message):
+    __slots__ = ("base", "devices", "frontier", "max_batch", "solve_seconds")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    FRONTIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    base: PlanResponse
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceChange]
+    frontier: _containers.RepeatedCompositeFieldContainer[FrontierPoint]
+    max_batch: MaxBatch
+    solve_seconds: float
+    def __init__(self, base: _Optional[_Union[PlanResponse, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceChange, _Mapping]]] = ..., frontier: _Optional[_Iterable[_Union[FrontierPoint, _Mapping]]] = ..., max_batch: _Optional[_Union[MaxBatch, _Mapping]] = ..., solve_seconds: _Optional[float] = ...) -> None: ...

@@ -55,6 +55,11 @@ class PlannerServiceStub:
                 request_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanRequest.SerializeToString,
                 response_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.WhatIf = channel.unary_unary(
+                '/pqmesh.planner.v1.PlannerService/WhatIf',
+                request_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -89,6 +94,15 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhatIf(self, request, context):
+        """What-if questions about the pool and the job, each answered with the plan behind it: the
+        marginal throughput of one device more or less of each type, throughput against the quality
+        bound (a frontier of plans), and the largest batch that fits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanRequest.FromString,
                     response_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanResponse.SerializeToString,
+            ),
+            'WhatIf': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhatIf,
+                    request_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfRequest.FromString,
+                    response_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class PlannerService:
             '/pqmesh.planner.v1.PlannerService/Plan',
             pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanRequest.SerializeToString,
             pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhatIf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqmesh.planner.v1.PlannerService/WhatIf',
+            pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfRequest.SerializeToString,
+            pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfResponse.FromString,
             options,
             channel_credentials,
             insecure,
