@@ -16,7 +16,8 @@ of --prompts chat prompts with more sequences than KV slots, so slots are freed 
    ``--replan-after`` the coordinator re-plans onto the survivor and the spare, loads the new shards,
    re-prefills and finishes. Prints seconds from the kill to the first new token and to the job's end,
    the bring-up (load phase) of the new plan from the coordinator's log, and whether the outputs equal
-   those of an undisturbed run of the same job on the first plan.
+   those of an undisturbed run of the same job on the first plan. Run twice: stages that keep an
+   unchanged shard on LoadShard (the default), and stages started with --no-keep-shard (always reload).
 
 Run: .venv/bin/python bench/recovery.py [--parts release,restart,replan] [--prompts 32]
      [--max-new-tokens 24] [--rounds 3] [--replan-after 2]
@@ -48,7 +49,7 @@ from pqmesh.plan import PipelinePlan
 BIN = Path(sys.executable).parent
 CUT = 15  # SmolLM2 has 30 decoder layers
 DEVICES = ("cpu-a", "cpu-b", "cpu-spare")  # part 3: the plan uses two, the third is the spare
-REPLAN_RUNS = (("default", []),)  # part 3: (tag, pqmesh-stage flags) of each run
+REPLAN_RUNS = (("keep", []), ("reload", ["--no-keep-shard"]))  # part 3: (tag, pqmesh-stage flags) of each run
 PROMPT_TOKENS = 48  # about the length of the chat prompts below with the template: the planner's workload
 
 
