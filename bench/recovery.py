@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 report[f"replan_{tag}"] = run
                 out.write(f"re-plan ({tag}): plan {run['plan']}, "
                           f"{run['lost']} SIGKILLed for good, re-planned to {run['replanned']}; decoding again after "
-                          f"{run['seconds_to_decoding_again']:.1f} s (load phase {run['load_phase_s']} s, stages kept "
+                          f"{run['seconds_to_decoding_again']} s (load phase {run['load_phase_s']} s, stages kept "
                           f"{run['kept']}, loaded {run['loaded']}), job {run['final_state']} "
                           f"{run['seconds_to_job_end']:.1f} s after the kill; outputs identical to the undisturbed "
                           f"run: {run['identical']}\n")

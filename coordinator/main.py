@@ -107,9 +107,9 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
     replanning = _replanning(config)
     plan = config.plan
     if replanning is not None and (saved := replanning.plan_file.load(config.plan)) is not None:
-        plan, replanning.replanner.lost = saved
+        plan = replanning.restore(saved)
         log.warning("plan_from_replan", plan_id=plan.plan_id, lost=sorted(replanning.replanner.lost),
-                    path=str(replanning.plan_file.path))
+                    added=[d.name for d in replanning.replanner.added], path=str(replanning.plan_file.path))
     spec = MeshSpec(plan, config.model_id, config.max_sequences, config.max_tokens_per_sequence, config.dtype)
     store = JobStore(config.state_dir)
     try:
