@@ -131,3 +131,29 @@ def test_a_lost_device_rejoins_by_replan_mesh_and_the_job_finishes_identical(tmp
     finally:
         client.close()
         coordinator.stop(grace=None)
+
+
+def test_add_flag_and_request_checks_say_what_to_change():
+    from coordinator.rejoin import MeshChange, joining, parse_added
+    from coordinator.replan import AddedDevice, Replanner
+    from pqmesh.api.planner.v1 import planner_pb2
+    from pqmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+
+    assert parse_added("gpu-7=10.0.0.7:50060:A100-80G") == AddedDevice("gpu-7", "10.0.0.7:50060", "A100-80G")
+    for bad in ("gpu-7=10.0.0.7:50060", "10.0.0.7:50060:A100", "gpu-7=host:port:A100"):
+        with pytest.raises(InvalidArgument, match="NAME=HOST:PORT"):
+            parse_added(bad)
+    request = planner_pb2.PlanRequest(devices=[planner_pb2.ClusterDevice(device_type="t", count=1, name=n)
+                                               for n in ("a", "b", "c")])
+    replanner = Replanner("127.0.0.1:1", request, {n: f"127.0.0.1:{i + 1}" for i, n in enumerate("abc")}, lost={"b"})
+    assert joining(MeshChange(), replanner) == ("b",)  # every lost device
+    assert joining(MeshChange(add=AddedDevice("d", "h:1", "t")), replanner) == ()  # only the added one
+    with pytest.raises(AlreadyExists, match="rejoin b instead"):
+        joining(MeshChange(add=AddedDevice("b", "h:1", "t")), replanner)
+    with pytest.raises(InvalidArgument, match="device_type"):
+        joining(MeshChange(add=AddedDevice("d", "h:1", "")), replanner)
+    with pytest.raises(InvalidArgument, match="NAME=HOST:PORT"):
+        joining(MeshChange(add=AddedDevice("d", "nowhere", "t")), replanner)
+    replanner.lost.clear()
+    with pytest.raises(FailedPrecondition, match="nothing to rejoin"):
+        joining(MeshChange(), replanner)
