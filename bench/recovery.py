@@ -196,13 +196,18 @@ def log_events(path: Path, names: set[str], after: float) -> list[dict]:
 def replan_summary(log_path: Path, killed_epoch: float) -> dict:
     """From the coordinator's log after the kill: the new plan, the bring-up of its mesh (load phase),
     which stages kept their shard and which loaded one, and when the first reply came back (the
-    re-prefill samples a token per sequence: decoding again)."""
+    re-prefill samples a token per sequence: decoding again), and how long the new plan's first stage took to
+    answer LoadShard (kept or loaded)."""
     events = log_events(log_path, {"replanned", "mesh_ready", "stage_loaded", "stage_kept", "mesh_recovered"},
                         killed_epoch)
     ready = [e for e in events if e["event"] == "mesh_ready"]
     replanned = next((e for e in events if e["event"] == "replanned"), {})
     recovered = next((e for e in events if e["event"] == "mesh_recovered"), None)
+    loads = [e for e in events if e["event"] in ("stage_loaded", "stage_kept")]
+    # replies are read in pipeline order: the first one's time since the re-plan is that stage's LoadShard call
+    first_reply = round(stamp(loads[0]) - stamp(replanned), 3) if loads and replanned else None
     return {"replanned": replanned.get("stages"), "load_phase_s": ready[-1]["seconds"] if ready else None,
+            "stage0_load_reply_s": first_reply,
             "seconds_to_decoding_again": round(stamp(recovered) - killed_epoch, 3) if recovered else None,
             "kept": [e["stage"] for e in events if e["event"] == "stage_kept"],
             "loaded": [e["stage"] for e in events if e["event"] == "stage_loaded"]}
@@ -308,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                 report[f"replan_{tag}"] = run
                 out.write(f"re-plan ({tag}): plan {run['plan']}, "
                           f"{run['lost']} SIGKILLed for good, re-planned to {run['replanned']}; decoding again after "
-                          f"{run['seconds_to_decoding_again']} s (load phase {run['load_phase_s']} s, stages kept "
+                          f"{run['seconds_to_decoding_again']} s (load phase {run['load_phase_s']} s; stage 0 "
+                          f"answered LoadShard {run['stage0_load_reply_s']} s after the re-plan; kept "
                           f"{run['kept']}, loaded {run['loaded']}), job {run['final_state']} "
                           f"{run['seconds_to_job_end']:.1f} s after the kill; outputs identical to the undisturbed "
                           f"run: {run['identical']}\n")
