@@ -145,6 +145,8 @@ def predicted_tokens_per_s(plan: PipelinePlan, replanner: Replanner, max_sequenc
 
 def propose(change: MeshChange, replanner: Replanner, current: PipelinePlan, mesh_plan_id: str, credentials,
             max_sequences: int) -> Proposal:
+    """Checks ``change``, probes the joining stages, plans over the devices it leaves usable and predicts
+    both plans; changes nothing (the engine applies the proposal at the safe point)."""
     rejoin = joining(change, replanner)
     for name in rejoin:
         probe(name, replanner.addresses[name], credentials)

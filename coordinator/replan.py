@@ -129,9 +129,6 @@ class Replanner:
                  predicted_tokens_per_s=round(reply.predicted.throughput_tokens_per_s, 2))
         return placed
 
-    def name_of(self, label: str) -> str:
-        return _name(label, self.addresses)
-
 
 def _name(label: str, addresses: dict[str, str]) -> str:
     """A stage's device label is the ClusterDevice name (count 1: no index)."""
