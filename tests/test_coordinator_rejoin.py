@@ -157,3 +157,32 @@ def test_add_flag_and_request_checks_say_what_to_change():
     replanner.lost.clear()
     with pytest.raises(FailedPrecondition, match="nothing to rejoin"):
         joining(MeshChange(), replanner)
+
+
+def test_rejoin_watch_replans_once_per_returning_set_and_retries_refusals():
+    from types import SimpleNamespace
+
+    from coordinator.rejoin_watch import RejoinWatch
+    from pqmesh.errors import Unavailable
+
+    lost, up, calls, answers = {"b", "c"}, set(), [], []
+
+    def replan(names):
+        calls.append(names)
+        result = answers.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return SimpleNamespace(switched=result, message="")  # the fields of coordinator.rejoin.Outcome it reads
+
+    watch = RejoinWatch(lambda: set(lost), lambda name: name in up, replan, interval=1.0)
+    assert watch.check() is None and calls == []  # nobody is back
+    up.add("b")
+    answers += [Unavailable("the mesh is recovering"), False]
+    assert watch.check() is None  # refused: tried again next round
+    assert not watch.check().switched  # not faster: not asked again while b stays back
+    assert watch.check() is None and calls == [("b",), ("b",)]
+    up.add("c")
+    answers.append(True)  # c is back too: a new set, planned again, and switched
+    assert watch.check().switched and calls[-1] == ("b", "c")
+    lost.clear()
+    assert watch.check() is None and len(calls) == 3  # nothing lost any more
