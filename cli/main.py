@@ -23,6 +23,7 @@ COMMANDS = (
     "profiler.commands",  # profile, profile validate, profile link
     "planner.commands",  # plan
     "coordinator.commands",  # submit, status, results, ...
+    "coordinator.mesh_commands",  # mesh replan
     "localmesh.commands",  # demo
 )
 

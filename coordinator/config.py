@@ -64,6 +64,7 @@ class CoordinatorConfig:
     replan_request: Path | None = None  # the PlanRequest (JSON) the plan came from, every usable device named
     device_addresses: tuple[tuple[str, str], ...] = ()  # (device name, stage address) of every such device
     replan_after: float = 30.0  # seconds a stage may stay unreachable before the coordinator re-plans
+    rejoin_interval: float = 0.0  # seconds between checks for lost devices that answer again; 0 = never by itself
     release_mode: str = "in-band"  # freed KV slots: in the next micro-batch's header, or "rpc" (Release calls)
     max_watchers: int = 32  # open WatchJob streams (each holds a server thread)
     max_concurrent_rpcs: int = 256  # calls in progress or waiting for a thread; past it RESOURCE_EXHAUSTED
@@ -91,6 +92,9 @@ class CoordinatorConfig:
             device_addresses = tuple(parse_device_address(text) for text in args.device_address)
             if bool(args.planner) != bool(args.replan_request):
                 raise InvalidArgument("--planner and --replan-request go together (re-planning needs both)")
+            if args.rejoin_interval and not args.planner:
+                raise InvalidArgument("--rejoin-interval re-plans with the devices that come back: it needs --planner "
+                                      "and --replan-request")
         except PqmeshError as err:
             parser.error(str(err))
         return cls(args.listen, args.state_dir, plan, args.model_id, args.max_sequences, args.max_tokens_per_sequence,
@@ -104,6 +108,7 @@ class CoordinatorConfig:
                    prefill_length_window=args.prefill_length_window,
                    release_mode=args.release_mode, planner=args.planner or "", replan_request=args.replan_request,
                    device_addresses=device_addresses, replan_after=args.replan_after,
+                   rejoin_interval=args.rejoin_interval,
                    max_watchers=args.max_watchers, max_concurrent_rpcs=args.max_concurrent_rpcs)
 
 
@@ -194,3 +199,7 @@ def _add_replan_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--replan-after", type=_seconds, default=30.0,
                        help="seconds a stage may stay unreachable before re-planning without it (default 30; "
                             "below --stage-recovery-timeout)")
+    group.add_argument("--rejoin-interval", type=_seconds, default=0.0,
+                       help="every this many seconds, check whether lost devices' stage servers answer again and "
+                            "re-plan with them when that is predicted faster (default 0: only by `pqmesh mesh "
+                            "replan`)")

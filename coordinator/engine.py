@@ -18,6 +18,10 @@ sequences fails with the stage's name (stored results stay), new jobs are refuse
 and the bring-up is retried every ``backoff.maximum`` seconds until the mesh is back. A job fails
 early when stages *refused* (rather than lost) a micro-batch carrying one of its sequences
 ``max_failures`` times in a row.
+
+Re-planning onto more devices (``ReplanMesh``, `coordinator.rejoin.MeshChanges`): while a switch
+waits, nothing new is scheduled; once no micro-batch is in flight the engine pauses as above,
+switches to the new plan's mesh and brings it up.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from coordinator.mesh import Mesh
 from coordinator.prediction import predict_job_seconds
 from coordinator.progress import ProgressBoard
 from coordinator.recovery import Backoff, HealthWatch, OutageHandling, StepClock
+from coordinator.rejoin import MeshChanges
 from coordinator.replan import Replanning
 from coordinator.resolve import Resolver, finished_record
 from coordinator.scheduler import MicroBatch, Phase, Scheduler, StepResult
@@ -67,7 +72,7 @@ class EngineSettings:
     release_in_band: bool = True  # --release-mode: freed slots ride on the next micro-batch, or a Release call
 
 
-class Engine(OutageHandling):
+class Engine(OutageHandling, MeshChanges):
     def __init__(self, store: JobStore, mesh: Mesh, scheduler: Scheduler, board: ProgressBoard,
                  settings: EngineSettings, decode_text: Callable[[list[int]], str] | None = None,
                  metrics=None, resolver: Resolver | None = None, replanning: Replanning | None = None) -> None:
@@ -87,6 +92,7 @@ class Engine(OutageHandling):
         self._clock = StepClock(settings.step_timeout)
         self._stopping = threading.Event()
         self._init_recovery(replanning)
+        self._init_mesh_changes()
         self._health = self._health_watch(mesh)
 
     def _health_watch(self, mesh: Mesh) -> HealthWatch | None:
@@ -136,7 +142,9 @@ class Engine(OutageHandling):
                 break
             try:
                 getattr(self, f"_on_{kind}")(*args)
-                if self._mesh_ok:
+                if self._change is not None:  # a ReplanMesh waits for the safe point: schedule nothing new
+                    self._mesh_change_step()
+                if self._mesh_ok and self._change is None:
                     self._feed()
                     for batch in self.scheduler.schedule():
                         self._send(batch)

@@ -21,6 +21,8 @@ from coordinator.mesh import Mesh, MeshSpec, StageUnavailable
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.prediction import add_gauges
 from coordinator.progress import ProgressBoard
+from coordinator.rejoin import MeshChange, probe
+from coordinator.rejoin_watch import RejoinWatch
 from coordinator.replan import PlanFile, Replanner, Replanning, read_plan_request
 from coordinator.resolve import Resolver, served_names
 from coordinator.scheduler import Scheduler
@@ -50,8 +52,11 @@ class Coordinator:
     store: JobStore
     health: object
     metrics: CoordinatorMetrics | None = None  # .port: the exporter's, with --metrics-listen
+    rejoin: RejoinWatch | None = None  # with --rejoin-interval
 
     def stop(self, grace: float | None = GRACE_S) -> None:
+        if self.rejoin is not None:
+            self.rejoin.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.engine.stop()
@@ -107,9 +112,9 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
     replanning = _replanning(config)
     plan = config.plan
     if replanning is not None and (saved := replanning.plan_file.load(config.plan)) is not None:
-        plan, replanning.replanner.lost = saved
+        plan = replanning.restore(saved)
         log.warning("plan_from_replan", plan_id=plan.plan_id, lost=sorted(replanning.replanner.lost),
-                    path=str(replanning.plan_file.path))
+                    added=[d.name for d in replanning.replanner.added], path=str(replanning.plan_file.path))
     spec = MeshSpec(plan, config.model_id, config.max_sequences, config.max_tokens_per_sequence, config.dtype)
     store = JobStore(config.state_dir)
     try:
@@ -145,7 +150,27 @@ def serve(config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) 
         maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     log.info("coordinator_serving", port=port, plan_id=mesh.plan_id, stages=len(plan.stages),
              state_db=str(store.path), tokenizer=str(codec.directory) if codec else None, eos_ids=sorted(eos_ids))
-    return Coordinator(server, port, jobs, engine, mesh, store, health, metrics)
+    rejoin = _rejoin_watch(config, engine)
+    return Coordinator(server, port, jobs, engine, mesh, store, health, metrics, rejoin)
+
+
+def _rejoin_watch(config: CoordinatorConfig, engine: Engine) -> RejoinWatch | None:
+    """With --rejoin-interval: the thread that re-plans with lost devices that answer again."""
+    replanning = engine.replanning
+    if replanning is None or config.rejoin_interval <= 0:
+        return None
+
+    def answers(name: str) -> bool:
+        try:
+            probe(name, replanning.replanner.addresses[name], config.stage_credentials)
+            return True
+        except PqmeshError:
+            return False
+
+    watch = RejoinWatch(lambda: set(replanning.replanner.lost), answers,
+                        lambda names: engine.replan_mesh(MeshChange(rejoin=names)), config.rejoin_interval)
+    watch.start()
+    return watch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Mesh bring-up and slot release: the coordinator's unary calls to its stage servers.
 
 `Mesh.bring_up` waits for every stage to answer, loads each shard in pipeline order with its role,
-bits and next hop (or, when a stage already holds this exact plan, only frees its KV slots), then
+bits and next hop (or, when a stage already holds this exact plan, only frees its KV slots; a stage
+that holds the same shard under another plan id or next hop keeps it and says so, logged as
+``stage_kept``), then
 checks with GetInfo that every stage reports this plan end to end. Any refusal names the stage,
 its address and layers, and the stage's own reason. A stage that is down or does not answer in time
 (UNAVAILABLE, DEADLINE_EXCEEDED, or still busy with a lost stream's work) raises `StageUnavailable`,
@@ -106,14 +108,17 @@ class Mesh:
                 log.info("stage_reused", stage=index, address=client.address, plan_id=self.plan_id)
                 continue
             loading[index] = client.stub.LoadShard.future(self.spec.load_request(index), timeout=load_timeout)
+        kept = []
         for index, call in loading.items():
             reply = self._call(index, "LoadShard", call.result)
-            log.info("stage_loaded", stage=index, address=self.clients[index].address, plan_id=self.plan_id,
-                     total_bytes=reply.total_bytes, seconds=round(reply.load_seconds, 3))
+            if reply.kept:
+                kept.append(index)
+            log.info("stage_kept" if reply.kept else "stage_loaded", stage=index, address=self.clients[index].address,
+                     plan_id=self.plan_id, total_bytes=reply.total_bytes, seconds=round(reply.load_seconds, 3))
         for index, client in enumerate(self.clients):
             self._verify(index, self._settled_info(index))
-        log.info("mesh_ready", plan_id=self.plan_id, stages=len(self.clients),
-                 seconds=round(time.perf_counter() - started, 3))
+        log.info("mesh_ready", plan_id=self.plan_id, stages=len(self.clients), loaded=sorted(set(loading) - set(kept)),
+                 kept=kept, seconds=round(time.perf_counter() - started, 3))
 
     def _wait_for(self, index: int, timeout: float) -> stage_pb2.GetInfoResponse:
         """GetInfo, retried every 0.2 s for ``timeout`` seconds while the stage is unreachable (0: one try)."""

@@ -97,6 +97,7 @@ class Outage:
     attempts: int = 0  # bring-up attempts so far
     stage: str = ""  # the stage last found unreachable ("stage 1 (HOST:PORT, layers [a, b))")
     stage_index: int | None = None  # its place in the plan, while one stage is to blame
+    blamed_since: float = 0.0  # when bring-up attempts started to find that same stage unreachable
     replans: int = 0  # plans switched to during this outage
     last_error: str = ""
     given_up: bool = False
@@ -218,6 +219,8 @@ class OutageHandling:
         try:
             self.mesh.bring_up(0.0, load_timeout=self.settings.recovery_timeout)
         except StageUnavailable as err:  # down, hung or still busy: worth retrying
+            if err.index is None or err.index != outage.stage_index:  # another stage to blame: its clock starts now
+                outage.blamed_since = time.monotonic()
             outage.stage, outage.last_error, outage.stage_index = err.stage, str(err), err.index
             self._wait_for_mesh(str(err), retryable=True)
             return
@@ -292,10 +295,12 @@ class OutageHandling:
 
     # -- re-planning ----------------------------------------------------------------------------------
     def _replan_due(self, now: float) -> bool:
-        """A stage has been unreachable past ``--replan-after`` and a planner is configured."""
+        """The same stage has been unreachable past ``--replan-after`` (counted from the first bring-up attempt
+        that found it so: a stage merely slow to answer one attempt on a busy host is not planned around when
+        the next attempt finds another one down) and a planner is configured."""
         outage = self._outage
         return (self.replanning is not None and outage.stage_index is not None
-                and now - outage.started >= self.replanning.after_s)
+                and now - outage.blamed_since >= self.replanning.after_s)
 
     def _replan(self) -> None:
         """Plans again without the lost stage's device and brings the new mesh up; when nothing fits, the

@@ -7,6 +7,7 @@ import structlog
 
 from coordinator.jobs import GenerationSettings, JobService
 from coordinator.progress import Progress
+from coordinator.rejoin import MeshChange
 from coordinator.store import ResultRecord
 from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from pqmesh.errors import InvalidArgument, PqmeshError
@@ -14,6 +15,7 @@ from pqmesh.grpc_server import rpc_errors, status_code
 
 log = structlog.get_logger(__name__)
 
+REPLAN_WAIT_S = 600.0
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
 
@@ -118,6 +120,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_errors
     def CancelJob(self, request, context):
         return encode_progress(self.jobs.cancel(request.job_id))
+
+    @rpc_errors
+    def ReplanMesh(self, request, context):
+        waits = min(context.time_remaining() or REPLAN_WAIT_S, REPLAN_WAIT_S)  # for the safe point
+        return self.jobs.engine.replan_mesh(MeshChange.from_proto(request), timeout=waits).to_proto()
 
 
 def _stream(context, method: str, items, encode):

@@ -38,5 +38,15 @@ class Unavailable(PqmeshError):
     code = "UNAVAILABLE"
 
 
+class AlreadyExists(PqmeshError):
+    code = "ALREADY_EXISTS"
+
+
+class Aborted(PqmeshError):
+    """Lost a race with a concurrent change (e.g. the mesh re-planned meanwhile): try again."""
+
+    code = "ABORTED"
+
+
 class UnsupportedModel(InvalidArgument):
     """A checkpoint or config this build cannot run (family, feature or layout)."""

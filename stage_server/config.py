@@ -37,6 +37,7 @@ class StageConfig:
     allowed_forward_cns: tuple[str, ...] = ()  # Forward only (the previous stage)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus exporter; "" = off
     cpus: tuple[int, ...] = ()  # --cpus: pin the process to these cores (one thread each); () = unpinned
+    keep_shards: bool = True  # --no-keep-shard turns it off: a LoadShard that changes only plan id / next hop reloads
 
     def __post_init__(self) -> None:
         if (self.allowed_client_cns or self.allowed_forward_cns) and not (self.credentials and self.credentials.mutual):
@@ -82,12 +83,15 @@ class StageConfig:
         parser.add_argument("--allowed-forward-cn", action="append", default=[], metavar="CN",
                             help="with mutual TLS: CNs also allowed to call Forward: the previous stage, e.g. stage "
                                  "(chained streams come from it, with its own certificate)")
+        parser.add_argument("--no-keep-shard", dest="keep_shards", action="store_false",
+                            help="reload the weights on every LoadShard, even one that changes only the plan id or "
+                                 "next hop (by default such a load keeps the shard in memory; see BENCHMARKS)")
         args = parser.parse_args(argv)
         try:
             return cls(args.listen, args.device, args.memory_budget, args.model_root, args.queue_depth, args.log_level,
                        credentials=security.from_args(args).require_server(),
                        allowed_client_cns=tuple(args.allowed_client_cn),
                        allowed_forward_cns=tuple(args.allowed_forward_cn), metrics_listen=args.metrics_listen,
-                       cpus=parse_cpus(args.cpus) if args.cpus else ())
+                       cpus=parse_cpus(args.cpus) if args.cpus else (), keep_shards=args.keep_shards)
         except (PqmeshError, ValueError) as err:
             parser.error(str(err))

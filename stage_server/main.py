@@ -37,7 +37,8 @@ def serve(config: StageConfig, metrics: StageMetrics | None = None, worker_threa
     With ``worker_thread=False`` the caller must run ``servicer.worker.run()`` (the compute loop).
     """
     metrics = metrics or StageMetrics()
-    runtime = StageRuntime(config.device, config.memory_budget or default_budget(config.device), config.model_root)
+    runtime = StageRuntime(config.device, config.memory_budget or default_budget(config.device), config.model_root,
+                           keep_unchanged=config.keep_shards)
     servicer = StageServicer(runtime, config.queue_depth, config.credentials, metrics, worker_thread)
     if config.metrics_listen:
         metrics.export(config.metrics_listen)

@@ -1,5 +1,11 @@
 """The stage's execution core, without gRPC: load a shard within a memory budget, run micro-batches,
 release KV slots, report state. The servicer decodes requests into these plain objects.
+
+A load of a shard that differs from the one held only in its plan id or next hop (what a re-plan
+changes for a stage that keeps its layers) keeps the weights and KV cache already in memory: it adopts
+the new spec and frees every KV slot, instead of reading and quantizing the same tensors again
+(`LoadResult.kept`; off with ``keep_unchanged=False``, the stage's ``--no-keep-shard``). It assumes
+the checkpoint under the model id did not change on disk meanwhile.
 """
 
 from __future__ import annotations
@@ -7,7 +13,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -68,13 +74,15 @@ class LoadResult:
     kv_cache_bytes: int
     total_bytes: int
     load_seconds: float
+    kept: bool = False  # the shard held already had these layers, bits and capacity: not read again
 
 
 class StageRuntime:
     """One shard at a time; thread-safe (a lock serializes load, compute and release)."""
 
-    def __init__(self, device: str, memory_budget: int, model_root: Path) -> None:
+    def __init__(self, device: str, memory_budget: int, model_root: Path, keep_unchanged: bool = True) -> None:
         self.device = torch.device(device)
+        self.keep_unchanged = keep_unchanged  # see the module docstring
         self.memory_budget = memory_budget
         self.model_root = Path(model_root).resolve()
         self.spec: ShardSpec | None = None
@@ -157,6 +165,8 @@ class StageRuntime:
                 "use fewer layers, lower bits, fewer sequences or shorter sequences"
             )
         with self._lock:
+            if self._unchanged(spec):
+                return self._adopt(spec)
             self._unload()
             started = time.perf_counter()
             shard = ModelShard.load(
@@ -171,6 +181,26 @@ class StageRuntime:
                                 time.perf_counter() - started)
         log.info("shard_loaded", plan_id=spec.plan_id, model_id=spec.model_id, layers=[spec.start, spec.end],
                  predicted_bytes=weights + kv, total_bytes=result.total_bytes, seconds=round(result.load_seconds, 3))
+        return result
+
+    def _unchanged(self, spec: ShardSpec) -> bool:
+        """The shard held is ``spec`` but for its plan id and next hop (and keeping is on)."""
+        held = self.spec
+        return (self.keep_unchanged and held is not None and self.shard is not None
+                and replace(held, plan_id=spec.plan_id, next_hop=spec.next_hop) == spec)
+
+    def _adopt(self, spec: ShardSpec) -> LoadResult:
+        """Keeps the loaded weights and KV cache under ``spec``: every slot freed, counters reset as by a load."""
+        started = time.perf_counter()
+        shard, previous = self.shard, self.spec.plan_id
+        shard.release(range(shard.cache.num_slots))
+        self.spec = spec
+        self.micro_batches_done = self.tokens_done = 0
+        weights_held = shard.weight_bytes()
+        result = LoadResult(weights_held, shard.cache.nbytes, weights_held + self._workspace + shard.cache.nbytes,
+                            time.perf_counter() - started, kept=True)
+        log.info("shard_kept", plan_id=spec.plan_id, previous_plan_id=previous, model_id=spec.model_id,
+                 layers=[spec.start, spec.end], next_hop=spec.next_hop, total_bytes=result.total_bytes)
         return result
 
     def _unload(self) -> None:

@@ -40,7 +40,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         result = self.worker.call(lambda: self.runtime.load(spec))
         return stage_pb2.LoadShardResponse(
             plan_id=request.plan_id, weight_bytes=result.weight_bytes, kv_cache_bytes=result.kv_cache_bytes,
-            total_bytes=result.total_bytes, load_seconds=result.load_seconds,
+            total_bytes=result.total_bytes, load_seconds=result.load_seconds, kept=result.kept,
         )
 
     def Forward(self, request_iterator, context):

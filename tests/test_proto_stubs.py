@@ -18,7 +18,7 @@ SERVICES = {
     },
     "pqmesh.api.coordinator.v1.coordinator_pb2": {
         "CoordinatorService": ["SubmitJob", "WatchJob", "GetResults", "ListJobs", "CancelJob", "CreateJob",
-                           "AppendPrompts", "StartJob", "StreamResults"],
+                           "AppendPrompts", "StartJob", "StreamResults", "ReplanMesh"],
     },
     "pqmesh.api.planner.v1.planner_pb2": {
         "PlannerService": ["RegisterDevice", "ListDevices", "GetDevice", "Plan", "WhatIf"],

@@ -249,3 +249,25 @@ def test_mixed_bits_shard_generates_and_matches_its_memory_prediction(model_root
     for reply, (start, end), b in zip(replies, zip(cuts, cuts[1:]), bits):
         predicted = predict_shard_weight_bytes(config, start, end, b, 32, torch.float32)
         assert abs(reply.weight_bytes - predicted) <= 0.03 * predicted, (start, end, reply.weight_bytes, predicted)
+
+
+def test_loading_the_same_shard_under_a_new_plan_keeps_it(model_root, mesh):
+    """A re-plan that moves layers [1, 4) from one stage to another: the first stage is asked for the
+    same shard under a new plan id and next hop, keeps its weights, frees its slots, and the new
+    pipeline still equals Hugging Face greedy generation."""
+    _, models = model_root
+    a, b, c = mesh
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
+    reference = reference_greedy(models["llama"], prompts, 6)
+    first = load_mesh([a, b], "tiny-llama", [0, 1, 4], plan_id="plan-keep-1", max_tokens=40)
+    assert mesh_greedy(a, "plan-keep-1", prompts, 6, 2, 3) == reference
+    assert a.info().kv_slots_used == 3
+    second = load_mesh([a, c], "tiny-llama", [0, 1, 4], plan_id="plan-keep-2", max_tokens=40)
+    assert [r.kept for r in first] == [False, False]
+    assert [r.kept for r in second] == [True, False]  # c held another shard: it loads
+    assert second[0].total_bytes == first[0].total_bytes
+    info = a.info()
+    assert (info.plan_id, info.kv_slots_used, info.micro_batches_done) == ("plan-keep-2", 0, 0)
+    assert mesh_greedy(a, "plan-keep-2", prompts, 6, 2, 3) == reference
+    third = load_mesh([a, c], "tiny-llama", [0, 1, 4], plan_id="plan-keep-3", max_sequences=4, max_tokens=40)
+    assert [r.kept for r in third] == [False, False]  # another KV capacity: loaded again

@@ -279,3 +279,47 @@ class StreamResultsRequest(_message.Message):
     job_id: str
     resume_from: int
     def __init__(self, job_id: _Optional[str] = ..., resume_from: _Optional[int] = ...) -> None: ...
+
+class MeshDevice(_message.Message):
+    __slots__ = ("name", "address", "device_type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    device_type: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., device_type: _Optional[str] = ...) -> None: ...
+
+class ReplanMeshRequest(_message.Message):
+    __slots__ = ("rejoin", "add", "force", "dry_run")
+    REJOIN_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    rejoin: _containers.RepeatedScalarFieldContainer[str]
+    add: MeshDevice
+    force: bool
+    dry_run: bool
+    def __init__(self, rejoin: _Optional[_Iterable[str]] = ..., add: _Optional[_Union[MeshDevice, _Mapping]] = ..., force: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ReplanMeshResponse(_message.Message):
+    __slots__ = ("switched", "old_plan_id", "new_plan_id", "old_predicted_tokens_per_s", "new_predicted_tokens_per_s", "old_devices", "new_devices", "rejoined", "message")
+    SWITCHED_FIELD_NUMBER: _ClassVar[int]
+    OLD_PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    OLD_PREDICTED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NEW_PREDICTED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    OLD_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEW_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    REJOINED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    switched: bool
+    old_plan_id: str
+    new_plan_id: str
+    old_predicted_tokens_per_s: float
+    new_predicted_tokens_per_s: float
+    old_devices: _containers.RepeatedScalarFieldContainer[str]
+    new_devices: _containers.RepeatedScalarFieldContainer[str]
+    rejoined: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, switched: _Optional[bool] = ..., old_plan_id: _Optional[str] = ..., new_plan_id: _Optional[str] = ..., old_predicted_tokens_per_s: _Optional[float] = ..., new_predicted_tokens_per_s: _Optional[float] = ..., old_devices: _Optional[_Iterable[str]] = ..., new_devices: _Optional[_Iterable[str]] = ..., rejoined: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...

@@ -80,6 +80,11 @@ class CoordinatorServiceStub:
                 request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StreamResultsRequest.SerializeToString,
                 response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SequenceResult.FromString,
                 _registered_method=True)
+        self.ReplanMesh = channel.unary_unary(
+                '/pqmesh.coordinator.v1.CoordinatorService/ReplanMesh',
+                request_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplanMeshRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplanMeshResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -151,6 +156,17 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplanMesh(self, request, context):
+        """Re-plan the mesh onto more devices: devices lost before whose stage servers are back, and/or
+        one new device. The coordinator asks its planner (needs --planner and --replan-request) for a
+        plan over every usable device, and switches to it at a safe point (no new micro-batches, the
+        ones in flight answered; running sequences are prefilled again from prompt + generated tokens)
+        when its predicted throughput beats the current plan's, or always with `force`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +214,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.StreamResults,
                     request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StreamResultsRequest.FromString,
                     response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SequenceResult.SerializeToString,
+            ),
+            'ReplanMesh': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplanMesh,
+                    request_deserializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplanMeshRequest.FromString,
+                    response_serializer=pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplanMeshResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +465,33 @@ class CoordinatorService:
             '/pqmesh.coordinator.v1.CoordinatorService/StreamResults',
             pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.StreamResultsRequest.SerializeToString,
             pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.SequenceResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplanMesh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqmesh.coordinator.v1.CoordinatorService/ReplanMesh',
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplanMeshRequest.SerializeToString,
+            pqmesh_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplanMeshResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from pqmesh.api.common.v1 import tensor_pb2 as pqmesh_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpqmesh/stage/v1/stage.proto\x12\x0fpqmesh.stage.v1\x1a\x1dpqmesh/common/v1/tensor.proto\"\xd4\x02\n\x10LoadShardRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12,\n\x06layers\x18\x03 \x01(\x0b\x32\x1c.pqmesh.common.v1.LayerRange\x12$\n\x04\x62its\x18\x04 \x03(\x0e\x32\x16.pqmesh.common.v1.Bits\x12#\n\x04role\x18\x05 \x01(\x0e\x32\x15.pqmesh.stage.v1.Role\x12\x15\n\rmax_sequences\x18\x06 \x01(\r\x12\x1f\n\x17max_tokens_per_sequence\x18\x07 \x01(\r\x12\x1b\n\x13prefill_micro_batch\x18\x08 \x01(\r\x12\x1a\n\x12\x64\x65\x63ode_micro_batch\x18\t \x01(\r\x12\x10\n\x08next_hop\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x12\n\ngroup_size\x18\x0c \x01(\r\"}\n\x11LoadShardResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\"\xe3\x01\n\x10MicroBatchHeader\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12&\n\x05phase\x18\x03 \x01(\x0e\x32\x17.pqmesh.common.v1.Phase\x12\r\n\x05slots\x18\x04 \x03(\r\x12\x0f\n\x07lengths\x18\x05 \x03(\r\x12\x32\n\x08sampling\x18\x06 \x03(\x0b\x32 .pqmesh.common.v1.SamplingParams\x12\x13\n\x0b\x63hunk_count\x18\x07 \x01(\r\x12\x15\n\rrelease_slots\x18\x08 \x03(\r\"}\n\x0e\x46orwardRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.pqmesh.stage.v1.MicroBatchHeaderH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.pqmesh.common.v1.TensorChunkH\x00\x42\x06\n\x04item\"\xb0\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12\r\n\x05slots\x18\x03 \x03(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x03\x12\x12\n\ncompute_ns\x18\x05 \x01(\x04\x12\x10\n\x08queue_ns\x18\x06 \x01(\x04\x12,\n\x06stages\x18\x07 \x03(\x0b\x32\x1c.pqmesh.stage.v1.StageTiming\"a\n\x0bStageTiming\x12,\n\x06layers\x18\x01 \x01(\x0b\x32\x1c.pqmesh.common.v1.LayerRange\x12\x12\n\ncompute_ns\x18\x02 \x01(\x04\x12\x10\n\x08queue_ns\x18\x03 \x01(\x04\"0\n\x0eReleaseRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\r\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x10\n\x0eGetInfoRequest\"\x8d\x03\n\x0fGetInfoResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07plan_id\x18\x04 \x01(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12,\n\x06layers\x18\x06 \x01(\x0b\x32\x1c.pqmesh.common.v1.LayerRange\x12#\n\x04role\x18\x07 \x01(\x0e\x32\x15.pqmesh.stage.v1.Role\x12\x16\n\x0ekv_slots_total\x18\x08 \x01(\r\x12\x15\n\rkv_slots_used\x18\t \x01(\r\x12\x1a\n\x12micro_batches_done\x18\n \x01(\x04\x12\x13\n\x0btokens_done\x18\x0b \x01(\x04\x12\x1d\n\x15micro_batches_dropped\x18\x0c \x01(\x04\x12\x1e\n\x16slots_released_in_band\x18\r \x01(\x04\x12\x1d\n\x15slots_released_by_rpc\x18\x0e \x01(\x04*[\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_FIRST\x10\x01\x12\x0f\n\x0bROLE_MIDDLE\x10\x02\x12\r\n\tROLE_LAST\x10\x03\x12\r\n\tROLE_ONLY\x10\x04\x32\xd0\x02\n\x0cStageService\x12R\n\tLoadShard\x12!.pqmesh.stage.v1.LoadShardRequest\x1a\".pqmesh.stage.v1.LoadShardResponse\x12P\n\x07\x46orward\x12\x1f.pqmesh.stage.v1.ForwardRequest\x1a .pqmesh.stage.v1.ForwardResponse(\x01\x30\x01\x12L\n\x07Release\x12\x1f.pqmesh.stage.v1.ReleaseRequest\x1a .pqmesh.stage.v1.ReleaseResponse\x12L\n\x07GetInfo\x12\x1f.pqmesh.stage.v1.GetInfoRequest\x1a .pqmesh.stage.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpqmesh/stage/v1/stage.proto\x12\x0fpqmesh.stage.v1\x1a\x1dpqmesh/common/v1/tensor.proto\"\xd4\x02\n\x10LoadShardRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12,\n\x06layers\x18\x03 \x01(\x0b\x32\x1c.pqmesh.common.v1.LayerRange\x12$\n\x04\x62its\x18\x04 \x03(\x0e\x32\x16.pqmesh.common.v1.Bits\x12#\n\x04role\x18\x05 \x01(\x0e\x32\x15.pqmesh.stage.v1.Role\x12\x15\n\rmax_sequences\x18\x06 \x01(\r\x12\x1f\n\x17max_tokens_per_sequence\x18\x07 \x01(\r\x12\x1b\n\x13prefill_micro_batch\x18\x08 \x01(\r\x12\x1a\n\x12\x64\x65\x63ode_micro_batch\x18\t \x01(\r\x12\x10\n\x08next_hop\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x12\n\ngroup_size\x18\x0c \x01(\r\"\x8b\x01\n\x11LoadShardResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04kept\x18\x06 \x01(\x08\"\xe3\x01\n\x10MicroBatchHeader\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12&\n\x05phase\x18\x03 \x01(\x0e\x32\x17.pqmesh.common.v1.Phase\x12\r\n\x05slots\x18\x04 \x03(\r\x12\x0f\n\x07lengths\x18\x05 \x03(\r\x12\x32\n\x08sampling\x18\x06 \x03(\x0b\x32 .pqmesh.common.v1.SamplingParams\x12\x13\n\x0b\x63hunk_count\x18\x07 \x01(\r\x12\x15\n\rrelease_slots\x18\x08 \x03(\r\"}\n\x0e\x46orwardRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.pqmesh.stage.v1.MicroBatchHeaderH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.pqmesh.common.v1.TensorChunkH\x00\x42\x06\n\x04item\"\xb0\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12\r\n\x05slots\x18\x03 \x03(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x03\x12\x12\n\ncompute_ns\x18\x05 \x01(\x04\x12\x10\n\x08queue_ns\x18\x06 \x01(\x04\x12,\n\x06stages\x18\x07 \x03(\x0b\x32\x1c.pqmesh.stage.v1.StageTiming\"a\n\x0bStageTiming\x12,\n\x06layers\x18\x01 \x01(\x0b\x32\x1c.pqmesh.common.v1.LayerRange\x12\x12\n\ncompute_ns\x18\x02 \x01(\x04\x12\x10\n\x08queue_ns\x18\x03 \x01(\x04\"0\n\x0eReleaseRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\r\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x10\n\x0eGetInfoRequest\"\x8d\x03\n\x0fGetInfoResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07plan_id\x18\x04 \x01(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12,\n\x06layers\x18\x06 \x01(\x0b\x32\x1c.pqmesh.common.v1.LayerRange\x12#\n\x04role\x18\x07 \x01(\x0e\x32\x15.pqmesh.stage.v1.Role\x12\x16\n\x0ekv_slots_total\x18\x08 \x01(\r\x12\x15\n\rkv_slots_used\x18\t \x01(\r\x12\x1a\n\x12micro_batches_done\x18\n \x01(\x04\x12\x13\n\x0btokens_done\x18\x0b \x01(\x04\x12\x1d\n\x15micro_batches_dropped\x18\x0c \x01(\x04\x12\x1e\n\x16slots_released_in_band\x18\r \x01(\x04\x12\x1d\n\x15slots_released_by_rpc\x18\x0e \x01(\x04*[\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_FIRST\x10\x01\x12\x0f\n\x0bROLE_MIDDLE\x10\x02\x12\r\n\tROLE_LAST\x10\x03\x12\r\n\tROLE_ONLY\x10\x04\x32\xd0\x02\n\x0cStageService\x12R\n\tLoadShard\x12!.pqmesh.stage.v1.LoadShardRequest\x1a\".pqmesh.stage.v1.LoadShardResponse\x12P\n\x07\x46orward\x12\x1f.pqmesh.stage.v1.ForwardRequest\x1a .pqmesh.stage.v1.ForwardResponse(\x01\x30\x01\x12L\n\x07Release\x12\x1f.pqmesh.stage.v1.ReleaseRequest\x1a .pqmesh.stage.v1.ReleaseResponse\x12L\n\x07GetInfo\x12\x1f.pqmesh.stage.v1.GetInfoRequest\x1a .pqmesh.stage.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pqmesh.stage.v1.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1689
-  _globals['_ROLE']._serialized_end=1780
+  _globals['_ROLE']._serialized_start=1704
+  _globals['_ROLE']._serialized_end=1795
   _globals['_LOADSHARDREQUEST']._serialized_start=80
   _globals['_LOADSHARDREQUEST']._serialized_end=420
-  _globals['_LOADSHARDRESPONSE']._serialized_start=422
-  _globals['_LOADSHARDRESPONSE']._serialized_end=547
-  _globals['_MICROBATCHHEADER']._serialized_start=550
-  _globals['_MICROBATCHHEADER']._serialized_end=777
-  _globals['_FORWARDREQUEST']._serialized_start=779
-  _globals['_FORWARDREQUEST']._serialized_end=904
-  _globals['_FORWARDRESPONSE']._serialized_start=907
-  _globals['_FORWARDRESPONSE']._serialized_end=1083
-  _globals['_STAGETIMING']._serialized_start=1085
-  _globals['_STAGETIMING']._serialized_end=1182
-  _globals['_RELEASEREQUEST']._serialized_start=1184
-  _globals['_RELEASEREQUEST']._serialized_end=1232
-  _globals['_RELEASERESPONSE']._serialized_start=1234
-  _globals['_RELEASERESPONSE']._serialized_end=1269
-  _globals['_GETINFOREQUEST']._serialized_start=1271
-  _globals['_GETINFOREQUEST']._serialized_end=1287
-  _globals['_GETINFORESPONSE']._serialized_start=1290
-  _globals['_GETINFORESPONSE']._serialized_end=1687
-  _globals['_STAGESERVICE']._serialized_start=1783
-  _globals['_STAGESERVICE']._serialized_end=2119
+  _globals['_LOADSHARDRESPONSE']._serialized_start=423
+  _globals['_LOADSHARDRESPONSE']._serialized_end=562
+  _globals['_MICROBATCHHEADER']._serialized_start=565
+  _globals['_MICROBATCHHEADER']._serialized_end=792
+  _globals['_FORWARDREQUEST']._serialized_start=794
+  _globals['_FORWARDREQUEST']._serialized_end=919
+  _globals['_FORWARDRESPONSE']._serialized_start=922
+  _globals['_FORWARDRESPONSE']._serialized_end=1098
+  _globals['_STAGETIMING']._serialized_start=1100
+  _globals['_STAGETIMING']._serialized_end=1197
+  _globals['_RELEASEREQUEST']._serialized_start=1199
+  _globals['_RELEASEREQUEST']._serialized_end=1247
+  _globals['_RELEASERESPONSE']._serialized_start=1249
+  _globals['_RELEASERESPONSE']._serialized_end=1284
+  _globals['_GETINFOREQUEST']._serialized_start=1286
+  _globals['_GETINFOREQUEST']._serialized_end=1302
+  _globals['_GETINFORESPONSE']._serialized_start=1305
+  _globals['_GETINFORESPONSE']._serialized_end=1702
+  _globals['_STAGESERVICE']._serialized_start=1798
+  _globals['_STAGESERVICE']._serialized_end=2134
 # @@protoc_insertion_point(module_scope)

@@ -50,18 +50,20 @@ class LoadShardRequest(_message.Message):
     def __init__(self, plan_id: _Optional[str] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., bits: _Optional[_Iterable[_Union[_tensor_pb2.Bits, str]]] = ..., role: _Optional[_Union[Role, str]] = ..., max_sequences: _Optional[int] = ..., max_tokens_per_sequence: _Optional[int] = ..., prefill_micro_batch: _Optional[int] = ..., decode_micro_batch: _Optional[int] = ..., next_hop: _Optional[str] = ..., dtype: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
-    __slots__ = ("plan_id", "weight_bytes", "kv_cache_bytes", "total_bytes", "load_seconds")
+    __slots__ = ("plan_id", "weight_bytes", "kv_cache_bytes", "total_bytes", "load_seconds", "kept")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     weight_bytes: int
     kv_cache_bytes: int
     total_bytes: int
     load_seconds: float
-    def __init__(self, plan_id: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    kept: bool
+    def __init__(self, plan_id: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., kept: _Optional[bool] = ...) -> None: ...
 
 class MicroBatchHeader(_message.Message):
     __slots__ = ("plan_id", "micro_batch_id", "phase", "slots", "lengths", "sampling", "chunk_count", "release_slots")
