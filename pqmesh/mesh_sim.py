@@ -3,9 +3,9 @@
 The replay follows `coordinator.scheduler.Scheduler`'s policy exactly (tested against it in
 `tests/test_mesh_model.py`): at most one micro-batch per stage in flight; a decode micro-batch of the
 decode size whenever that many sequences are ready, else a prefill micro-batch into free KV slots
-(continuous refill; grouped by length as the scheduler groups them, `pqmesh.length_groups`), else a smaller decode micro-batch of what is ready. So prefill and decode
-interleave as they do on the mesh, pipeline bubbles and the last partial waves come out of the
-replay, not out of a formula.
+(continuous refill; grouped by length as the scheduler groups them, `pqmesh.length_groups`), else
+a smaller decode micro-batch of what is ready. So prefill and decode interleave as they do on the
+mesh, pipeline bubbles and the last partial waves come out of the replay, not out of a formula.
 
 Every micro-batch passes: the coordinator -> first-stage hop, then per stage its compute (a serial
 resource: one compute thread per stage, micro-batches in arrival order) and the hop after it (its own
