@@ -70,12 +70,14 @@ def start_stage(model_root: Path, threads: int | None) -> tuple[subprocess.Popen
     raise RuntimeError(f"pqmesh-stage exited with {proc.wait()} before serving")
 
 
-def run_job(port: int, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
-    """Seconds from SubmitJob to SUCCEEDED, and the generated tokens."""
+def run_job(port: int, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Seconds from SubmitJob to SUCCEEDED, and the generated tokens (in prompt order). ``prompts``: a
+    tensor of rows or a list of token-id lists (of any lengths)."""
+    rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts
     conn = channel(f"127.0.0.1:{port}")
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(conn)
     request = coordinator_pb2.SubmitJobRequest(
-        prompts=[coordinator_pb2.Prompt(token_ids=coordinator_pb2.TokenIds(ids=row)) for row in prompts.tolist()],
+        prompts=[coordinator_pb2.Prompt(token_ids=coordinator_pb2.TokenIds(ids=row)) for row in rows],
         params=coordinator_pb2.GenerationParams(max_new_tokens=new_tokens, stop_on_eos=False,
                                                 sampling=tensor_pb2.SamplingParams()))
     started = time.perf_counter()
@@ -84,7 +86,7 @@ def run_job(port: int, prompts: torch.Tensor, new_tokens: int) -> tuple[float, l
         last = progress
     elapsed = time.perf_counter() - started
     assert last.state == coordinator_pb2.JOB_STATE_SUCCEEDED, last
-    results = stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job, page_size=1000)).results
+    results = stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job, page_size=10_000)).results
     conn.close()
     return elapsed, [list(r.token_ids) for r in results]
 

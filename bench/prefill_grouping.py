@@ -21,19 +21,15 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_throughput import start_stage  # noqa: E402
+from e2e_throughput import run_job, start_stage  # noqa: E402
 
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.main import serve  # noqa: E402
 from coordinator.scheduler import Scheduler, Sequence  # noqa: E402
-from pqmesh.api.common.v1 import tensor_pb2  # noqa: E402
-from pqmesh.api.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc  # noqa: E402
-from pqmesh.grpc_server import channel  # noqa: E402
 from pqmesh.length_groups import padded_tokens  # noqa: E402
 from pqmesh.log import configure  # noqa: E402
 from pqmesh.model.embedded import prepare  # noqa: E402
@@ -60,8 +56,9 @@ def prefill_tokens(prompts, slots: int, prefill_mb: int, decode_mb: int, window:
     return padded_tokens(rows)
 
 
-def run_job(address: str, model_id: str, prompts, new: int, window: int, slots: int, prefill_mb: int,
-            decode_mb: int) -> tuple[float, list]:
+def grouped_job(address: str, model_id: str, prompts, new: int, window: int, slots: int, prefill_mb: int,
+                decode_mb: int) -> tuple[float, list]:
+    """One job on a fresh coordinator whose scheduler uses prefill grouping ``window``."""
     with tempfile.TemporaryDirectory() as state:
         plan = even_plan(30, [address], prefill_mb, decode_mb)
         config = CoordinatorConfig("127.0.0.1:0", Path(state), plan, model_id, max_sequences=slots,
@@ -69,23 +66,9 @@ def run_job(address: str, model_id: str, prompts, new: int, window: int, slots: 
                                    prefill_length_window=window)
         coordinator = serve(config)
         try:
-            conn = channel(f"127.0.0.1:{coordinator.port}")
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(conn)
-            request = coordinator_pb2.SubmitJobRequest(
-                prompts=[coordinator_pb2.Prompt(token_ids=coordinator_pb2.TokenIds(ids=row)) for row in prompts],
-                params=coordinator_pb2.GenerationParams(max_new_tokens=new, stop_on_eos=False,
-                                                        sampling=tensor_pb2.SamplingParams()))
-            started = time.perf_counter()
-            job = stub.SubmitJob(request).job_id
-            for progress in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job)):
-                last = progress
-            elapsed = time.perf_counter() - started
-            assert last.state == coordinator_pb2.JOB_STATE_SUCCEEDED, last
-            results = stub.GetResults(coordinator_pb2.GetResultsRequest(job_id=job, page_size=10_000)).results
-            conn.close()
+            return run_job(coordinator.port, prompts, new)
         finally:
             coordinator.stop(grace=None)
-    return elapsed, sorted((r.index, list(r.token_ids)) for r in results)
 
 
 def main() -> None:
@@ -111,11 +94,11 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     proc, address = start_stage(model_dir.parent, args.threads or None)
     try:
-        run_job(address, model_dir.name, prompts[:4], 2, 1, args.slots, args.prefill_mb, args.decode_mb)  # warm-up
+        grouped_job(address, model_dir.name, prompts[:4], 2, 1, args.slots, args.prefill_mb, args.decode_mb)  # warm-up
         for round_ in range(args.repeat):
             for mode in (list(modes) if round_ % 2 == 0 else list(modes)[::-1]):
-                seconds, outputs[mode] = run_job(address, model_dir.name, prompts, args.new, modes[mode], args.slots,
-                                                 args.prefill_mb, args.decode_mb)
+                seconds, outputs[mode] = grouped_job(address, model_dir.name, prompts, args.new, modes[mode],
+                                                     args.slots, args.prefill_mb, args.decode_mb)
                 times[mode].append(seconds)
     finally:
         proc.terminate()
