@@ -12,6 +12,7 @@ resumes the upload (or the result stream) from there.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,13 @@ def _retrying(what: str, call: Callable, reconnect_s: float, on_wait: Callable[[
 
 
 def upload(stub, path: Path, params: coordinator_pb2.GenerationParams, key: str,
-           display: ProgressDisplay | None = None, reconnect_s: float = RECONNECT_S) -> Upload:
-    """Creates (or finds) the job for ``key`` and appends every line the coordinator does not hold yet."""
-    digest = file_digest(path)
+           display: ProgressDisplay | None = None, reconnect_s: float = RECONNECT_S,
+           part: range | None = None, digest: str | None = None) -> Upload:
+    """Creates (or finds) the job for ``key`` and appends every line the coordinator does not hold yet.
+
+    ``part`` (indices of the file's non-blank lines) uploads only those lines, as a job of their own
+    whose ``content_digest`` is ``digest`` (a job splitter's shard); the whole file by default."""
+    digest = digest or file_digest(path)
     request = coordinator_pb2.CreateJobRequest(idempotency_key=key, params=params, content_digest=digest)
     say = display.write if display else None
     first = None
@@ -93,7 +98,7 @@ def upload(stub, path: Path, params: coordinator_pb2.GenerationParams, key: str,
         if created.state != coordinator_pb2.JOB_STATE_UPLOADING:
             return Upload(created.job_id, created.prompts_received, first)
         try:
-            total = _append_all(stub, path, created.job_id, created.prompts_received, display)
+            total = _append_all(stub, path, created.job_id, created.prompts_received, display, part)
             _retrying("StartJob", lambda: stub.StartJob(
                 coordinator_pb2.StartJobRequest(job_id=created.job_id, prompts_total=total), timeout=60),
                 reconnect_s, say)
@@ -106,8 +111,9 @@ def upload(stub, path: Path, params: coordinator_pb2.GenerationParams, key: str,
             time.sleep(1.0)
 
 
-def _append_all(stub, path: Path, job_id: str, held: int, display: ProgressDisplay | None) -> int:
-    """Appends the lines from number ``held`` on; returns the number of lines."""
+def _append_all(stub, path: Path, job_id: str, held: int, display: ProgressDisplay | None,
+                part: range | None = None) -> int:
+    """Appends the lines (of ``part``, if given) from number ``held`` on; returns the number of lines."""
     chunk: list[coordinator_pb2.Prompt] = []
     size, offset, count = 0, held, 0
 
@@ -122,7 +128,8 @@ def _append_all(stub, path: Path, job_id: str, held: int, display: ProgressDispl
 
     if display:
         display.update(held)
-    for count, line in enumerate(lines(path), 1):
+    source = lines(path) if part is None else itertools.islice(lines(path), part.start, part.stop)
+    for count, line in enumerate(source, 1):
         if count <= held:
             continue
         chunk.append(coordinator_pb2.Prompt(jsonl_line=line))
@@ -137,17 +144,27 @@ def _append_all(stub, path: Path, job_id: str, held: int, display: ProgressDispl
 def follow(stub, job_id: str, sink: TextIO, openai: bool | None, model: str = "default",
            display: ProgressDisplay | None = None, reconnect_s: float = RECONNECT_S) -> int:
     """Writes each result as it finishes, until the job is final; returns how many were written."""
-    written, created, deadline = 0, int(time.time()), None
+    created = int(time.time())
+    count = stream_results(stub, job_id, lambda r: sink.write(result_line(r, job_id, model, created, openai) + "\n"),
+                           display, reconnect_s)
+    sink.flush()
+    return count
+
+
+def stream_results(stub, job_id: str, on_result: Callable[[coordinator_pb2.SequenceResult], None],
+                   display: ProgressDisplay | None = None, reconnect_s: float = RECONNECT_S) -> int:
+    """Calls ``on_result`` once per result as it finishes, until the job is final (resuming after the
+    ones it has while the coordinator is unreachable); returns how many there were."""
+    received, deadline = 0, None
     while True:
         try:
-            for r in stub.StreamResults(coordinator_pb2.StreamResultsRequest(job_id=job_id, resume_from=written)):
+            for r in stub.StreamResults(coordinator_pb2.StreamResultsRequest(job_id=job_id, resume_from=received)):
                 deadline = None
-                sink.write(result_line(r, job_id, model, created, openai) + "\n")
-                written += 1
+                on_result(r)
+                received += 1
                 if display:
                     display.update(1)
-            sink.flush()
-            return written
+            return received
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise BatchFailed(f"StreamResults: {err.code().name}: {err.details()}") from None

@@ -38,7 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", help="run a jsonl file of prompts (OpenAI Batch or plain lines) as one job")
     submit.add_argument("prompts", type=Path, help='jsonl: OpenAI Batch request lines, or {"prompt": "text"} / '
                                                    '{"token_ids": [ids]} lines')
-    _coordinator_flag(submit)
+    submit.add_argument("--coordinator", action="append", default=None, metavar="HOST:PORT",
+                        help=f"coordinator address (default {DEFAULT_COORDINATOR}); repeat it to shard the file "
+                             "across several coordinators (one mesh each), results merged into one output")
+    submit.add_argument("--shares", default=None, metavar="W,W,...|REPLICAS.json",
+                        help="with several --coordinator: the share of lines each gets (weights in the same "
+                             "order, or a `pqmesh plan --replicas --json` file: its replicas' throughputs); "
+                             "even by default")
+    security.add_flags(submit, server=False, peer="the coordinator")
     submit.add_argument("--out", type=Path, default=None, help="results jsonl (default: stdout)")
     submit.add_argument("--max-new-tokens", type=int, default=64,
                         help="tokens to generate per prompt without its own max_tokens (default 64)")
@@ -105,6 +112,13 @@ def generation_params(args) -> coordinator_pb2.GenerationParams:
 def _submit(args) -> int:
     if not args.prompts.is_file():
         raise InvalidArgument(f"{args.prompts} is not a file")
+    coordinators = args.coordinator or [DEFAULT_COORDINATOR]
+    if len(coordinators) > 1:
+        return _submit_split(args, coordinators)
+    if args.shares is not None:
+        raise InvalidArgument("--shares deals lines to several coordinators; give --coordinator more than once "
+                              "or leave --shares out")
+    args.coordinator = coordinators[0]
     params = generation_params(args)
     key = args.idempotency_key or batch_client.default_key(args.prompts, params)
     stub = _stub(args)
@@ -123,6 +137,55 @@ def _submit(args) -> int:
         return 2
     sys.stderr.write(f"{written} results written to {args.out}\n")
     return _report(final)
+
+
+def _submit_split(args, coordinators: list[str]) -> int:
+    """`submit` with several --coordinator: one shard of the file per coordinator, one merged output."""
+    from coordinator.job_split import failure_message, run_split, shares_from, split_job
+
+    shares = shares_from(args.shares, len(coordinators)) if args.shares is not None else None
+    job = split_job(args.prompts, generation_params(args), coordinators, shares, args.idempotency_key)
+    options = security.from_args(args)
+
+    def connect(address: str):
+        return coordinator_pb2_grpc.CoordinatorServiceStub(channel(address, options))
+
+    if args.no_wait:
+        return _upload_shards(job, connect)
+    sink = args.out.open("w") if args.out is not None else sys.stdout
+    try:
+        outcomes, merged = run_split(connect, job, sink)
+    finally:
+        if args.out is not None:
+            sink.close()
+    out_name = str(args.out) if args.out is not None else "stdout"
+    if any(o.error for o in outcomes):
+        sys.stderr.write(f"pqmesh submit: {failure_message(outcomes, merged, out_name)}\n")
+        return 2
+    sys.stderr.write(f"{merged.written} results of {merged.total} lines written to {out_name} "
+                     f"from {len(outcomes)} jobs\n")
+    code = 0
+    for o in outcomes:
+        sys.stderr.write(f"{o.shard.describe()}: " + progress_line(o.final).rstrip() + "\n")
+        if o.final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
+            sys.stderr.write(f"job {o.job_id} ended {STATES[o.final.state]}: {o.final.message}\n")
+            code = 1
+    return code
+
+
+def _upload_shards(job, connect) -> int:
+    """`submit --no-wait` with several coordinators: uploads every shard, prints 'ADDRESS JOB_ID' lines."""
+    for shard in job.shards:
+        if not shard.part:
+            continue
+        try:
+            uploaded = job.upload(connect(shard.coordinator), shard)
+        except batch_client.BatchFailed as err:
+            sys.stderr.write(f"pqmesh submit: {shard.describe()}: {err}\n")
+            return 2
+        sys.stderr.write(f"{shard.describe()}: job {uploaded.job_id}, {uploaded.total} prompts\n")
+        sys.stdout.write(f"{shard.coordinator} {uploaded.job_id}\n")
+    return 0
 
 
 def _submit_to_stdout(stub, path: Path, params, key: str) -> int:
