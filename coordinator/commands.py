@@ -7,6 +7,8 @@ keys). It follows the results as they finish and writes them as jsonl: OpenAI Ba
 OpenAI file, otherwise ``{"index", "token_ids", "text", "finish_reason", "usage"}`` per prompt. Its
 idempotency key defaults to a hash of the file and the settings, so running the same command again
 after a crash or a coordinator restart finds (and resumes) the same job instead of starting a second.
+With ``--coordinator`` given more than once it shards the file across those coordinators (one mesh,
+one pipeline replica each; ``coordinator.job_split``) and merges their results into one output.
 """
 
 from __future__ import annotations

@@ -149,13 +149,20 @@ class MergedOutput:
 
 
 class _SharedDisplay:
-    """A ProgressDisplay several shard threads update."""
+    """A ProgressDisplay several shard threads update; ``counted`` is one shard's view of it."""
 
     def __init__(self, display: ProgressDisplay) -> None:
         self._display, self._lock = display, threading.Lock()
+        self.n = 0
+
+    def counted(self) -> _SharedDisplay:
+        view = _SharedDisplay.__new__(_SharedDisplay)
+        view._display, view._lock, view.n = self._display, self._lock, 0
+        return view
 
     def update(self, count: int = 1) -> None:
         with self._lock:
+            self.n += count
             self._display.update(count)
 
     def write(self, text: str) -> None:
@@ -209,9 +216,11 @@ def run_split(connect: Callable[[str], object], job: SplitJob, sink: TextIO, mod
     log.info("job_split", lines=total, shards=[(s.coordinator, s.part.start, s.part.stop) for s in job.shards])
 
     def upload(o: ShardOutcome, display: _SharedDisplay) -> None:
+        view = display.counted()
         try:
-            uploaded = job.upload(stubs[o.shard.coordinator], o.shard, display, reconnect_s)
+            uploaded = job.upload(stubs[o.shard.coordinator], o.shard, view, reconnect_s)
             o.job_id, o.prompts = uploaded.job_id, uploaded.total
+            view.update(max(0, uploaded.total - view.n))  # a job uploaded before shows as uploaded
         except batch_client.BatchFailed as err:
             o.error = str(err)
 

@@ -108,7 +108,7 @@ def list_jobs(address: str) -> list:
         return list(coordinator_pb2_grpc.CoordinatorServiceStub(ch).ListJobs(coordinator_pb2.ListJobsRequest()).jobs)
 
 
-def test_two_pipelines_give_one_meshs_results_each_line_once_and_rerun_makes_no_new_job(pipelines, tmp_path):
+def test_two_pipelines_give_one_meshs_results_each_line_once_and_rerun_makes_no_new_job(pipelines, tmp_path, capsys):
     a, b = pipelines
     source, single, split, again = (job_file(tmp_path), tmp_path / "single.jsonl", tmp_path / "split.jsonl",
                                     tmp_path / "again.jsonl")
@@ -131,6 +131,10 @@ def test_two_pipelines_give_one_meshs_results_each_line_once_and_rerun_makes_no_
     assert cli(["submit", str(source), *flags, "--out", str(again)]) == 0  # a re-run: the same jobs, no new one
     assert [j.job_id for j in list_jobs(a)] == [j.job_id for j in jobs_a]
     assert [j.job_id for j in list_jobs(b)] == [j.job_id for j in jobs_b]
+    capsys.readouterr()
+    assert cli(["submit", str(source), *flags, "--no-wait"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith((a + " ", b + " "))]
+    assert printed == [f"{a} {jobs_a[0].job_id}", f"{b} {jobs_b[0].job_id}"]  # ListJobs: newest first
     rerun = [json.loads(line) for line in again.read_text().splitlines()]
     assert comparable(rerun) == comparable(two) and sorted(r["id"] for r in rerun) == sorted(r["id"] for r in two)
 
