@@ -184,6 +184,11 @@ def final_progress(stub, job_id: str) -> coordinator_pb2.JobProgress:
         call.cancel()
 
 
+def wait_final(stub, job_id: str, reconnect_s: float = RECONNECT_S) -> coordinator_pb2.JobProgress:
+    """The job's final progress, retried while the coordinator is unreachable (up to ``reconnect_s``)."""
+    return _retrying("WatchJob", lambda: final_progress(stub, job_id), reconnect_s)
+
+
 def run_file(stub, path: Path, out: Path, params: coordinator_pb2.GenerationParams, key: str | None = None,
              model: str = "default", stream: TextIO | None = None) -> tuple[coordinator_pb2.JobProgress, int]:
     """Upload + follow + write: the whole batch workflow against one coordinator."""
@@ -193,4 +198,4 @@ def run_file(stub, path: Path, out: Path, params: coordinator_pb2.GenerationPara
         job = upload(stub, path, params, key, display)
     with ProgressDisplay(f"job {job.job_id}", job.total, "result", stream) as display, out.open("w") as sink:
         written = follow(stub, job.job_id, sink, openai, model, display)
-    return _retrying("WatchJob", lambda: final_progress(stub, job.job_id), RECONNECT_S), written
+    return wait_final(stub, job.job_id), written

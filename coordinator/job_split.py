@@ -229,8 +229,7 @@ def run_split(connect: Callable[[str], object], job: SplitJob, sink: TextIO, mod
         try:
             o.results = batch_client.stream_results(stub, o.job_id, lambda r: merged.add(o.shard, o.job_id, r),
                                                     display, reconnect_s)
-            o.final = batch_client._retrying("WatchJob", lambda: batch_client.final_progress(stub, o.job_id),
-                                             reconnect_s)
+            o.final = batch_client.wait_final(stub, o.job_id, reconnect_s)
         except batch_client.BatchFailed as err:
             o.error = str(err)
 

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -56,15 +57,18 @@ def pipelines(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     procs = [start_stage_process(root, logs / f"stage-{i}.log") for i in range(2)]
     running = []
+
+    def coordinator(i: int, proc: subprocess.Popen, log: str):
+        config = CoordinatorConfig("127.0.0.1:0", tmp_path_factory.mktemp(f"state-{i}"),
+                                   plan_for([wait_serving(proc, log)], 4, 4, [(0, 2)]), MODEL, max_sequences=6,
+                                   max_tokens_per_sequence=96, model_root=root, log_level="warning", dtype="float32")
+        running.append(serve(config))
+        return running[-1]
+
     try:
-        for i, (proc, log) in enumerate(procs):
-            address = wait_serving(proc, log)
-            config = CoordinatorConfig("127.0.0.1:0", tmp_path_factory.mktemp(f"state-{i}"),
-                                       plan_for([address], 4, 4, [(0, 2)]), MODEL, max_sequences=6,
-                                       max_tokens_per_sequence=96, model_root=root, log_level="warning",
-                                       dtype="float32")
-            running.append(serve(config))
-        yield [f"127.0.0.1:{r.port}" for r in running]
+        with ThreadPoolExecutor(2) as pool:  # both meshes come up at once
+            started = list(pool.map(coordinator, range(2), *zip(*procs)))
+        yield [f"127.0.0.1:{r.port}" for r in started]
     finally:
         for r in running:
             r.stop(grace=None)
