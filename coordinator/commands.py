@@ -157,6 +157,10 @@ def _submit_split(args, coordinators: list[str]) -> int:
     sink = args.out.open("w") if args.out is not None else sys.stdout
     try:
         outcomes, merged = run_split(connect, job, sink)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted; every shard's job keeps running on its coordinator: run the same "
+                         "command again to follow them\n")
+        return 130
     finally:
         if args.out is not None:
             sink.close()

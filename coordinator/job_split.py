@@ -18,7 +18,6 @@ import hashlib
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
@@ -233,17 +232,37 @@ def run_split(connect: Callable[[str], object], job: SplitJob, sink: TextIO, mod
         except batch_client.BatchFailed as err:
             o.error = str(err)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(outcomes))) as pool:
-        with ProgressDisplay(f"upload to {len(outcomes)} coordinators", total, "prompt", stream) as display:
-            shared = _SharedDisplay(display)
-            list(pool.map(lambda o: upload(o, shared), outcomes))
-        uploaded = [o for o in outcomes if not o.error]
-        jobs = ", ".join(f"{o.job_id}@{o.shard.coordinator}" for o in uploaded)
-        with ProgressDisplay(f"jobs {jobs}", total, "result", stream) as display:
-            shared = _SharedDisplay(display)
-            list(pool.map(lambda o: follow(o, shared), uploaded))
+    with ProgressDisplay(f"upload to {len(outcomes)} coordinators", total, "prompt", stream) as display:
+        shared = _SharedDisplay(display)
+        _in_threads(lambda o: upload(o, shared), outcomes)
+    uploaded = [o for o in outcomes if not o.error]
+    jobs = ", ".join(f"{o.job_id}@{o.shard.coordinator}" for o in uploaded)
+    with ProgressDisplay(f"jobs {jobs}", total, "result", stream) as display:
+        shared = _SharedDisplay(display)
+        _in_threads(lambda o: follow(o, shared), uploaded)
     merged.flush()
     return outcomes, merged
+
+
+def _in_threads(work: Callable[[ShardOutcome], None], outcomes: Sequence[ShardOutcome]) -> None:
+    """``work(o)`` for every shard at once; returns when all are done, re-raises the first unexpected
+    error. Daemon threads, so Ctrl-C ends the command at once (each shard's job keeps running)."""
+    errors: list[BaseException] = []
+
+    def target(o: ShardOutcome) -> None:
+        try:
+            work(o)
+        except BaseException as err:  # re-raised below, in the caller's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=target, args=(o,), name=f"shard-{o.shard.number}", daemon=True)
+               for o in outcomes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def failure_message(outcomes: Sequence[ShardOutcome], merged: MergedOutput, out_name: str) -> str:
