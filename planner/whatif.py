@@ -14,7 +14,9 @@
   bound the answer is the largest batch the exact checks confirmed in their time, and
   `batch_size_bound` the batch above which the LP relaxation proves nothing fits.
 
-`time_limit` bounds the whole what-if: each solve gets the time left divided by the solves left.
+`time_limit` is the what-if's budget: each solve gets the time left divided by the solves left, but
+at least MIN_SHARE_S; each plan's baselines and whole-mesh replay come on top of its solve, so a
+what-if on a large pool takes longer than its budget (every answer reports its own gap).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from planner.plans import PlanResult
 from planner.problem import QUALITY_TOLERANCE, Problem
 from planner.request import PlanInputs
 from planner.search import plan
-from planner.solver_ortools import quality_lower_bound
+from planner.solver_ortools import quality_lower_bound, solve_order
 from planner.tables import QualityScale, build_input
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument, PqmeshError
@@ -43,6 +45,7 @@ DEFAULT_FRONTIER_POINTS = 5
 MAX_FRONTIER_POINTS = 50
 DEFAULT_WHAT_IF_LIMIT_S = 60.0
 EXTRA_HOST = "what-if-host"
+MIN_SHARE_S = 1.0  # a solve given less often finds no plan at all on a large pool
 EXACT_CHECK_S = 0.5  # per order, each exact quality check of the largest-batch search
 FRONTIER_SPAN = 1e-3  # the loosest bound over the tightest, when the tightest fitting indicator is ~0
 
@@ -141,7 +144,7 @@ class _Clock:
         self.deadline, self.left = time.monotonic() + limit, solves
 
     def share(self) -> float:
-        share = max(0.05, (self.deadline - time.monotonic()) / max(1, self.left))
+        share = max(MIN_SHARE_S, (self.deadline - time.monotonic()) / max(1, self.left))
         self.left = max(1, self.left - 1)
         return share
 
@@ -203,21 +206,37 @@ def _largest(ok, lo: int, hi: int) -> int:
     return lo
 
 
+def _memory_classes(problem: Problem) -> list:
+    """One order per (first, last) device profile: all memory and quality depend on (not links)."""
+    seen: dict = {}
+    for order in representative_orders(problem.devices, problem.network):
+        seen.setdefault((order[0].profile, order[-1].profile), order)
+    return list(seen.values())
+
+
 def _quality_relaxed(problem: Problem) -> float:
     """A lower bound on the smallest summed indicator that fits memory (micro-batches of 1): the LP
-    relaxation, per class of orders (first and last device profiles; links do not matter here)."""
+    relaxation, per class of orders."""
     scale, best, sizes = QualityScale(problem), float("inf"), (1,)
-    seen = set()
-    for order in representative_orders(problem.devices, problem.network):
-        key = (order[0].profile, order[-1].profile)
-        if key in seen:
-            continue
-        seen.add(key)
+    for order in _memory_classes(problem):
         data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
         q = quality_lower_bound(data, 0, 0)
         if q is not None:
             best = min(best, q / scale.scale)
     return best
+
+
+def _quality_fits(problem: Problem, bound: float, time_limit: float) -> bool:
+    """Whether some plan at micro-batches of 1 fits memory within the summed-indicator `bound`
+    (layers not tied to stages, as `planner.diagnose.min_quality`): CP-SAT per class of orders,
+    `time_limit` each, stopping at the first that fits; one that finds nothing in time does not."""
+    scale, sizes = QualityScale(problem), (1,)
+    for order in _memory_classes(problem):
+        data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
+        sol = solve_order(data, 0, 0, time_limit, minimize_quality=True)
+        if sol.found and sol.objective / scale.scale <= bound:
+            return True
+    return False
 
 
 def largest_batch(problem: Problem, exact_limit: float = EXACT_CHECK_S) -> tuple[int, int]:
@@ -236,7 +255,7 @@ def largest_batch(problem: Problem, exact_limit: float = EXACT_CHECK_S) -> tuple
         return _quality_relaxed(_at(problem, b)) <= bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE
 
     def exact(b: int) -> bool:
-        return min_quality(_at(problem, b), exact_limit) <= bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE
+        return _quality_fits(_at(problem, b), bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE, exact_limit)
 
     if not memory(1):
         return 0, 0
