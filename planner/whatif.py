@@ -15,8 +15,10 @@
   `batch_size_bound` the batch above which the LP relaxation proves nothing fits.
 
 `time_limit` is the what-if's budget: each solve gets the time left divided by the solves left, but
-at least MIN_SHARE_S; each plan's baselines and whole-mesh replay come on top of its solve, so a
-what-if on a large pool takes longer than its budget (every answer reports its own gap).
+at least MIN_SHARE_S and what the base plan took (the largest-batch plan, at the edge of memory,
+gets a second try with twice that when the first finds nothing); each plan's baselines and
+whole-mesh replay come on top of its solve, so a what-if on a large pool takes longer than its
+budget (every answer reports its own gap).
 """
 
 from __future__ import annotations
@@ -141,10 +143,10 @@ class _Clock:
     """Splits the what-if's time limit between its solves: the time left over the solves left."""
 
     def __init__(self, limit: float, solves: int) -> None:
-        self.deadline, self.left = time.monotonic() + limit, solves
+        self.deadline, self.left, self.floor = time.monotonic() + limit, solves, MIN_SHARE_S
 
     def share(self) -> float:
-        share = max(MIN_SHARE_S, (self.deadline - time.monotonic()) / max(1, self.left))
+        share = max(self.floor, (self.deadline - time.monotonic()) / max(1, self.left))
         self.left = max(1, self.left - 1)
         return share
 
@@ -290,6 +292,7 @@ def what_if(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit:
     clock = _Clock(time_limit, 1 + len(changes) + frontier_points + 1)
     problem = inputs.to_problem(lookup)
     base = plan(problem, clock.share())
+    clock.floor = max(MIN_SHARE_S, base.solve_seconds)  # what the request's own plan needed
     devices = []
     for device_type, delta, host, changed in changes:
         if isinstance(changed, str):
@@ -331,5 +334,8 @@ def _max_batch(problem: Problem, clock: _Clock) -> MaxBatch:
     batch, bound = largest_batch(problem)
     if batch == 0:
         return MaxBatch(0, None, "not even one sequence fits; see the Plan error for what to change", bound)
-    result, reason = _try(lambda: _at(problem, batch), clock.share())
+    share = clock.share()
+    result, reason = _try(lambda: _at(problem, batch), share)
+    if result is None and "time limit" in reason:  # at the edge of memory plans are hard to find
+        result, reason = _try(lambda: _at(problem, batch), 2 * share)
     return MaxBatch(batch, result, reason, bound)
