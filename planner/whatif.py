@@ -14,7 +14,8 @@
   bound the answer is the largest batch the exact checks confirmed in their time, and
   `batch_size_bound` the batch above which the LP relaxation proves nothing fits.
 
-`time_limit` is the what-if's budget: each solve gets the time left divided by the solves left, but
+`time_limit` is the what-if's budget: each solve gets the time left divided by the solves left (the
+base plan, which every marginal is measured against, counts as three and gets their time), but
 at least MIN_SHARE_S and what the base plan took (the largest-batch plan, at the edge of memory,
 gets a second try with twice that when the first finds nothing); each plan's baselines and
 whole-mesh replay come on top of its solve, so a what-if on a large pool takes longer than its
@@ -47,6 +48,7 @@ DEFAULT_FRONTIER_POINTS = 5
 MAX_FRONTIER_POINTS = 50
 DEFAULT_WHAT_IF_LIMIT_S = 60.0
 EXTRA_HOST = "what-if-host"
+BASE_WEIGHT = 3  # the base plan gets three solves' worth of time
 MIN_SHARE_S = 1.0  # a solve given less often finds no plan at all on a large pool
 EXACT_CHECK_S = 0.5  # per order, each exact quality check of the largest-batch search
 FRONTIER_SPAN = 1e-3  # the loosest bound over the tightest, when the tightest fitting indicator is ~0
@@ -145,9 +147,10 @@ class _Clock:
     def __init__(self, limit: float, solves: int) -> None:
         self.deadline, self.left, self.floor = time.monotonic() + limit, solves, MIN_SHARE_S
 
-    def share(self) -> float:
-        share = max(self.floor, (self.deadline - time.monotonic()) / max(1, self.left))
-        self.left = max(1, self.left - 1)
+    def share(self, weight: int = 1) -> float:
+        """`weight` solves' worth of the time left (at least the floor); counts as `weight` solves."""
+        share = max(self.floor, weight * (self.deadline - time.monotonic()) / max(weight, self.left))
+        self.left = max(1, self.left - weight)
         return share
 
 
@@ -289,9 +292,9 @@ def what_if(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit:
         raise InvalidArgument(f"frontier points must be within 2..{MAX_FRONTIER_POINTS}, got {frontier_points}")
     started = time.monotonic()
     changes = device_changes(inputs.cluster, extra_types)
-    clock = _Clock(time_limit, 1 + len(changes) + frontier_points + 1)
+    clock = _Clock(time_limit, BASE_WEIGHT + len(changes) + frontier_points + 1)
     problem = inputs.to_problem(lookup)
-    base = plan(problem, clock.share())
+    base = plan(problem, clock.share(BASE_WEIGHT))  # every marginal is against it: the most time
     clock.floor = max(MIN_SHARE_S, base.solve_seconds)  # what the request's own plan needed
     devices = []
     for device_type, delta, host, changed in changes:
