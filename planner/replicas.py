@@ -1,5 +1,5 @@
 """Several pipelines for one pool (data-parallel replicas, each its own mesh plan): the planner half
-of issue 19 part 2, `pqmesh plan --replicas`. No gRPC method serves them and no coordinator runs
+of issue 19 part 2, `pqmesh plan --replicas` and `PlannerService.PlanReplicas`. No coordinator runs
 several meshes yet; `bench/planner_clusters.py --large N --replicas` measures them.
 
 A pool with more devices than the model has layers cannot be one pipeline, and a long pipeline
@@ -25,10 +25,12 @@ from planner.cluster import Cluster, ProfileLookup, Workload
 from planner.plans import PlanResult
 from planner.request import PlanInputs
 from planner.search import plan
+from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument, PqmeshError
 
 log = structlog.get_logger(__name__)
 MAX_CANDIDATES = 4
+DEFAULT_REPLICAS_LIMIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,21 @@ class ReplicaSearch:
     best: ReplicaPlan
     tried: dict  # R -> ReplicaPlan, or the reason it has none
     solve_seconds: float
+
+    def to_proto(self) -> planner_pb2.PlanReplicasResponse:
+        best = self.best
+        tried = [planner_pb2.ReplicaCount(replicas=r, feasible=isinstance(p, ReplicaPlan),
+                                          throughput_tokens_per_s=p.throughput_tokens_per_s
+                                          if isinstance(p, ReplicaPlan) else 0.0,
+                                          reason="" if isinstance(p, ReplicaPlan) else p)
+                 for r, p in self.tried.items()]
+        return planner_pb2.PlanReplicasResponse(
+            replicas=[planner_pb2.ReplicaPlan(devices=[e.to_proto() for e in r.cluster.entries],
+                                              batch_size=r.batch_size, plan=r.result.to_proto())
+                      for r in best.replicas],
+            throughput_tokens_per_s=best.throughput_tokens_per_s,
+            pipeedge_tokens_per_s=best.pipeedge_tokens_per_s or 0.0, optimality_gap=best.optimality_gap,
+            tried=tried, solve_seconds=self.solve_seconds)
 
     def to_report(self) -> dict:
         """The `pqmesh plan --replicas --json` object."""
@@ -104,7 +121,7 @@ def candidates(devices: int, layers: int, batch: int) -> list[int]:
     return out
 
 
-def plan_replicas(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit: float = 60.0,
+def plan_replicas(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit: float = DEFAULT_REPLICAS_LIMIT_S,
                   counts: list[int] | None = None) -> ReplicaSearch:
     """The best number of replicas among `counts` (default: `candidates`) and its plans."""
     started, deadline = time.monotonic(), time.monotonic() + time_limit

@@ -61,7 +61,6 @@ class _State:
     problem: Problem
     deadline: float
     sizes: tuple[int, ...]
-    started: float = field(default_factory=time.monotonic)
     best: tuple[float, PipelinePlan] | None = None
     order_best: dict = field(default_factory=dict)  # labels -> (objective, plan)
     tables: dict = field(default_factory=dict)  # labels -> OrderInput of the full order
@@ -257,7 +256,7 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
     if time_limit <= 0:
         raise InvalidArgument(f"time limit must be positive, got {time_limit}")
     started = time.monotonic()
-    state = _State(problem, started + time_limit, micro_batch_candidates(problem.workload.batch_size), started)
+    state = _State(problem, started + time_limit, micro_batch_candidates(problem.workload.batch_size))
     baselines = all_baselines(problem)
     for b in baselines.values():
         if b.plan is not None:

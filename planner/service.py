@@ -1,4 +1,4 @@
-"""PlannerService: a thin gRPC servicer over the registry and the planner library (Plan, WhatIf)."""
+"""PlannerService: a thin gRPC servicer over the registry and the planner library (Plan, WhatIf, PlanReplicas)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import structlog
 from planner.devices import DeviceProfile
 from planner.metrics import PlannerMetrics
 from planner.registry import ProfileRegistry
+from planner.replicas import DEFAULT_REPLICAS_LIMIT_S, plan_replicas
 from planner.request import PlanInputs
 from planner.search import plan
 from planner.whatif import DEFAULT_FRONTIER_POINTS, DEFAULT_WHAT_IF_LIMIT_S, what_if
@@ -74,3 +75,17 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                          tuple(request.extra_device_types))
         log.info("what_if_served", plan_id=result.base.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
         return result.to_proto()
+
+    @rpc_errors
+    def PlanReplicas(self, request, context):
+        if not request.HasField("base"):
+            raise InvalidArgument("PlanReplicas needs `base`: the PlanRequest (pool, model, workload) to split")
+        inputs = PlanInputs.from_proto(request.base)
+        limit = request.time_limit_seconds or DEFAULT_REPLICAS_LIMIT_S
+        if not 0 < limit <= MAX_TIME_LIMIT_S:
+            raise InvalidArgument(f"time_limit_seconds {limit} must be within (0, {MAX_TIME_LIMIT_S}]; ask for less")
+        if any(r < 1 for r in request.replica_counts):
+            raise InvalidArgument(f"replica_counts {list(request.replica_counts)} must all be at least 1")
+        found = plan_replicas(inputs, self.registry.get, limit, list(request.replica_counts) or None)
+        log.info("replicas_served", replicas=len(found.best.replicas), solve_seconds=round(found.solve_seconds, 3))
+        return found.to_proto()

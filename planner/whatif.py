@@ -14,7 +14,12 @@
   bound the answer is the largest batch the exact checks confirmed in their time, and
   `batch_size_bound` the batch above which the LP relaxation proves nothing fits.
 
-`time_limit` bounds the whole what-if: each solve gets the time left divided by the solves left.
+`time_limit` is the what-if's budget: each solve gets the time left divided by the solves left (the
+base plan, which every marginal is measured against, counts as three and gets their time), but
+at least MIN_SHARE_S and what the base plan took (the largest-batch plan, at the edge of memory,
+gets a second try with twice that when the first finds nothing); each plan's baselines and
+whole-mesh replay come on top of its solve, so a what-if on a large pool takes longer than its
+budget (every answer reports its own gap).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from planner.plans import PlanResult
 from planner.problem import QUALITY_TOLERANCE, Problem
 from planner.request import PlanInputs
 from planner.search import plan
-from planner.solver_ortools import quality_lower_bound
+from planner.solver_ortools import quality_lower_bound, solve_order
 from planner.tables import QualityScale, build_input
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument, PqmeshError
@@ -43,6 +48,8 @@ DEFAULT_FRONTIER_POINTS = 5
 MAX_FRONTIER_POINTS = 50
 DEFAULT_WHAT_IF_LIMIT_S = 60.0
 EXTRA_HOST = "what-if-host"
+BASE_WEIGHT = 3  # the base plan gets three solves' worth of time
+MIN_SHARE_S = 1.0  # a solve given less often finds no plan at all on a large pool
 EXACT_CHECK_S = 0.5  # per order, each exact quality check of the largest-batch search
 FRONTIER_SPAN = 1e-3  # the loosest bound over the tightest, when the tightest fitting indicator is ~0
 
@@ -138,11 +145,12 @@ class _Clock:
     """Splits the what-if's time limit between its solves: the time left over the solves left."""
 
     def __init__(self, limit: float, solves: int) -> None:
-        self.deadline, self.left = time.monotonic() + limit, solves
+        self.deadline, self.left, self.floor = time.monotonic() + limit, solves, MIN_SHARE_S
 
-    def share(self) -> float:
-        share = max(0.05, (self.deadline - time.monotonic()) / max(1, self.left))
-        self.left = max(1, self.left - 1)
+    def share(self, weight: int = 1) -> float:
+        """`weight` solves' worth of the time left (at least the floor); counts as `weight` solves."""
+        share = max(self.floor, weight * (self.deadline - time.monotonic()) / max(weight, self.left))
+        self.left = max(1, self.left - weight)
         return share
 
 
@@ -203,21 +211,37 @@ def _largest(ok, lo: int, hi: int) -> int:
     return lo
 
 
+def _memory_classes(problem: Problem) -> list:
+    """One order per (first, last) device profile: all memory and quality depend on (not links)."""
+    seen: dict = {}
+    for order in representative_orders(problem.devices, problem.network):
+        seen.setdefault((order[0].profile, order[-1].profile), order)
+    return list(seen.values())
+
+
 def _quality_relaxed(problem: Problem) -> float:
     """A lower bound on the smallest summed indicator that fits memory (micro-batches of 1): the LP
-    relaxation, per class of orders (first and last device profiles; links do not matter here)."""
+    relaxation, per class of orders."""
     scale, best, sizes = QualityScale(problem), float("inf"), (1,)
-    seen = set()
-    for order in representative_orders(problem.devices, problem.network):
-        key = (order[0].profile, order[-1].profile)
-        if key in seen:
-            continue
-        seen.add(key)
+    for order in _memory_classes(problem):
         data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
         q = quality_lower_bound(data, 0, 0)
         if q is not None:
             best = min(best, q / scale.scale)
     return best
+
+
+def _quality_fits(problem: Problem, bound: float, time_limit: float) -> bool:
+    """Whether some plan at micro-batches of 1 fits memory within the summed-indicator `bound`
+    (layers not tied to stages, as `planner.diagnose.min_quality`): CP-SAT per class of orders,
+    `time_limit` each, stopping at the first that fits; one that finds nothing in time does not."""
+    scale, sizes = QualityScale(problem), (1,)
+    for order in _memory_classes(problem):
+        data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
+        sol = solve_order(data, 0, 0, time_limit, minimize_quality=True)
+        if sol.found and sol.objective / scale.scale <= bound:
+            return True
+    return False
 
 
 def largest_batch(problem: Problem, exact_limit: float = EXACT_CHECK_S) -> tuple[int, int]:
@@ -236,7 +260,7 @@ def largest_batch(problem: Problem, exact_limit: float = EXACT_CHECK_S) -> tuple
         return _quality_relaxed(_at(problem, b)) <= bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE
 
     def exact(b: int) -> bool:
-        return min_quality(_at(problem, b), exact_limit) <= bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE
+        return _quality_fits(_at(problem, b), bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE, exact_limit)
 
     if not memory(1):
         return 0, 0
@@ -268,9 +292,10 @@ def what_if(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit:
         raise InvalidArgument(f"frontier points must be within 2..{MAX_FRONTIER_POINTS}, got {frontier_points}")
     started = time.monotonic()
     changes = device_changes(inputs.cluster, extra_types)
-    clock = _Clock(time_limit, 1 + len(changes) + frontier_points + 1)
+    clock = _Clock(time_limit, BASE_WEIGHT + len(changes) + frontier_points + 1)
     problem = inputs.to_problem(lookup)
-    base = plan(problem, clock.share())
+    base = plan(problem, clock.share(BASE_WEIGHT))  # every marginal is against it: the most time
+    clock.floor = max(MIN_SHARE_S, base.solve_seconds)  # what the request's own plan needed
     devices = []
     for device_type, delta, host, changed in changes:
         if isinstance(changed, str):
@@ -312,5 +337,8 @@ def _max_batch(problem: Problem, clock: _Clock) -> MaxBatch:
     batch, bound = largest_batch(problem)
     if batch == 0:
         return MaxBatch(0, None, "not even one sequence fits; see the Plan error for what to change", bound)
-    result, reason = _try(lambda: _at(problem, batch), clock.share())
+    share = clock.share()
+    result, reason = _try(lambda: _at(problem, batch), share)
+    if result is None and "time limit" in reason:  # at the edge of memory plans are hard to find
+        result, reason = _try(lambda: _at(problem, batch), 2 * share)
     return MaxBatch(batch, result, reason, bound)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
 from planner.cluster import Cluster, ClusterEntry, Workload
@@ -74,3 +75,34 @@ def test_cli_replicas_json(tmp_path, capsys):
     assert set(report["tried"]) == {"3", "6"} and len(report["replicas"]) in (3, 6)
     assert sum(d["count"] for r in report["replicas"] for d in r["devices"]) == 10
     assert all(set(r["plan"]) >= {"plan", "predicted", "baselines", "optimality_gap"} for r in report["replicas"])
+
+
+def test_plan_replicas_over_grpc_and_grpcurl(tmp_path):
+    from google.protobuf import json_format
+    from test_planner_service import Planner, _grpcurl
+
+    from pqmesh.api.planner.v1 import planner_pb2
+
+    base = {"model_config_json": TINY, "devices": [{"device_type": "T4", "count": 6, "host": "a"},
+                                                   {"device_type": "V100-32G", "count": 4, "host": "b"}],
+            "workload": {"batch_size": 8, "prompt_length": 32, "generation_length": 8}}
+    planner = Planner(tmp_path / "state")
+    try:
+        reply = planner.stub.PlanReplicas(json_format.ParseDict({"base": base, "time_limit_seconds": 60},
+                                                                planner_pb2.PlanReplicasRequest()))
+        assert {t.replicas for t in reply.tried} == {3, 6} and all(t.feasible for t in reply.tried)
+        assert len(reply.replicas) in (3, 6) and sum(r.batch_size for r in reply.replicas) == 8
+        assert sum(d.count for r in reply.replicas for d in r.devices) == 10
+        assert reply.throughput_tokens_per_s == max(t.throughput_tokens_per_s for t in reply.tried)
+        described = _grpcurl(planner.port, "describe", "pqmesh.planner.v1.PlannerService")
+        assert "rpc PlanReplicas ( .pqmesh.planner.v1.PlanReplicasRequest )" in described
+        out = _grpcurl(planner.port, "-d", json.dumps({"base": base, "replica_counts": [3]}),
+                       "pqmesh.planner.v1.PlannerService/PlanReplicas")
+        again = json_format.Parse(out, planner_pb2.PlanReplicasResponse())
+        assert len(again.replicas) == 3 and [t.replicas for t in again.tried] == [3]
+        for bad in ({}, {"base": base, "replica_counts": [0]}, {"base": base, "time_limit_seconds": 1000}):
+            with pytest.raises(grpc.RpcError) as err:
+                planner.stub.PlanReplicas(json_format.ParseDict(bad, planner_pb2.PlanReplicasRequest()))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details()
+    finally:
+        planner.stop()

@@ -21,7 +21,7 @@ SERVICES = {
                            "AppendPrompts", "StartJob", "StreamResults", "ReplanMesh"],
     },
     "pqmesh.api.planner.v1.planner_pb2": {
-        "PlannerService": ["RegisterDevice", "ListDevices", "GetDevice", "Plan", "WhatIf"],
+        "PlannerService": ["RegisterDevice", "ListDevices", "GetDevice", "Plan", "WhatIf", "PlanReplicas"],
     },
     "pqmesh.api.common.v1.tensor_pb2": {},
 }

@@ -335,3 +335,51 @@ class WhatIfResponse(_message.Message):
     max_batch: MaxBatch
     solve_seconds: float
     def __init__(self, base: _Optional[_Union[PlanResponse, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[DeviceChange, _Mapping]]] = ..., frontier: _Optional[_Iterable[_Union[FrontierPoint, _Mapping]]] = ..., max_batch: _Optional[_Union[MaxBatch, _Mapping]] = ..., solve_seconds: _Optional[float] = ...) -> None: ...
+
+class PlanReplicasRequest(_message.Message):
+    __slots__ = ("base", "time_limit_seconds", "replica_counts")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    base: PlanRequest
+    time_limit_seconds: float
+    replica_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, base: _Optional[_Union[PlanRequest, _Mapping]] = ..., time_limit_seconds: _Optional[float] = ..., replica_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReplicaPlan(_message.Message):
+    __slots__ = ("devices", "batch_size", "plan")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[ClusterDevice]
+    batch_size: int
+    plan: PlanResponse
+    def __init__(self, devices: _Optional[_Iterable[_Union[ClusterDevice, _Mapping]]] = ..., batch_size: _Optional[int] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ...) -> None: ...
+
+class ReplicaCount(_message.Message):
+    __slots__ = ("replicas", "feasible", "throughput_tokens_per_s", "reason")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    replicas: int
+    feasible: bool
+    throughput_tokens_per_s: float
+    reason: str
+    def __init__(self, replicas: _Optional[int] = ..., feasible: _Optional[bool] = ..., throughput_tokens_per_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PlanReplicasResponse(_message.Message):
+    __slots__ = ("replicas", "throughput_tokens_per_s", "pipeedge_tokens_per_s", "optimality_gap", "tried", "solve_seconds")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PIPEEDGE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    OPTIMALITY_GAP_FIELD_NUMBER: _ClassVar[int]
+    TRIED_FIELD_NUMBER: _ClassVar[int]
+    SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaPlan]
+    throughput_tokens_per_s: float
+    pipeedge_tokens_per_s: float
+    optimality_gap: float
+    tried: _containers.RepeatedCompositeFieldContainer[ReplicaCount]
+    solve_seconds: float
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaPlan, _Mapping]]] = ..., throughput_tokens_per_s: _Optional[float] = ..., pipeedge_tokens_per_s: _Optional[float] = ..., optimality_gap: _Optional[float] = ..., tried: _Optional[_Iterable[_Union[ReplicaCount, _Mapping]]] = ..., solve_seconds: _Optional[float] = ...) -> None: ...

@@ -60,6 +60,11 @@ class PlannerServiceStub:
                 request_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfRequest.SerializeToString,
                 response_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfResponse.FromString,
                 _registered_method=True)
+        self.PlanReplicas = channel.unary_unary(
+                '/pqmesh.planner.v1.PlannerService/PlanReplicas',
+                request_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanReplicasRequest.SerializeToString,
+                response_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -103,6 +108,14 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanReplicas(self, request, context):
+        """Plan the pool as several pipelines (data-parallel replicas, each its own mesh plan): the best
+        replica count found. No coordinator runs several meshes yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.WhatIf,
                     request_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfRequest.FromString,
                     response_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfResponse.SerializeToString,
+            ),
+            'PlanReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanReplicas,
+                    request_deserializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanReplicasRequest.FromString,
+                    response_serializer=pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class PlannerService:
             '/pqmesh.planner.v1.PlannerService/WhatIf',
             pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfRequest.SerializeToString,
             pqmesh_dot_planner_dot_v1_dot_planner__pb2.WhatIfResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqmesh.planner.v1.PlannerService/PlanReplicas',
+            pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanReplicasRequest.SerializeToString,
+            pqmesh_dot_planner_dot_v1_dot_planner__pb2.PlanReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
