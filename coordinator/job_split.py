@@ -67,10 +67,11 @@ def shares_from(value: str, count: int) -> tuple[float, ...]:
         return parse_shares(value, count)
     try:
         replicas = json.loads(path.read_text())["replicas"]
-        shares = tuple(float(r["plan"]["throughput_tokens_per_s"]) for r in replicas)
+        shares = tuple(float(r["plan"]["predicted"]["throughput_tokens_per_s"]) for r in replicas)
     except (ValueError, KeyError, TypeError):
         raise InvalidArgument(f"--shares {path}: not the output of `pqmesh plan --replicas --json` (no replicas "
-                              "with plan.throughput_tokens_per_s); give that file or weights like 3,1") from None
+                              "with plan.predicted.throughput_tokens_per_s); give that file or weights like "
+                              "3,1") from None
     return parse_shares(",".join(str(x) for x in shares), count)
 
 

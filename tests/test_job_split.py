@@ -48,8 +48,8 @@ def test_deal_refuses_what_a_user_can_get_wrong():
 
 def test_shares_from_a_replicas_report(tmp_path):
     report = tmp_path / "replicas.json"
-    report.write_text(json.dumps({"replicas": [{"plan": {"throughput_tokens_per_s": 40.0}},
-                                               {"plan": {"throughput_tokens_per_s": 10.0}}]}))
+    report.write_text(json.dumps({"replicas": [{"plan": {"predicted": {"throughput_tokens_per_s": 40.0}}},
+                                               {"plan": {"predicted": {"throughput_tokens_per_s": 10.0}}}]}))
     assert shares_from(str(report), 2) == (40.0, 10.0)
     with pytest.raises(InvalidArgument, match="one weight per coordinator"):
         shares_from(str(report), 3)
@@ -90,3 +90,21 @@ def test_merged_output_refuses_an_index_outside_the_shard():
     merged = MergedOutput(io.StringIO(), 4, openai=False)
     with pytest.raises(Exception, match="line 2 of a shard of 2 lines"):
         merged.add(deal(4, ["a:1", "b:1"])[0], "job-a", result(2))
+
+
+def test_shares_from_a_real_replicas_plan(tmp_path):
+    """`pqmesh plan --replicas --json`'s object, from the planner itself: its replicas' throughputs."""
+    from test_planner_replicas import TINY
+
+    from planner.cluster import Cluster, ClusterEntry, Workload
+    from planner.replicas import plan_replicas
+    from planner.request import PlanInputs
+
+    cluster = Cluster((ClusterEntry("T4", 4, host="a"), ClusterEntry("V100-32G", 1, host="b")))
+    report = plan_replicas(PlanInputs(TINY, cluster, Workload(4, 32, 8)), time_limit=30).to_report()
+    path = tmp_path / "replicas.json"
+    path.write_text(json.dumps(report))
+    count = len(report["replicas"])
+    shares = shares_from(str(path), count)
+    assert count >= 2 and shares == tuple(r["plan"]["predicted"]["throughput_tokens_per_s"] for r in report["replicas"])
+    assert sum(len(s.part) for s in deal(100, [f"h:{i}" for i in range(count)], shares)) == 100
