@@ -108,3 +108,19 @@ def test_shares_from_a_real_replicas_plan(tmp_path):
     shares = shares_from(str(path), count)
     assert count >= 2 and shares == tuple(r["plan"]["predicted"]["throughput_tokens_per_s"] for r in report["replicas"])
     assert sum(len(s.part) for s in deal(100, [f"h:{i}" for i in range(count)], shares)) == 100
+
+
+def test_submit_refuses_a_bad_split_before_sending_anything(tmp_path, capsys, monkeypatch):
+    from cli.main import main as cli
+
+    monkeypatch.setattr("cli.main.configure", lambda *args, **kwargs: None)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "hi"}\n')
+    nowhere = "127.0.0.1:9"  # nothing is contacted: each refusal comes first
+    cases = [(["--coordinator", nowhere, "--shares", "1"], "give --coordinator more than once"),
+             (["--coordinator", nowhere, "--coordinator", nowhere], "same address twice"),
+             (["--coordinator", nowhere, "--coordinator", "127.0.0.1:10", "--shares", "1,2,3"],
+              "3 weight(s) for 2 --coordinator")]
+    for flags, message in cases:
+        assert cli(["submit", str(source), *flags]) == 2
+        assert message in capsys.readouterr().err
