@@ -170,7 +170,9 @@ def _submit_split(args, coordinators: list[str]) -> int:
         return 2
     sys.stderr.write(f"{merged.written} results of {merged.total} lines written to {out_name} "
                      f"from {len(outcomes)} jobs\n")
-    code = 0
+    code = 0 if merged.missing() == 0 else 1
+    if code:
+        sys.stderr.write(f"{merged.missing()} lines got no result from their shard's job\n")
     for o in outcomes:
         sys.stderr.write(f"{o.shard.describe()}: " + progress_line(o.final).rstrip() + "\n")
         if o.final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:

@@ -175,7 +175,7 @@ class ShardOutcome:
     shard: Shard
     job_id: str = ""
     prompts: int = 0
-    results: int = 0
+    results: int = 0  # written to the output
     final: coordinator_pb2.JobProgress | None = None
     error: str = ""
 
@@ -226,9 +226,12 @@ def run_split(connect: Callable[[str], object], job: SplitJob, sink: TextIO, mod
 
     def follow(o: ShardOutcome, display: _SharedDisplay) -> None:
         stub = stubs[o.shard.coordinator]
+
+        def write(r: coordinator_pb2.SequenceResult) -> None:
+            o.results += merged.add(o.shard, o.job_id, r)
+
         try:
-            o.results = batch_client.stream_results(stub, o.job_id, lambda r: merged.add(o.shard, o.job_id, r),
-                                                    display, reconnect_s)
+            batch_client.stream_results(stub, o.job_id, write, display, reconnect_s)
             o.final = batch_client.wait_final(stub, o.job_id, reconnect_s)
         except batch_client.BatchFailed as err:
             o.error = str(err)
