@@ -199,6 +199,9 @@ class SplitJob:
 def split_job(path: Path, params: coordinator_pb2.GenerationParams, coordinators: Sequence[str],
               shares: Sequence[float] | None = None, key: str | None = None) -> SplitJob:
     total = sum(1 for _ in batch_client.lines(path))
+    if total == 0:
+        raise InvalidArgument(f"{path} has no non-blank lines: nothing to split; give a jsonl file with one "
+                              "request per line")
     shards = tuple(deal(total, coordinators, shares))
     return SplitJob(path, params, shards, key or batch_client.default_key(path, params),
                     batch_client.file_digest(path), total)

@@ -121,6 +121,9 @@ def test_submit_refuses_a_bad_split_before_sending_anything(tmp_path, capsys, mo
              (["--coordinator", nowhere, "--coordinator", nowhere], "same address twice"),
              (["--coordinator", nowhere, "--coordinator", "127.0.0.1:10", "--shares", "1,2,3"],
               "3 weight(s) for 2 --coordinator")]
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert cli(["submit", str(tmp_path / "empty.jsonl"), "--coordinator", nowhere, "--coordinator", "h:1"]) == 2
+    assert "has no non-blank lines" in capsys.readouterr().err
     for flags, message in cases:
         assert cli(["submit", str(source), *flags]) == 2
         assert message in capsys.readouterr().err
