@@ -2,7 +2,8 @@
 (a tiny random Llama with the SmolLM2 tokenizer). `pqmesh submit --coordinator A --coordinator B`
 writes the same results as the file run on one mesh, every line's result exactly once with its index
 or custom_id; a re-run finds the same jobs (none is created twice); a coordinator that stays
-unreachable fails its shard with its address named while the other shard's results stay in the output."""
+unreachable fails its shard with its address named while the other shard's results stay in the output;
+a coordinator restarted while its shard's results stream is followed again, each line still once."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,29 +52,52 @@ def wait_serving(proc: subprocess.Popen, log: str, limit_s: float = 120) -> str:
     raise AssertionError(f"the stage process did not start serving: {Path(log).read_text()[-2000:]}")
 
 
+class Meshes:
+    """The two coordinators (in this process, on loopback) of the two meshes; one can be stopped and
+    served again on the same port and state directory (a coordinator restart)."""
+
+    def __init__(self) -> None:
+        self.configs: list[CoordinatorConfig] = []
+        self.running: list = []
+
+    def start(self, config: CoordinatorConfig):
+        running = serve(config)
+        self.configs.append(replace(config, listen=f"127.0.0.1:{running.port}"))
+        self.running.append(running)
+        return running
+
+    def stop_one(self, i: int) -> None:
+        self.running[i].stop(grace=None)
+
+    def serve_again(self, i: int) -> None:
+        self.running[i] = serve(self.configs[i])
+
+    def stop(self) -> None:
+        for running in self.running:
+            running.stop(grace=None)
+
+
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    """Two meshes: (coordinator address, its running server) each, one stage process per mesh."""
+def meshes(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     build_chat_checkpoint(root / MODEL)
     logs = tmp_path_factory.mktemp("logs")
     procs = [start_stage_process(root, logs / f"stage-{i}.log") for i in range(2)]
-    running = []
+    found = Meshes()
 
     def coordinator(i: int, proc: subprocess.Popen, log: str):
-        config = CoordinatorConfig("127.0.0.1:0", tmp_path_factory.mktemp(f"state-{i}"),
-                                   plan_for([wait_serving(proc, log)], 4, 4, [(0, 2)]), MODEL, max_sequences=6,
-                                   max_tokens_per_sequence=96, model_root=root, log_level="warning", dtype="float32")
-        running.append(serve(config))
-        return running[-1]
+        return CoordinatorConfig("127.0.0.1:0", tmp_path_factory.mktemp(f"state-{i}"),
+                                 plan_for([wait_serving(proc, log)], 4, 4, [(0, 2)]), MODEL, max_sequences=6,
+                                 max_tokens_per_sequence=96, model_root=root, log_level="warning", dtype="float32")
 
     try:
-        with ThreadPoolExecutor(2) as pool:  # both meshes come up at once
-            started = list(pool.map(coordinator, range(2), *zip(*procs)))
-        yield [f"127.0.0.1:{r.port}" for r in started]
+        with ThreadPoolExecutor(2) as pool:  # both stage processes start at once
+            configs = list(pool.map(coordinator, range(2), *zip(*procs)))
+        for config in configs:
+            found.start(config)
+        yield found
     finally:
-        for r in running:
-            r.stop(grace=None)
+        found.stop()
         for proc, _ in procs:
             proc.terminate()
         for proc, _ in procs:
@@ -80,6 +106,12 @@ def pipelines(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def pipelines(meshes):
+    """The two coordinators' addresses."""
+    return [f"127.0.0.1:{r.port}" for r in meshes.running]
 
 
 @pytest.fixture(autouse=True)
@@ -180,3 +212,45 @@ def test_an_unreachable_coordinator_fails_its_shard_naming_it_and_keeps_the_othe
     assert "job (not created)" in message and "run the same command again" in message
     rows = [json.loads(line) for line in sink.getvalue().splitlines()]
     assert sorted(int(r["id"].rsplit("-", 1)[1]) for r in rows) == list(range(6))
+
+
+class RestartOnFirstResult(io.StringIO):
+    """The output. The first result the shard-1 thread writes stops shard 1's coordinator before the
+    write returns (the rest of that job is still generating, so its result stream breaks there) and
+    serves it again on another thread."""
+
+    def __init__(self, meshes: Meshes) -> None:
+        super().__init__()
+        self.meshes, self.restarted = meshes, threading.Event()
+
+    def write(self, text: str) -> int:
+        if threading.current_thread().name == "shard-1" and not self.restarted.is_set():
+            self.restarted.set()
+            self.meshes.stop_one(1)
+            threading.Thread(target=self.meshes.serve_again, args=(1,), daemon=True).start()
+        return super().write(text)
+
+
+def test_a_coordinator_restarted_midway_resumes_its_shard_each_line_once(meshes, pipelines, tmp_path):
+    source = tmp_path / "plain.jsonl"
+    lengths = [3] * 6 + [1] + [24] * 5  # shard 1 (lines 6-11): one short request finishes first
+    source.write_text("\n".join(json.dumps({"token_ids": [20 + i, 6, 7], "max_tokens": n})
+                                for i, n in enumerate(lengths)) + "\n")
+    params = coordinator_pb2.GenerationParams(max_new_tokens=3, stop_on_eos=False)
+    sink, progress = RestartOnFirstResult(meshes), io.StringIO()
+    channels = []
+
+    def connect(address: str):
+        channels.append(channel(address))
+        return coordinator_pb2_grpc.CoordinatorServiceStub(channels[-1])
+
+    outcomes, merged = run_split(connect, split_job(source, params, pipelines), sink, stream=progress,
+                                 reconnect_s=60)
+    for ch in channels:
+        ch.close()
+    assert sink.restarted.is_set() and "reconnecting" in progress.getvalue()
+    assert [o.error for o in outcomes] == ["", ""]
+    rows = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(12)) and merged.duplicates == 0
+    assert [len(r["token_ids"]) for r in sorted(rows, key=lambda r: r["index"])] == lengths
+    assert all(o.final.state == coordinator_pb2.JOB_STATE_SUCCEEDED for o in outcomes)
