@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +131,34 @@ def test_submit_refuses_a_bad_split_before_sending_anything(tmp_path, capsys, mo
     for flags, message in cases:
         assert cli(["submit", str(source), *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+CTRL_C_SCRIPT = """
+import sys, threading
+from coordinator.job_split import Shard, ShardOutcome, _in_threads
+started, never = threading.Semaphore(0), threading.Event()
+def work(o):
+    started.release()
+    never.wait()
+def report():
+    for _ in range(2):
+        started.acquire()
+    print("following", flush=True)
+threading.Thread(target=report, daemon=True).start()
+try:
+    _in_threads(work, [ShardOutcome(Shard(i, f"h:{i}", range(1))) for i in range(2)])
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_ends_the_shard_threads_wait():
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline() == "following\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
