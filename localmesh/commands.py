@@ -47,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("-i", "--input", type=Path, required=True, help="input jsonl")
     batch.add_argument("-o", "--output", type=Path, required=True, help="output jsonl (OpenAI Batch output lines for "
                                                                         "an OpenAI input)")
-    batch.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="a running coordinator; default: start a local mesh, run, stop it")
+    batch.add_argument("--coordinator", action="append", default=None, metavar="HOST:PORT",
+                       help="a running coordinator (repeat it to shard the file across several, one mesh "
+                            "each); default: start a local mesh, run, stop it")
     batch.add_argument("--model", type=Path, default=None, help="local mesh: checkpoint directory (default: embedded "
                                                                 "SmolLM2-135M-Instruct)")
     batch.add_argument("--budgets-mb", default="2000", help="local mesh: memory budget of each stage server in MiB, "
@@ -177,8 +178,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, stop_on_eos=not args.ignore_eos,
         sampling=tensor_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                            seed=args.seed))
-    options = RunBatchOptions(args.input, args.output, params, args.coordinator, args.model, budgets,
-                              args.max_sequences, args.quick_profile, args.workdir, args.idempotency_key)
+    options = RunBatchOptions(args.input, args.output, params, tuple(args.coordinator or ()), args.model,
+                              budgets, args.max_sequences, args.quick_profile, args.workdir, args.idempotency_key)
     try:
         final = run(options)
     except BatchFailed as err:

@@ -1,11 +1,12 @@
 """`pqmesh run-batch -i IN.jsonl -o OUT.jsonl`: a batch file end to end.
 
-With ``--coordinator HOST:PORT`` it uploads the file to that coordinator, follows the results as they
-finish and writes them (`coordinator.batch_client.run_file`). Without it, it starts a mesh on this
-machine the way `pqmesh demo` does (the embedded SmolLM2 by default, ``--model DIR`` for another
-checkpoint): profiles the CPU (cached), starts a planner and the stage servers, lets the planner
-choose the plan for this file's workload, starts a coordinator on it, runs the file, writes the output
-and stops every process (also on Ctrl-C or an error).
+With ``--coordinator HOST:PORT`` it uploads the file to that coordinator, follows the results as
+they finish and writes them (`coordinator.batch_client.run_file`); with it given several times it
+shards the file across those coordinators and merges their results (`coordinator.job_split`).
+Without it, it starts a mesh on this machine the way `pqmesh demo` does (the embedded SmolLM2 by
+default, ``--model DIR`` for another checkpoint): profiles the CPU (cached), starts a planner and
+the stage servers, lets the planner choose the plan for this file's workload, starts a coordinator
+on it, runs the file, writes the output and stops every process (also on Ctrl-C or an error).
 
 The workload the planner sees (prompt length) comes from tokenizing the first ``SAMPLE_LINES`` lines;
 each sequence gets twice the longest of those plus ``--max-new-tokens`` of KV cache, so a later, much
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from coordinator.batch_client import lines, run_file
+from coordinator.batch_client import BatchFailed, lines, run_file
 from coordinator.openai_batch import parse_line
 from coordinator.requests import RequestError
 from localmesh.mesh import (
@@ -47,7 +48,7 @@ class RunBatchOptions:
     source: Path
     out: Path
     params: coordinator_pb2.GenerationParams
-    coordinator: str | None = None
+    coordinators: tuple[str, ...] = ()  # one: upload there; several: shard the file across them
     model: Path | None = None
     budgets_mb: tuple[int, ...] = (2000,)
     max_sequences: int = 32
@@ -57,16 +58,45 @@ class RunBatchOptions:
     threads_per_process: int = 1
 
 
-def run(options: RunBatchOptions, err: TextIO = sys.stderr) -> coordinator_pb2.JobProgress:
+def run(options: RunBatchOptions, err: TextIO | None = None) -> coordinator_pb2.JobProgress:
+    err = err or sys.stderr  # looked up per call, not bound at import (a test may swap sys.stderr)
     if not options.source.is_file():
         raise InvalidArgument(f"{options.source} is not a file")
-    if options.coordinator:
-        with channel(options.coordinator) as ch:
+    if len(options.coordinators) > 1:
+        return _run_split(options, err)
+    if options.coordinators:
+        with channel(options.coordinators[0]) as ch:
             final, written = run_file(coordinator_pb2_grpc.CoordinatorServiceStub(ch), options.source, options.out,
                                       options.params, options.idempotency_key, stream=err)
         err.write(f"{written} results written to {options.out}\n")
         return final
     return _run_local(options, err)
+
+
+def _run_split(options: RunBatchOptions, err: TextIO) -> coordinator_pb2.JobProgress:
+    """The file sharded across the coordinators (`coordinator.job_split`), one merged output; the
+    progress of the first shard's job that did not succeed (the last shard's if all did)."""
+    from coordinator.job_split import failure_message, run_split, split_job
+
+    job = split_job(options.source, options.params, options.coordinators, key=options.idempotency_key)
+    channels = []
+
+    def connect(address: str):
+        channels.append(channel(address))
+        return coordinator_pb2_grpc.CoordinatorServiceStub(channels[-1])
+
+    try:
+        with options.out.open("w") as sink:
+            outcomes, merged = run_split(connect, job, sink, stream=err)
+    finally:
+        for ch in channels:
+            ch.close()
+    if any(o.error for o in outcomes):
+        raise BatchFailed(failure_message(outcomes, merged, str(options.out)))
+    err.write(f"{merged.written} results of {merged.total} lines written to {options.out} from "
+              f"{len(outcomes)} jobs\n")
+    return next((o.final for o in outcomes if o.final.state != coordinator_pb2.JOB_STATE_SUCCEEDED),
+                outcomes[-1].final)
 
 
 def sample_prompt_tokens(source: Path, tokenizer) -> tuple[int, int]:

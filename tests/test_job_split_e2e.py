@@ -174,6 +174,12 @@ def test_two_pipelines_give_one_meshs_results_each_line_once_and_rerun_makes_no_
     rerun = [json.loads(line) for line in again.read_text().splitlines()]
     assert comparable(rerun) == comparable(two) and sorted(r["id"] for r in rerun) == sorted(r["id"] for r in two)
 
+    # `pqmesh run-batch` with the same coordinators and settings: the same shards, so the same jobs
+    by_run_batch = tmp_path / "run-batch.jsonl"
+    assert cli(["run-batch", "-i", str(source), "-o", str(by_run_batch), *flags]) == 0
+    assert comparable([json.loads(line) for line in by_run_batch.read_text().splitlines()]) == comparable(two)
+    assert len(list_jobs(a)) == 2 and len(list_jobs(b)) == 1
+
 
 def test_weighted_shares_and_plain_lines_keep_their_global_index(pipelines, tmp_path):
     a, b = pipelines
