@@ -4,6 +4,8 @@
         [--bits 3] [--methods rtn,gptq] [--eval-windows 32] [--calib-windows 16] [--kl-windows 4]
         [--seq-len 512] [--out r.json]
 
+``--steps ""`` only merges (``--merge``, ``--indicator-file``) and summarizes.
+
 - ``target``: per method, every layer quantized alone at ``--bits`` (`pqmesh.quant.sensitivity`) on
   the first ``--eval-windows`` windows of ``test.txt``; the mean KL per position against 16 bits and
   the NLL increase, per layer, and the split-half Spearman (first half of the windows against the
@@ -31,11 +33,12 @@ from pqmesh.log import configure
 from pqmesh.model.embedded import MODELS, prepare
 from pqmesh.quant.calibrate import LayerwiseRunner, bos_token, calibration_windows, load_tokens, token_windows
 from pqmesh.quant.indicator import compute_indicator
+from pqmesh.quant.indicator_file import load_indicator
 from pqmesh.quant.rank import spearman
 from pqmesh.quant.sensitivity import measure_damage, quantized_variants
 from pqmesh.types import Bits
 
-KINDS = ("variance", "variance-abs", "direct", "kl")
+INDICATORS = ("variance", "variance-abs", "direct-rtn", "direct-gptq", "kl-rtn", "kl-gptq")
 
 
 def log(msg: str) -> None:
@@ -61,17 +64,26 @@ def step_target(model: Path, ctx: dict, results: dict) -> None:
 
 def step_indicators(model: Path, ctx: dict, results: dict) -> None:
     out = results.setdefault("indicators", {})
-    for kind in KINDS:
-        for method in (ctx["methods"] if kind in ("direct", "kl") else ("rtn",)):
-            name = kind if kind.startswith("variance") else f"{kind}-{method}"
-            started = time.perf_counter()
-            windows = ctx["calib"][:ctx["kl_windows"]] if kind == "kl" else ctx["calib"]
-            runner = LayerwiseRunner(model, windows, micro_batch=ctx["batch"])
-            table = compute_indicator(runner, (ctx["bits"],), kind, ctx["group"], method=method)
-            runner.close()
-            out[name] = {"values": [table.value(i, ctx["bits"]) for i in range(table.num_layers)],
-                         "seconds": time.perf_counter() - started}
-            log(f"indicator {name}: {out[name]['seconds']:.0f} s")
+    for name in ctx["indicators"]:
+        kind, method = (name, "rtn") if name.startswith("variance") else name.split("-")
+        started = time.perf_counter()
+        windows = ctx["calib"][:ctx["kl_windows"]] if kind == "kl" else ctx["calib"]
+        runner = LayerwiseRunner(model, windows, micro_batch=ctx["batch"])
+        table = compute_indicator(runner, (ctx["bits"],), kind, ctx["group"], method=method)
+        runner.close()
+        out[name] = {"values": [table.value(i, ctx["bits"]) for i in range(table.num_layers)],
+                     "seconds": time.perf_counter() - started, "windows": int(windows.shape[0])}
+        log(f"indicator {name}: {out[name]['seconds']:.0f} s")
+
+
+def read_indicator_files(specs: list[str], bits: int, results: dict) -> None:
+    """``NAME=PATH`` indicator files (`pqmesh indicator` output) join the indicators as NAME."""
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        table = load_indicator(path)
+        results.setdefault("indicators", {})[name] = {
+            "values": [table.value(i, bits) for i in range(table.num_layers)], "file": path,
+            "kind": table.kind, "samples": table.samples, "seq_len": table.seq_len}
 
 
 def summary(results: dict) -> dict:
@@ -97,6 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--kl-windows", type=int, default=4, help="calibration windows of the kl kind (4)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--indicators", default=",".join(INDICATORS), help="what the indicators step computes")
+    parser.add_argument("--indicator-file", action="append", default=[], metavar="NAME=PATH",
+                        help="an indicator file written by `pqmesh indicator`, reported as NAME (repeatable)")
+    parser.add_argument("--merge", action="append", default=[], type=Path,
+                        help="results JSON of another run whose targets and indicators join these (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results, merged with what is there")
     args = parser.parse_args(argv)
     configure("warning")
@@ -107,13 +124,17 @@ def main(argv=None) -> int:
     ctx = {"eval": token_windows(tokens, args.seq_len, args.eval_windows, bos),
            "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
            "kl_windows": args.kl_windows, "bits": args.bits, "methods": args.methods.split(","),
-           "group": args.group_size, "batch": args.batch}
+           "group": args.group_size, "batch": args.batch, "indicators": args.indicators.split(",")}
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
     results.update(model=args.model, bits=args.bits, seq_len=args.seq_len, group_size=args.group_size,
                    eval_windows=int(ctx["eval"].shape[0]), calib_windows=int(ctx["calib"].shape[0]),
                    corpus="wikitext-2 (tokenized form): test (target) / valid (indicators, gptq calibration)")
+    for other in args.merge:
+        for key in ("target", "indicators"):
+            results.setdefault(key, {}).update(json.loads(other.read_text()).get(key, {}))
+    read_indicator_files(args.indicator_file, args.bits, results)
     steps = {"target": step_target, "indicators": step_indicators}
-    for name in args.steps.split(","):
+    for name in filter(None, args.steps.split(",")):
         steps[name](model, ctx, results)
         if args.out:
             args.out.write_text(json.dumps(results, indent=1) + "\n")
