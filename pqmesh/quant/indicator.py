@@ -23,7 +23,9 @@ error relative to the layer's whole output, ``sum ||y_q - y||**2 / sum ||y||**2`
 *kl*: the damage itself, measured on the calibration windows (`pqmesh.quant.sensitivity`): each
 layer quantized alone, the mean KL divergence per position of the model's next-token distribution
 from the 16-bit one. The dearest kind (about half a forward pass of the model per layer and width)
-and the one that measures what the others approximate.
+and the one that measures what the others approximate: on SmolLM2-135M at 3 bits its Spearman
+correlation with the damage measured on WikiText-2 test text is 0.976 for RTN and 0.822 for GPTQ,
+against 0.78 / 0.665 for *direct* and 0.44 / 0.07 for *variance* (docs/BENCHMARKS.md).
 
 Means are sums over every token of every micro-batch divided once by the token count, so unequal
 micro-batches weigh their tokens equally. File format, version 1 (JSON): ``{"version": 1, "model",
