@@ -52,6 +52,7 @@ from pqmesh.quant.layer import plan_hook
 from pqmesh.quant.memory import layer_shape, predict_layer_bytes
 from pqmesh.quant.ppl import nll_sum, perplexity
 from pqmesh.quant.quantize import quantize_checkpoint
+from pqmesh.quant.rank import spearman
 
 WIDTHS = (8, 4, 3, 2)
 INDICATORS = {"variance": ("variance", "rtn"), "direct-rtn": ("direct", "rtn"), "direct-gptq": ("direct", "gptq")}
@@ -60,25 +61,6 @@ INDICATORS = {"variance": ("variance", "rtn"), "direct-rtn": ("direct", "rtn"), 
 def log(msg: str) -> None:
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(xs):
-        order = sorted(range(len(xs)), key=lambda i: xs[i])
-        r, i = [0.0] * len(xs), 0
-        while i < len(order):  # average ranks over ties
-            j = i
-            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
 
 
 def evaluate(model: Path, plan: list[int], method: str, ctx: dict) -> dict:

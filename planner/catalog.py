@@ -42,6 +42,8 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "llama-2-70b": _llama(8192, 28672, 80, 64, 8, 32000, 4096),
     "llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256, 8192),
     "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128256, 8192),
+    # the embedded model (`pqmesh model prepare`); its shipped indicator: planner/indicators/
+    "smollm2-135m-instruct": {**_llama(576, 1536, 30, 9, 3, 49152, 8192), "head_dim": 64, "tie_word_embeddings": True},
 }
 _ALIASES = {"bloom": "bloom-176b", "meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b"}
 

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     quality.add_argument(
         "--quality-bound", type=float, help="upper bound on the summed indicator (default: uniform int4's)"
     )
-    p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: 2^-2b per layer)")
+    p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: the model's shipped one "
+                   "in planner/indicators/, else 2^-2b per layer)")
     p.add_argument("--bits", default="", help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2)")
     p.add_argument("--dtype", default="", choices=("", "float16", "bfloat16", "float32"),
                    help="dtype the stages run in: bytes of unquantized weights, KV cache and activations "

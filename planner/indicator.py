@@ -1,8 +1,9 @@
 """Per-layer quantization sensitivity indicators and the quality setting of a plan.
 
 Files (written by `pqmesh indicator`) are read by `pqmesh.quant.indicator_file`, the one reader
-of that format; `Indicator` is the planner's hashable view of one. Without a file the planner uses
-`default_indicator`: the expected noise
+of that format; `Indicator` is the planner's hashable view of one. A request without a file gets
+`shipped_indicator`, the measured file in ``planner/indicators/`` of a built-in model with the same
+dimensions (the embedded SmolLM2-135M-Instruct), if there is one; else `default_indicator`: the expected noise
 of b-bit uniform quantization is proportional to its step squared, 2^(-2b), equal for every layer,
 normalized so that all layers at 4 bits sum to 1.0. A plan's quality is the sum of its layers'
 indicators at their chosen bits; lower is better.
@@ -20,12 +21,15 @@ from pathlib import Path
 
 import structlog
 
+from planner.catalog import builtin_model
+from planner.model_shapes import ModelShape
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.indicator_file import IndicatorTable, load_indicator
 from pqmesh.types import ALL_BITS, Bits
 
 log = structlog.get_logger(__name__)
 INDICATOR_VERSION = 1
+SHIPPED_DIR = Path(__file__).with_name("indicators")  # <built-in model name>.json, as `pqmesh indicator` wrote it
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,16 @@ class Indicator:
     @classmethod
     def load(cls, path: str | Path) -> Indicator:
         return cls.from_table(load_indicator(path))
+
+
+def shipped_indicator(shape: ModelShape) -> Indicator | None:
+    """The shipped indicator of the built-in model whose dimensions are ``shape``'s (same
+    fingerprint, whatever its name), or None."""
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        if builtin_model(path.stem).fingerprint == shape.fingerprint:
+            log.info("indicator_shipped", file=path.name, model=shape.name)
+            return Indicator.load(path)
+    return None
 
 
 def default_indicator(num_layers: int) -> Indicator:

@@ -8,7 +8,7 @@ from google.protobuf import json_format
 
 from planner.catalog import builtin_model, model_from_config_json
 from planner.cluster import Cluster, ProfileLookup, Workload, expand
-from planner.indicator import Indicator, Quality, default_indicator
+from planner.indicator import Indicator, Quality, default_indicator, shipped_indicator
 from planner.memory import DEFAULT_DTYPE, element_bytes
 from planner.model_shapes import ModelShape
 from planner.problem import DEFAULT_COORDINATOR_S, CostConfig, Problem
@@ -59,9 +59,10 @@ class PlanInputs:
 
     def to_problem(self, lookup: ProfileLookup | None = None) -> Problem:
         shape = self.shape()
-        indicator = (
-            Indicator.from_json(self.indicator_json) if self.indicator_json else default_indicator(shape.num_layers)
-        )
+        if self.indicator_json:
+            indicator = Indicator.from_json(self.indicator_json)
+        else:
+            indicator = shipped_indicator(shape) or default_indicator(shape.num_layers)
         indicator.check(shape.num_layers, self.allowed_bits, shape.name)
         devices = expand(self.cluster, lookup)
         return Problem(shape, devices, self.cluster.network, self.workload, indicator,

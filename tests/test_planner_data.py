@@ -9,7 +9,7 @@ import pytest
 from planner.catalog import BUILTIN_CONFIGS, builtin_model, canonical_name, resolve_model
 from planner.cluster import Cluster, ClusterEntry, Network, Workload, expand
 from planner.devices import BUILTIN_GPUS, DeviceProfile, LatencyModel, Roofline, builtin_profile, normalize_type
-from planner.indicator import Indicator, Quality, default_indicator
+from planner.indicator import SHIPPED_DIR, Indicator, Quality, default_indicator
 from planner.model_shapes import ModelShape, from_hf_config
 from planner.plans import Baseline, PlanResult, Prediction
 from planner.request import PlanInputs
@@ -20,6 +20,7 @@ from pqmesh.types import ALL_BITS, Bits, Phase, allowed_bits
 PUBLISHED_PARAMS = {  # billions, as published with the checkpoints
     "opt-13b": 12.85, "opt-30b": 29.97, "opt-66b": 65.7, "opt-175b": 174.6, "bloom-3b": 3.0, "bloom-176b": 176.2,
     "llama-2-7b": 6.74, "llama-2-13b": 13.02, "llama-2-70b": 68.98, "llama-3-8b": 8.03, "llama-3-70b": 70.55,
+    "smollm2-135m-instruct": 0.1345,
 }
 
 
@@ -183,6 +184,25 @@ def test_plans_round_trip_and_validate():
         "throughput_tokens_per_s": 0.0,
         "reason": "t4:0 short by 1 GiB",
     }
+
+
+def test_default_plan_of_the_embedded_model_reads_its_shipped_indicator():
+    from transformers import LlamaConfig
+
+    shipped = Indicator.load(SHIPPED_DIR / "smollm2-135m-instruct.json")
+    # the embedded checkpoint's config.json as the demo sends it (inline, under another name)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192).to_dict()
+    cluster = Cluster((ClusterEntry("T4", 2),))
+    for model in (json.dumps({**config, "_name_or_path": "/cache/models/x"}), "smollm2-135m-instruct"):
+        problem = PlanInputs(model, cluster, Workload(4, 32, 16)).to_problem()
+        assert problem.indicator == shipped and not shipped.is_uniform() and shipped.num_layers == 30
+        assert problem.quality.bound == pytest.approx(sum(shipped.value(i, Bits.B4) for i in range(30)))
+    assert PlanInputs("llama-2-7b", cluster, Workload(4, 32, 16)).to_problem().indicator == default_indicator(32)
+    given = default_indicator(30).to_json()
+    assert PlanInputs(json.dumps(config), cluster, Workload(4, 32, 16), indicator_json=given).to_problem().indicator \
+        == Indicator.from_json(given)
 
 
 def test_plan_request_round_trips():

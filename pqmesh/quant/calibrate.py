@@ -116,6 +116,7 @@ class LayerwiseRunner:
         self.micro_batch = micro_batch
         self.reader = CheckpointReader(self.model_dir)
         self.width = windows.shape[1]
+        self.windows = windows  # the token ids, for measures that run the whole model (`sensitivity`)
         kv_heads, head_dim = self.family.kv_shape()
         self._cache = StaticKVCache(1, micro_batch, self.width, kv_heads, head_dim, dtype, self.device)
         self._runtime = self.family.runtime_modules(self.device)

@@ -1,7 +1,8 @@
 """`pqmesh quantize`, `pqmesh indicator` and `pqmesh ppl`: the quantization tools on the command line.
 
     pqmesh quantize --model DIR --bits SPEC --out DIR [--method gptq|rtn] [--calib TEXT] [--samples 32]
-    pqmesh indicator --model DIR --calib TEXT --out ind.json [--bits 8,4,3,2] [--kind variance|direct]
+    pqmesh indicator --model DIR --calib TEXT --out ind.json [--bits 8,4,3,2] [--kind variance|direct|kl]
+                     [--method rtn|gptq]
     pqmesh ppl --model DIR --bits 4|16,8,...|plan.json --text TEXT [--method rtn|gptq --calib TEXT]
                [--seq-len 256] [--tokens N]
 
@@ -84,7 +85,7 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--bits", default="8,4,3,2", help="bitwidths to rate (default 8,4,3,2)")
     ind.add_argument("--kind", choices=KINDS, default="variance")
     ind.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
-    ind.add_argument("--method", choices=METHODS, default="rtn", help="quantizer the direct kind measures (rtn)")
+    ind.add_argument("--method", choices=METHODS, default="rtn", help="quantizer the direct and kl kinds measure (rtn)")
     ind.set_defaults(func=run_indicator)
 
     ppl = subparsers.add_parser("ppl", help="perplexity of a per-layer bit plan on a text file")
@@ -98,8 +99,8 @@ def add_parser(subparsers) -> None:
 
 
 def run_indicator(args) -> int:
-    tokens = load_tokens(args.model, args.calib, max_tokens=args.samples * args.seq_len)
-    windows = token_windows(tokens, args.seq_len, args.samples)
+    # BOS first where the tokenizer adds one (Gemma), as `pqmesh ppl` and `pqmesh quantize` do
+    windows = calibration_windows(args.model, args.calib, args.samples, args.seq_len)
     runner = LayerwiseRunner(args.model, windows, micro_batch=args.batch, dtype=_dtype(args.dtype), device=args.device)
     try:
         table = compute_indicator(

@@ -3,7 +3,7 @@ and the planner reads them. One reader and one writer, torch-free.
 
 Format, version 1 (JSON)::
 
-    {"version": 1, "model": "opt-30b", "kind": "variance" | "variance-abs" | "direct", "group_size": 128,
+    {"version": 1, "model": "opt-30b", "kind": "variance" | "variance-abs" | "direct" | "kl", "group_size": 128,
      "samples": 8, "seq_len": 512, "tokens": 4096,
      "layers": [{"layer": 0, "bits": {"16": 0.0, "8": 1e-4, "4": 0.02, "3": 0.09, "2": 0.4}}, ...]}
 
@@ -22,7 +22,7 @@ from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.types import DEFAULT_GROUP_SIZE, Bits
 
 VERSION = 1
-KINDS = ("variance", "variance-abs", "direct")
+KINDS = ("variance", "variance-abs", "direct", "kl")
 _EXAMPLE = '{"version": 1, "layers": [{"layer": 0, "bits": {"8": ...}}]}'
 
 

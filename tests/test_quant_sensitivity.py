@@ -1,0 +1,105 @@
+"""Measured per-layer damage (`pqmesh.quant.sensitivity`) and the `kl` indicator, on tiny random
+models: the damage agrees with `perplexity` of the same single-layer plan, a 16-bit "variant" does
+no damage, and the indicator orders widths and quantizers as it should."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from quant_tiny import build_wide_checkpoint
+
+from cli.main import main as cli
+from pqmesh.errors import InvalidArgument
+from pqmesh.quant.calibrate import LayerwiseRunner, calibration_windows
+from pqmesh.quant.indicator import compute_indicator
+from pqmesh.quant.indicator_file import load_indicator
+from pqmesh.quant.ppl import perplexity
+from pqmesh.quant.rank import spearman
+from pqmesh.quant.sensitivity import measure_damage, quantized_variants
+from pqmesh.types import Bits
+
+TEXT = Path(__file__).parent / "data" / "quant_text.txt"
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("wide")
+    build_wide_checkpoint("llama", directory, layers=2, hidden=256)
+    return directory
+
+
+def test_damage_matches_perplexity_of_the_single_layer_plan(wide):
+    windows = calibration_windows(wide, TEXT, 6, 64)
+    variants = quantized_variants(wide, (3,), "rtn", 128)
+    damage = measure_damage(wide, windows, variants, micro_batch=4)[Bits.B3]  # 4 + 2: a ragged last batch
+    assert (damage.num_layers, damage.windows, damage.tokens) == (2, 6, 6 * 63)
+    base = perplexity(wide, [16, 16], windows, 128, batch=3).nll
+    for layer in range(2):
+        plan = [3 if i == layer else 16 for i in range(2)]
+        expected = perplexity(wide, plan, windows, 128, batch=3).nll - base
+        assert damage.mean_nll()[layer] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        assert all(v > 0 for v in damage.kl[layer])
+    assert -1.0 <= damage.split_half() <= 1.0
+    row = damage.to_json()
+    assert row["bits"] == 3 and len(row["kl_per_window"][0]) == 6 and row["tokens"] == 378
+
+
+def test_a_16_bit_variant_does_no_damage(wide):
+    windows = calibration_windows(wide, TEXT, 2, 64)
+    runner = LayerwiseRunner(wide, windows)
+    variants = {Bits.B8: [runner.load_layer(i) for i in range(2)]}  # unquantized layers posing as 8-bit
+    runner.close()
+    damage = measure_damage(wide, windows, variants, micro_batch=2)[Bits.B8]
+    assert max(map(abs, damage.mean_kl())) < 1e-6
+    assert max(map(abs, damage.mean_nll())) < 1e-4
+
+
+def test_kl_indicator_orders_widths_and_quantizers(wide, tmp_path):
+    windows = calibration_windows(wide, TEXT, 4, 64)
+    tables = {}
+    for method in ("rtn", "gptq"):
+        runner = LayerwiseRunner(wide, windows, micro_batch=4)
+        tables[method] = compute_indicator(runner, (8, 4, 3, 2), "kl", 128, method=method)
+        runner.close()
+    for layer in range(2):
+        rtn = [tables["rtn"].value(layer, b) for b in (8, 4, 3, 2)]
+        assert 0 < rtn[0] < rtn[1] < rtn[2] < rtn[3]
+        assert tables["gptq"].value(layer, 3) < tables["rtn"].value(layer, 3)
+    assert tables["gptq"].kind == "kl" and tables["gptq"].meta == {"method": "gptq"}
+    assert tables["rtn"].tokens == windows.numel()
+
+
+def test_cli_writes_a_kl_indicator_the_loader_reads(wide, tmp_path):
+    out = tmp_path / "kl.json"
+    assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
+                "--method", "gptq", "--bits", "4,3", "--samples", "2", "--seq-len", "64"]) == 0
+    table = load_indicator(out)
+    assert (table.kind, table.num_layers, table.samples, table.seq_len) == ("kl", 2, 2, 64)
+    assert json.loads(out.read_text())["method"] == "gptq"
+    assert table.value(0, 3) > table.value(0, 4) > 0
+
+
+def test_bad_inputs_get_precise_errors(wide):
+    with pytest.raises(InvalidArgument, match="method must be one of"):
+        quantized_variants(wide, (4,), "awq")
+    with pytest.raises(InvalidArgument, match="needs calibration windows"):
+        quantized_variants(wide, (4,), "gptq")
+    with pytest.raises(InvalidArgument, match="at least one of 8, 4, 3, 2"):
+        quantized_variants(wide, (16,))
+    windows = calibration_windows(wide, TEXT, 2, 32)
+    one_layer = {Bits.B4: quantized_variants(wide, (4,))[Bits.B4][:1]}
+    with pytest.raises(InvalidArgument, match="cover 1 layers, the model has 2"):
+        measure_damage(wide, windows, one_layer)
+    with pytest.raises(InvalidArgument, match="seq_len >= 2"):
+        measure_damage(wide, torch.zeros(3, dtype=torch.long), one_layer)
+
+
+def test_spearman_ranks_with_ties_and_refuses_short_input():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
+    with pytest.raises(InvalidArgument, match="one length >= 2"):
+        spearman([1.0], [1.0])
