@@ -36,7 +36,7 @@ from typing import Iterable
 from typing import Sequence as Seq
 
 from pqmesh.errors import FailedPrecondition, InvalidArgument
-from pqmesh.length_groups import DEFAULT_WINDOW, prefill_group
+from pqmesh.length_groups import DEFAULT_WINDOW, take_prefill_group
 from pqmesh.types import Phase
 
 
@@ -194,11 +194,7 @@ class Scheduler:
 
     def _prefill(self) -> MicroBatch:
         take = min(self.prefill_size, len(self._free), len(self.waiting))
-        window = [self.waiting[i] for i in range(min(len(self.waiting), take * self.group_window))]
-        picked = prefill_group([len(s.context) for s in window], take)
-        for i in reversed(picked):
-            del self.waiting[i]
-        group = [window[i] for i in picked]
+        group = take_prefill_group(self.waiting, take, self.group_window, lambda s: len(s.context))
         for sequence in group:
             sequence.slot = heapq.heappop(self._free)
         return MicroBatch(next(self._ids), Phase.PREFILL, tuple(group), tuple(s.slot for s in group),

@@ -12,7 +12,10 @@ cost model replays), so the prediction follows the schedule.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import deque
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_WINDOW = 8  # candidates per place in the micro-batch: the first 8 x size waiting prompts
 
@@ -42,6 +45,16 @@ def prefill_group(lengths: Sequence[int], size: int) -> list[int]:
         if best_key is None or key < best_key:
             best, best_key = start, key
     return [0, *sorted(others[best:best + k])]
+
+
+def take_prefill_group(waiting: deque[T], size: int, window: int, length: Callable[[T], int]) -> list[T]:
+    """Removes from ``waiting`` (oldest first) and returns, in queue order, the ``size`` entries to
+    prefill together, chosen by `prefill_group` among the first ``window`` x ``size``."""
+    candidates = [waiting[i] for i in range(min(len(waiting), size * window))]
+    picked = prefill_group([length(c) for c in candidates], size)
+    for i in reversed(picked):
+        del waiting[i]
+    return [candidates[i] for i in picked]
 
 
 def padded_tokens(groups: Sequence[Sequence[int]]) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pqmesh.errors import InvalidArgument
-from pqmesh.length_groups import DEFAULT_WINDOW, prefill_group
+from pqmesh.length_groups import DEFAULT_WINDOW, take_prefill_group
 from pqmesh.mesh_cost import MeshCost
 
 TOKEN_ID_BYTES = 4
@@ -86,11 +86,8 @@ class _Replay:
         if self.waiting and self.free_slots:
             take = min(self.prefill_mb, self.free_slots, len(self.waiting))
             self.free_slots -= take
-            window = [self.waiting[i] for i in range(min(len(self.waiting), take * self.group_window))]
-            picked = prefill_group([self.prompts[s] + self.generated[s] for s in window], take)
-            for i in reversed(picked):
-                del self.waiting[i]
-            return "prefill", [window[i] for i in picked]
+            return "prefill", take_prefill_group(self.waiting, take, self.group_window,
+                                                 lambda s: self.prompts[s] + self.generated[s])
         if self.ready:
             return "decode", [self.ready.popleft() for _ in range(len(self.ready))]
         return None
