@@ -65,12 +65,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     @rpc_errors
     def WhatIf(self, request, context):
-        if not request.HasField("base"):
-            raise InvalidArgument("WhatIf needs `base`: the PlanRequest (cluster, model, workload) to ask about")
-        inputs = PlanInputs.from_proto(request.base)
-        limit = request.time_limit_seconds or DEFAULT_WHAT_IF_LIMIT_S
-        if not 0 < limit <= MAX_TIME_LIMIT_S:
-            raise InvalidArgument(f"time_limit_seconds {limit} must be within (0, {MAX_TIME_LIMIT_S}]; ask for less")
+        inputs, limit = _base_and_limit(request, "WhatIf", "(cluster, model, workload) to ask about",
+                                        DEFAULT_WHAT_IF_LIMIT_S)
         result = what_if(inputs, self.registry.get, limit, request.frontier_points or DEFAULT_FRONTIER_POINTS,
                          tuple(request.extra_device_types))
         log.info("what_if_served", plan_id=result.base.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
@@ -78,14 +74,21 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     @rpc_errors
     def PlanReplicas(self, request, context):
-        if not request.HasField("base"):
-            raise InvalidArgument("PlanReplicas needs `base`: the PlanRequest (pool, model, workload) to split")
-        inputs = PlanInputs.from_proto(request.base)
-        limit = request.time_limit_seconds or DEFAULT_REPLICAS_LIMIT_S
-        if not 0 < limit <= MAX_TIME_LIMIT_S:
-            raise InvalidArgument(f"time_limit_seconds {limit} must be within (0, {MAX_TIME_LIMIT_S}]; ask for less")
+        inputs, limit = _base_and_limit(request, "PlanReplicas", "(pool, model, workload) to split",
+                                        DEFAULT_REPLICAS_LIMIT_S)
         if any(r < 1 for r in request.replica_counts):
             raise InvalidArgument(f"replica_counts {list(request.replica_counts)} must all be at least 1")
         found = plan_replicas(inputs, self.registry.get, limit, list(request.replica_counts) or None)
         log.info("replicas_served", replicas=len(found.best.replicas), solve_seconds=round(found.solve_seconds, 3))
         return found.to_proto()
+
+
+def _base_and_limit(request, method: str, what: str, default_limit: float) -> tuple[PlanInputs, float]:
+    """The `base` PlanRequest and the time limit of a request that asks about a base plan."""
+    if not request.HasField("base"):
+        raise InvalidArgument(f"{method} needs `base`: the PlanRequest {what}")
+    inputs = PlanInputs.from_proto(request.base)
+    limit = request.time_limit_seconds or default_limit
+    if not 0 < limit <= MAX_TIME_LIMIT_S:
+        raise InvalidArgument(f"time_limit_seconds {limit} must be within (0, {MAX_TIME_LIMIT_S}]; ask for less")
+    return inputs, limit
