@@ -1,10 +1,11 @@
 """`pqmesh mesh replan`: ask a running coordinator to re-plan onto devices that are back or new.
 
     pqmesh mesh replan --coordinator HOST:PORT [--rejoin NAME ...] [--add NAME=HOST:PORT:TYPE]
-                       [--force] [--dry-run]
+                       [--force] [--dry-run] [--for-job JOB_ID]
 
 Calls ``ReplanMesh`` (`coordinator.rejoin`): with neither ``--rejoin`` nor ``--add``, every device
-the coordinator lost rejoins. Prints the current and the new plan's devices and predicted tokens/s,
+the coordinator lost rejoins (with ``--for-job``: the devices in use are re-planned for that job's
+own lengths, `coordinator.job_lengths`). Prints the current and the new plan's devices and predicted tokens/s,
 and whether the coordinator switched; exit code 0 when it switched (or for a dry run), 1 when it did
 not, 2 when it refused the request (the reason on stderr).
 """
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="a new device: its name, stage server address and planner device type")
     replan.add_argument("--force", action="store_true", help="switch even if the new plan is not predicted faster")
     replan.add_argument("--dry-run", action="store_true", help="plan and predict only; change nothing")
+    replan.add_argument("--for-job", default="", metavar="JOB_ID",
+                        help="plan for this job's own prompt and generation lengths (its pending requests) on the "
+                             "mesh's KV slots; with neither --rejoin nor --add, over the devices in use")
     security.add_flags(replan, server=False, peer="the coordinator")
     replan.set_defaults(func=_replan)
 
@@ -51,7 +55,8 @@ def _added(text: str):
 
 
 def request_of(args) -> coordinator_pb2.ReplanMeshRequest:
-    request = coordinator_pb2.ReplanMeshRequest(rejoin=args.rejoin, force=args.force, dry_run=args.dry_run)
+    request = coordinator_pb2.ReplanMeshRequest(rejoin=args.rejoin, force=args.force, dry_run=args.dry_run,
+                                                for_job=args.for_job)
     if args.add is not None:
         request.add.CopyFrom(coordinator_pb2.MeshDevice(name=args.add.name, address=args.add.address,
                                                         device_type=args.add.device_type))

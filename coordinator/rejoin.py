@@ -22,9 +22,12 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from coordinator.job_lengths import job_workload
 from coordinator.replan import AddedDevice, Replanner, parse_device_address
 from pqmesh.api.coordinator.v1 import coordinator_pb2
+from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, PqmeshError, Unavailable
+from pqmesh.lengths import job_lengths
 from pqmesh.mesh_sim import simulate
 from pqmesh.plan import PipelinePlan
 from pqmesh.stage_client import StageClient
@@ -42,13 +45,14 @@ class MeshChange:
     add: AddedDevice | None = None
     force: bool = False
     dry_run: bool = False
+    for_job: str = ""  # plan for this job's own lengths (`coordinator.job_lengths`)
 
     @classmethod
     def from_proto(cls, msg: coordinator_pb2.ReplanMeshRequest) -> MeshChange:
         add = None
         if msg.HasField("add"):
             add = AddedDevice(msg.add.name, msg.add.address, msg.add.device_type)
-        return cls(tuple(msg.rejoin), add, msg.force, msg.dry_run)
+        return cls(tuple(msg.rejoin), add, msg.force, msg.dry_run, msg.for_job)
 
 
 def parse_added(text: str) -> AddedDevice:
@@ -113,8 +117,8 @@ def joining(change: MeshChange, replanner: Replanner) -> tuple[str, ...]:
         if add.name in known:
             hint = f"rejoin {add.name} instead" if add.name in lost else "pick another name"
             raise AlreadyExists(f"device {add.name!r} is already a device of --replan-request; {hint}")
-    rejoin = change.rejoin or (() if change.add is not None else tuple(sorted(lost)))
-    if not rejoin and change.add is None:
+    rejoin = change.rejoin or (() if change.add is not None or change.for_job else tuple(sorted(lost)))
+    if not rejoin and change.add is None and not change.for_job:
         raise FailedPrecondition("no device is lost and none is added: nothing to rejoin; add a device with "
                                  "--add NAME=HOST:PORT:TYPE")
     return rejoin
@@ -132,21 +136,22 @@ def probe(name: str, address: str, credentials) -> None:
         client.close()
 
 
-def predicted_tokens_per_s(plan: PipelinePlan, replanner: Replanner, max_sequences: int) -> float:
-    """Tokens/s of ``plan``'s cost model replayed over the workload of --replan-request; 0 without a cost."""
-    workload = replanner.request.workload
-    batch, new_tokens = max(1, workload.batch_size), max(1, workload.generation_length)
+def predicted_tokens_per_s(plan: PipelinePlan, workload: planner_pb2.Workload, max_sequences: int) -> float:
+    """Tokens/s of ``plan``'s cost model replayed over ``workload`` (--replan-request's, or a job's own
+    lengths); 0 without a cost."""
     if plan.cost is None:
         return 0.0
-    seconds = simulate(plan.cost, [max(1, workload.prompt_length)] * batch, new_tokens, max_sequences,
+    prompts, new_tokens = job_lengths(workload)
+    seconds = simulate(plan.cost, prompts, new_tokens, max_sequences,
                        plan.prefill_micro_batch, plan.decode_micro_batch).job_s
-    return batch * new_tokens / seconds if seconds > 0 else 0.0
+    return sum(new_tokens) / seconds if seconds > 0 else 0.0
 
 
 def propose(change: MeshChange, replanner: Replanner, current: PipelinePlan, mesh_plan_id: str, credentials,
-            max_sequences: int) -> Proposal:
-    """Checks ``change``, probes the joining stages, plans over the devices it leaves usable and predicts
-    both plans; changes nothing (the engine applies the proposal at the safe point)."""
+            max_sequences: int, workload: planner_pb2.Workload | None = None) -> Proposal:
+    """Checks ``change``, probes the joining stages, plans over the devices it leaves usable for
+    ``workload`` (default: --replan-request's) and predicts both plans on it; changes nothing (the engine
+    applies the proposal at the safe point)."""
     rejoin = joining(change, replanner)
     for name in rejoin:
         probe(name, replanner.addresses[name], credentials)
@@ -154,8 +159,9 @@ def propose(change: MeshChange, replanner: Replanner, current: PipelinePlan, mes
         probe(change.add.name, change.add.address, credentials)
     lost = set(replanner.lost) - set(rejoin)
     extra = (change.add,) if change.add is not None else ()
-    plan = replanner.plan_over(lost, extra, event="mesh_change_planned")
-    old, new = (predicted_tokens_per_s(p, replanner, max_sequences) for p in (current, plan))
+    plan = replanner.plan_over(lost, extra, event="mesh_change_planned", workload=workload)
+    workload = workload if workload is not None else replanner.request.workload
+    old, new = (predicted_tokens_per_s(p, workload, max_sequences) for p in (current, plan))
     return Proposal(mesh_plan_id, current, plan, old, new, frozenset(lost),
                     rejoin + tuple(e.name for e in extra), change.add)
 
@@ -199,8 +205,12 @@ class MeshChanges:
                 why = outage.reason if outage is not None else "down"
                 raise Unavailable(f"the mesh is recovering from an outage ({why}); try again once it is back")
             mesh = self.mesh
+            workload = None
+            if change.for_job:
+                workload = job_workload(self.store, self.feeder.resolver, change.for_job,
+                                        self.scheduler.max_sequences, self.scheduler.max_tokens)
             proposal = propose(change, self.replanning.replanner, mesh.spec.plan, mesh.plan_id, mesh.credentials,
-                               self.scheduler.max_sequences)
+                               self.scheduler.max_sequences, workload)
             rates = f"{proposal.old_tokens_per_s:.1f} -> {proposal.new_tokens_per_s:.1f} tokens/s predicted"
             if change.dry_run:
                 return Outcome(proposal, False, f"dry run: {rates}; nothing changed")

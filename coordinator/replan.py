@@ -104,11 +104,15 @@ class Replanner:
         self.lost.add(device)
         return self.plan_over(self.lost)
 
-    def plan_over(self, lost: set[str], extra: tuple[AddedDevice, ...] = (), event: str = "replanned") -> PipelinePlan:
-        """A plan over every device but ``lost`` (plus ``extra``, not added yet), placed on the devices'
-        stage addresses; changes nothing here. FailedPrecondition with the planner's reason when nothing fits."""
+    def plan_over(self, lost: set[str], extra: tuple[AddedDevice, ...] = (), event: str = "replanned",
+                  workload: planner_pb2.Workload | None = None) -> PipelinePlan:
+        """A plan over every device but ``lost`` (plus ``extra``, not added yet) for ``workload`` (default:
+        the request's), placed on the devices' stage addresses; changes nothing here. FailedPrecondition
+        with the planner's reason when nothing fits."""
         request = planner_pb2.PlanRequest()
         request.CopyFrom(self.request)
+        if workload is not None:
+            request.workload.CopyFrom(workload)
         del request.devices[:]
         request.devices.extend(d for d in self.request.devices if d.name not in lost)
         request.devices.extend(e.cluster_device() for e in extra)

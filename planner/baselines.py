@@ -147,7 +147,8 @@ def busy_seconds(problem: Problem, device: Device, bits: Bits, size: int, last: 
     """(per-layer, fixed) busy seconds of a device over the whole job at micro-batch `size`."""
     shape, s, m = problem.shape, problem.workload.prompt_length, problem.micro_batches(size)
     e = problem.element
-    per_layer = m * layer_cost(device.profile, shape, bits, Phase.PREFILL, size, s, s, e)
+    pad = problem.prefill_length(size)
+    per_layer = m * layer_cost(device.profile, shape, bits, Phase.PREFILL, size, pad, pad, e)
     per_layer += sum(
         r * m * layer_cost(device.profile, shape, bits, Phase.DECODE, size, s, ctx, e) for r, ctx in problem.segments()
     )

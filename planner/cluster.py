@@ -27,6 +27,7 @@ from planner.devices import DeviceProfile, builtin_profile, normalize_type
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.cpuset import check_disjoint, parse_cpus
 from pqmesh.errors import InvalidArgument, NotFound
+from pqmesh.lengths import SAMPLE_SEED, LengthHistogram
 
 MAX_DEVICES = 4096  # per [[device]] entry; a plan needs at least one layer per device anyway
 MAX_WORKLOAD = 1 << 24  # sequences or tokens: far past any real job, small enough to plan quickly
@@ -223,28 +224,91 @@ def _check_pinned(devices: list[Device]) -> None:
 
 @dataclass(frozen=True)
 class Workload:
-    """The offline job: `batch_size` sequences of `prompt_length` tokens, `generation_length` new each."""
+    """The offline job: `batch_size` sequences planned together, `prompt_length` tokens each and
+    `generation_length` new each; or, with `prompts` / `generations`, the job's length histograms.
+
+    With histograms, `prompt_length` and `generation_length` are their means (rounded up), which the
+    closed-form cost model ranks plans at; the KV cache and the prefill buffers are sized for the
+    longest (`max_context`), and the job-time replay draws `batch_size` sequences from the histograms
+    (`prompt_sample`, `generation_sample`). `batch_size` 0 means the prompt histogram's total count.
+    """
 
     batch_size: int
-    prompt_length: int
-    generation_length: int
+    prompt_length: int = 0
+    generation_length: int = 0
     version: int = WORKLOAD_VERSION
+    prompts: LengthHistogram | None = None
+    generations: LengthHistogram | None = None
+    kv_tokens: int = 0  # KV tokens per sequence the stages allocate; 0: longest prompt + longest generation
 
     def __post_init__(self) -> None:
         if self.version != WORKLOAD_VERSION:
             raise InvalidArgument(f"workload version {self.version} is not supported; use {WORKLOAD_VERSION}")
+        for name, hist in (("prompt_length", self.prompts), ("generation_length", self.generations)):
+            if hist is None:
+                continue
+            mean = max(1, math.ceil(hist.mean - 1e-9))
+            if getattr(self, name) not in (0, mean):
+                raise InvalidArgument(f"workload sets both {name} {getattr(self, name)} and a histogram of "
+                                      f"{name.replace('_length', '')} lengths (mean {hist.mean:.1f}): set one")
+            object.__setattr__(self, name, mean)
+        if self.batch_size == 0 and self.prompts is not None:
+            object.__setattr__(self, "batch_size", min(self.prompts.total, MAX_WORKLOAD))
         for name in ("batch_size", "prompt_length", "generation_length"):
             if not 1 <= getattr(self, name) <= MAX_WORKLOAD:
                 raise InvalidArgument(f"workload {name} must be within 1..{MAX_WORKLOAD}, got {getattr(self, name)}")
+        longest = self.max_prompt_length + self.max_generation_length
+        if max(longest, self.kv_tokens) > MAX_WORKLOAD:
+            raise InvalidArgument(f"workload's KV tokens per sequence {max(longest, self.kv_tokens)} exceed "
+                                  f"{MAX_WORKLOAD}")
+        if 0 < self.kv_tokens < longest:
+            raise InvalidArgument(f"kv_tokens_per_sequence {self.kv_tokens} is less than the longest prompt + "
+                                  f"generation ({longest}): raise it or drop the longer lengths")
+
+    @property
+    def max_prompt_length(self) -> int:
+        return self.prompts.longest if self.prompts is not None else self.prompt_length
+
+    @property
+    def max_generation_length(self) -> int:
+        return self.generations.longest if self.generations is not None else self.generation_length
 
     @property
     def max_context(self) -> int:
-        return self.prompt_length + self.generation_length
+        """Tokens of KV cache per sequence: `kv_tokens`, else the longest prompt plus the longest generation."""
+        return self.kv_tokens or self.max_prompt_length + self.max_generation_length
+
+    @property
+    def job_sequences(self) -> int:
+        """Sequences of the whole job: the prompt histogram's total count, else `batch_size`."""
+        return self.prompts.total if self.prompts is not None else self.batch_size
+
+    def prompt_sample(self, n: int | None = None) -> list[int]:
+        """``n`` (default `batch_size`) prompt lengths of the job, in the histogram's proportions."""
+        n = n or self.batch_size
+        return self.prompts.sample(n) if self.prompts is not None else [self.prompt_length] * n
+
+    def generation_sample(self, n: int | None = None) -> list[int]:
+        n = n or self.batch_size
+        if self.generations is None:
+            return [self.generation_length] * n
+        return self.generations.sample(n, seed=SAMPLE_SEED + 1)  # as `pqmesh.lengths.job_lengths` draws them
 
     def to_proto(self) -> planner_pb2.Workload:
-        return planner_pb2.Workload(batch_size=self.batch_size, prompt_length=self.prompt_length,
-                                    generation_length=self.generation_length)
+        msg = planner_pb2.Workload(batch_size=self.batch_size, kv_tokens_per_sequence=self.kv_tokens)
+        if self.prompts is None:
+            msg.prompt_length = self.prompt_length
+        else:
+            msg.prompt_lengths.extend(self.prompts.to_proto())
+        if self.generations is None:
+            msg.generation_length = self.generation_length
+        else:
+            msg.generation_lengths.extend(self.generations.to_proto())
+        return msg
 
     @classmethod
     def from_proto(cls, msg: planner_pb2.Workload) -> Workload:
-        return cls(msg.batch_size, msg.prompt_length, msg.generation_length)
+        prompts = LengthHistogram.from_proto(msg.prompt_lengths)
+        generations = LengthHistogram.from_proto(msg.generation_lengths)
+        return cls(msg.batch_size, msg.prompt_length, msg.generation_length, prompts=prompts, generations=generations,
+                   kv_tokens=msg.kv_tokens_per_sequence)

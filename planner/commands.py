@@ -19,9 +19,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="choose device order, layer ranges, bits and micro-batch sizes (LLM-PQ)")
     p.add_argument("--cluster", required=True, type=Path, help="cluster TOML ([[device]] tables, [network])")
     p.add_argument("--model", required=True, help="built-in model name (e.g. opt-30b), config.json or checkpoint dir")
-    p.add_argument("--batch", required=True, type=int, help="global batch: sequences in the job")
-    p.add_argument("--prompt-len", required=True, type=int, help="tokens per prompt")
-    p.add_argument("--gen-len", required=True, type=int, help="new tokens per sequence")
+    p.add_argument("--batch", type=int, default=0,
+                   help="global batch: sequences planned together (default: the --prompt-lengths total)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-len", type=int, help="tokens per prompt")
+    prompt.add_argument("--prompt-lengths", metavar="LEN:COUNT,...",
+                        help="the job's prompt lengths as a histogram, e.g. 128:900,2048:100: KV cache for the "
+                             "longest, costs at the padded mean, the job-time replay over the distribution")
+    gen = p.add_mutually_exclusive_group(required=True)
+    gen.add_argument("--gen-len", type=int, help="new tokens per sequence")
+    gen.add_argument("--gen-lengths", metavar="LEN:COUNT,...", help="the job's max_new_tokens as a histogram")
     quality = p.add_mutually_exclusive_group()
     quality.add_argument("--theta", type=float, help="weight of the summed quality indicator (seconds per unit)")
     quality.add_argument(
@@ -85,8 +92,19 @@ def _lookup(args: argparse.Namespace):
     return lambda name: profiles.get(name) or (registry.get(name) if registry else None)
 
 
+def _workload(args: argparse.Namespace):
+    from planner.cluster import Workload
+    from pqmesh.lengths import LengthHistogram
+
+    prompts = LengthHistogram.parse(args.prompt_lengths, "--prompt-lengths") if args.prompt_lengths else None
+    generations = LengthHistogram.parse(args.gen_lengths, "--gen-lengths") if args.gen_lengths else None
+    if not args.batch and prompts is None:
+        raise InvalidArgument("--batch is required with --prompt-len (it defaults to the --prompt-lengths total)")
+    return Workload(args.batch, args.prompt_len or 0, args.gen_len or 0, prompts=prompts, generations=generations)
+
+
 def run(args: argparse.Namespace) -> int:
-    from planner.cluster import Cluster, Workload
+    from planner.cluster import Cluster
     from planner.indicator import Quality
     from planner.request import PlanInputs
     from planner.search import plan
@@ -103,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             raise NotFound(f"indicator file {args.indicator} does not exist")
         indicator = args.indicator.read_text()
     inputs = PlanInputs(_model_text(args.model), Cluster.load(args.cluster),
-                        Workload(args.batch, args.prompt_len, args.gen_len),
+                        _workload(args),
                         Quality(theta=args.theta, bound=args.quality_bound), indicator,
                         tuple(b for b in args.bits.split(",") if b.strip()), args.time_limit or 10.0,
                         dtype=args.dtype)
@@ -201,12 +219,19 @@ def _bits_summary(bits) -> str:
     return " ".join(f"{n}x{b}b" for b, n in sorted(counts.items(), reverse=True))
 
 
+def _lengths(w) -> str:
+    if w.prompts is None and w.generations is None:
+        return f"prompt {w.prompt_length}, generation {w.generation_length}"
+    return (f"prompt mean {w.prompt_length} (longest {w.max_prompt_length}), generation mean "
+            f"{w.generation_length} (longest {w.max_generation_length}): KV cache for {w.max_context} tokens")
+
+
 def render(result, problem) -> str:
     """The human-readable plan: stages, predictions and baselines."""
     p, pred = result.plan, result.predicted
     w = problem.workload
     lines = [f"plan {p.plan_id}: {problem.shape.name} on {len(problem.devices)} devices, "
-             f"batch {w.batch_size}, prompt {w.prompt_length}, generation {w.generation_length}, {problem.dtype}",
+             f"batch {w.batch_size}, {_lengths(w)}, {problem.dtype}",
              f"predicted {pred.throughput_tokens_per_s:.1f} tokens/s (prefill {pred.prefill_s:.2f} s + decode "
              f"{pred.decode_s:.2f} s), quality {pred.quality:.4g}; solved in {result.solve_seconds:.2f} s, "
              f"gap {result.optimality_gap:.3%}",

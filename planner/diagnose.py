@@ -56,10 +56,11 @@ def _largest_batch(problem: Problem) -> int:
 
 
 def _longest_prompt(problem: Problem) -> int:
-    w, lo, hi = problem.workload, 0, problem.workload.prompt_length - 1
+    """The longest prompt that fits beside the longest generation, every prompt that long."""
+    w, lo, hi = problem.workload, 0, problem.workload.max_prompt_length - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(replace(problem, workload=Workload(w.batch_size, mid, w.generation_length))):
+        if fits(replace(problem, workload=Workload(w.batch_size, mid, w.max_generation_length))):
             lo = mid
         else:
             hi = mid - 1
@@ -83,7 +84,8 @@ def memory_message(problem: Problem) -> str:
         fixes.append(f"a batch of at most {batch} sequences (--batch)")
     prompt = _longest_prompt(problem)
     if prompt:
-        fixes.append(f"prompts of at most {prompt} tokens (--prompt-len)")
+        flag = "--prompt-len" if w.prompts is None else "--prompt-lengths: drop or cut the longer ones"
+        fixes.append(f"prompts of at most {prompt} tokens ({flag})")
     if lowest != ALL_BITS[-1]:
         fixes.append(f"bits down to {int(ALL_BITS[-1])} (--bits)")
     big = max(problem.devices, key=lambda d: d.profile.memory_bytes)

@@ -156,7 +156,8 @@ def stage_memory(shape: ModelShape, workload: Workload, bits: list[Bits], first:
     taking `element` bytes."""
     weights = sum(n * layer_weight_bytes(shape, b, element=element) for b, n in Counter(bits).items())
     kv = len(bits) * kv_cache_bytes_per_layer(shape, workload.batch_size, workload.max_context, element)
-    prefill = temp_activation_bytes(shape, prefill_micro_batch, workload.prompt_length, workload.prompt_length, element)
+    longest = workload.max_prompt_length  # buffers for the longest prompt of the job
+    prefill = temp_activation_bytes(shape, prefill_micro_batch, longest, longest, element)
     decode = temp_activation_bytes(shape, decode_micro_batch, 1, workload.max_context, element)
     if last:
         prefill += logits_bytes(shape, prefill_micro_batch)

@@ -79,10 +79,17 @@ def mesh_cost(problem: Problem, plan: PipelinePlan) -> MeshCost:
                     net.link_seconds(0, True))
 
 
+REPLAY_SEQUENCES = 1024  # a job with more (a histogram's total) replays this many and scales the time
+
+
 def job_seconds(problem: Problem, plan: PipelinePlan, cost: MeshCost) -> float:
+    """The whole job replayed: `batch_size` KV slots, continuously refilled; with length histograms the
+    job's sequences (at most REPLAY_SEQUENCES of them, drawn in proportion, the time scaled up)."""
     w = problem.workload
-    return simulate(cost, [w.prompt_length] * w.batch_size, w.generation_length, w.batch_size,
-                    plan.prefill_micro_batch, plan.decode_micro_batch).job_s
+    n = min(w.job_sequences, REPLAY_SEQUENCES)
+    seconds = simulate(cost, w.prompt_sample(n), w.generation_sample(n), w.batch_size,
+                       plan.prefill_micro_batch, plan.decode_micro_batch).job_s
+    return seconds * w.job_sequences / n
 
 
 def _with_cost(problem: Problem, plan: PipelinePlan, predicted: Prediction) -> tuple[PipelinePlan, Prediction]:

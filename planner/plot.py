@@ -52,12 +52,13 @@ def memory_bars(problem: Problem, plan: PipelinePlan) -> list[StageBars]:
 
 def busy_seconds(problem: Problem, plan: PipelinePlan) -> dict[str, tuple[float, float]]:
     """Device label -> (prefill, decode) seconds it computes over the whole job (no links, no bubbles)."""
-    w, last = problem.workload, len(plan.stages) - 1
+    last = len(plan.stages) - 1
     out = {}
     for i, stage in enumerate(plan.stages):
         device, counts = problem.device(stage.device), dict(Counter(stage.bits))
         prefill = problem.micro_batches(plan.prefill_micro_batch) * stage_seconds(
-            problem, device, counts, i == last, Phase.PREFILL, plan.prefill_micro_batch, w.prompt_length)
+            problem, device, counts, i == last, Phase.PREFILL, plan.prefill_micro_batch,
+            problem.prefill_length(plan.prefill_micro_batch))
         decode = sum(rounds * problem.micro_batches(plan.decode_micro_batch) * stage_seconds(
             problem, device, counts, i == last, Phase.DECODE, plan.decode_micro_batch, context)
             for rounds, context in problem.segments())

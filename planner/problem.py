@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from planner import latency as lat
@@ -34,6 +34,7 @@ from planner.memory import (
 from planner.model_shapes import ModelShape
 from planner.plans import Prediction
 from pqmesh.errors import InvalidArgument
+from pqmesh.length_groups import DEFAULT_WINDOW, take_prefill_group
 from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
 
@@ -96,6 +97,12 @@ class Problem:
         w = self.workload
         return tuple(lat.decode_segments(w.prompt_length, w.generation_length, self.cost.decode_segments))
 
+    def prefill_length(self, micro_batch: int) -> int:
+        """Tokens per row of a prefill micro-batch of `micro_batch` prompts, padding included: the prompt
+        length, or with a prompt histogram the mean padded row length when the coordinator groups a
+        sample of the job's prompts by length (`pqmesh.length_groups`) into micro-batches of that size."""
+        return _padded_length(self.workload, micro_batch)
+
     def micro_batches(self, size: int) -> int:
         return math.ceil(self.workload.batch_size / size)
 
@@ -111,6 +118,21 @@ class Problem:
     def element(self) -> int:
         """Bytes per unquantized value in the stage dtype."""
         return element_bytes(self.dtype)
+
+
+PADDING_SAMPLE = 2048  # prompts of the job drawn to measure the padding of length-grouped prefill
+
+
+@functools.lru_cache(maxsize=1024)
+def _padded_length(workload: Workload, micro_batch: int) -> int:
+    if workload.prompts is None:
+        return workload.prompt_length
+    waiting = deque(workload.prompts.sample(min(workload.prompts.total, PADDING_SAMPLE)))
+    rows = padded = 0
+    while waiting:
+        group = take_prefill_group(waiting, min(micro_batch, len(waiting)), DEFAULT_WINDOW, lambda n: n)
+        rows, padded = rows + len(group), padded + len(group) * max(group)
+    return max(1, math.ceil(padded / rows - 1e-9))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -129,7 +151,7 @@ def head_cost(
 def stage_seconds(problem: Problem, device: Device, counts: dict, last: bool, phase: Phase,
                   micro_batch: int, context: float) -> float:
     """One micro-batch through a stage holding counts[bits] layers at each bitwidth (+ head if last)."""
-    s = problem.workload.prompt_length
+    s = problem.prefill_length(micro_batch)
     e = problem.element
     total = sum(
         n * layer_cost(device.profile, problem.shape, b, phase, micro_batch, s, context, e) for b, n in counts.items()
@@ -139,7 +161,7 @@ def stage_seconds(problem: Problem, device: Device, counts: dict, last: bool, ph
 
 def link_times(problem: Problem, order: list[Device], phase: Phase, micro_batch: int) -> list[float]:
     """Forward links between consecutive stages, plus (decode, > 1 stage) the token return link."""
-    new_tokens = problem.workload.prompt_length if phase == Phase.PREFILL else 1
+    new_tokens = problem.prefill_length(micro_batch) if phase == Phase.PREFILL else 1
     nbytes = lat.activation_bytes(problem.shape, micro_batch, new_tokens, problem.element)
     net: Network = problem.network
     links = [net.link_seconds(nbytes, a.host == b.host) for a, b in zip(order, order[1:])]
@@ -152,7 +174,7 @@ def phase_seconds(
     problem: Problem, order: list[Device], counts: list[dict], prefill_mb: int, decode_mb: int
 ) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of the whole job."""
-    stages = _stage_times(problem, order, counts, Phase.PREFILL, prefill_mb, problem.workload.prompt_length)
+    stages = _stage_times(problem, order, counts, Phase.PREFILL, prefill_mb, problem.prefill_length(prefill_mb))
     prefill = lat.prefill_seconds(
         stages + link_times(problem, order, Phase.PREFILL, prefill_mb), problem.micro_batches(prefill_mb)
     )

@@ -27,7 +27,7 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -37,6 +37,7 @@ from planner.mesh_costs import with_mesh_costs
 from planner.orders import all_orders, order_key, representative_orders, undominated
 from planner.plans import PlanResult
 from planner.problem import Problem, evaluate
+from planner.refine import best_by_replay, length_summaries
 from planner.solver_ortools import TIME_SCALE, Hint, lower_bound, solve_order
 from planner.tables import (
     build_input,
@@ -47,7 +48,7 @@ from planner.tables import (
     plan_from_units,
     pool_input,
 )
-from pqmesh.errors import InvalidArgument
+from pqmesh.errors import InvalidArgument, PqmeshError
 from pqmesh.plan import PipelinePlan
 
 log = structlog.get_logger(__name__)
@@ -250,14 +251,9 @@ def _search(state: _State, per_layer: bool) -> tuple[float, int]:
     return min(bounds, default=float("inf")), search.lp_solves
 
 
-def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResult:
-    """Solve `problem`; raises ResourceExhausted / FailedPrecondition with a fix when nothing fits.
-    `time_limit` bounds the whole call (baselines, bounds and solves)."""
-    if time_limit <= 0:
-        raise InvalidArgument(f"time limit must be positive, got {time_limit}")
-    started = time.monotonic()
-    state = _State(problem, started + time_limit, micro_batch_candidates(problem.workload.batch_size))
-    baselines = all_baselines(problem)
+def _solve(problem: Problem, deadline: float, baselines: dict) -> tuple[PipelinePlan, float, int, int]:
+    """The closed form's best plan (best-first search until ``deadline``): (plan, gap, LP solves, solves)."""
+    state = _State(problem, deadline, micro_batch_candidates(problem.workload.batch_size))
     for b in baselines.values():
         if b.plan is not None:
             state.offer(b.plan)
@@ -270,7 +266,37 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
     objective, best = state.best
     lower = min(lower, objective)
     gap = max(0.0, (objective - lower) / objective) if objective > 0 else 0.0
-    gap = 0.0 if gap < CUTOFF_SLACK else gap
+    return best, (0.0 if gap < CUTOFF_SLACK else gap), lp_solves, state.solves
+
+
+def _for_distribution(problem: Problem, best: PipelinePlan, started: float, time_limit: float) -> PipelinePlan:
+    """With length histograms: the plan the job replay finds fastest among the closed form's plans at
+    the means (``best``), at the 90th percentiles and at the longest lengths, sizes re-chosen for each."""
+    candidates = [best]
+    for summary in length_summaries(problem.workload):
+        left = started + time_limit - time.monotonic()
+        if left <= 0.2 * time_limit:
+            break
+        try:
+            candidates.append(_solve(replace(problem, workload=summary), time.monotonic() + left / 3, {})[0])
+        except PqmeshError:
+            continue  # e.g. the longest lengths everywhere do not fit where the distribution does
+    return best_by_replay(problem, candidates, started + time_limit)
+
+
+def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResult:
+    """Solve `problem`; raises ResourceExhausted / FailedPrecondition with a fix when nothing fits.
+    `time_limit` bounds the whole call (baselines, bounds and solves). The optimality gap is the closed
+    form's; with length histograms the plan is then chosen by the job replay (`planner.refine`)."""
+    if time_limit <= 0:
+        raise InvalidArgument(f"time limit must be positive, got {time_limit}")
+    started = time.monotonic()
+    baselines = all_baselines(problem)
+    histogram = problem.workload.prompts is not None or problem.workload.generations is not None
+    share = 0.6 if histogram else 1.0
+    best, gap, lp_solves, solves = _solve(problem, started + share * time_limit, baselines)
+    if histogram:
+        best = _for_distribution(problem, best, started, time_limit)
     predicted = evaluate(problem, best).prediction
     seconds = time.monotonic() - started
     log.info(
@@ -278,7 +304,7 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
         model=problem.shape.name,
         devices=len(problem.devices),
         lp_solves=lp_solves,
-        solves=state.solves,
+        solves=solves,
         seconds=round(seconds, 3),
         gap=round(gap, 4),
         throughput=round(predicted.throughput_tokens_per_s, 2),

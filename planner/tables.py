@@ -80,8 +80,8 @@ def _device_budgets(shape, workload, e: int, allowed_bits: tuple, usable: int, f
                     sizes: tuple[int, ...], phase: Phase) -> tuple[int, ...]:
     workspace = stage_workspace_bytes(shape, allowed_bits, e)
     fixed = (embedding_bytes(shape, e) if first else 0) + (head_bytes(shape, first, e) if last else 0)
-    new = workload.prompt_length if phase == Phase.PREFILL else 1
-    context = workload.prompt_length if phase == Phase.PREFILL else workload.max_context
+    new = workload.max_prompt_length if phase == Phase.PREFILL else 1  # memory: the longest prompt
+    context = workload.max_prompt_length if phase == Phase.PREFILL else workload.max_context
     return tuple(usable - fixed - workspace - temp_activation_bytes(shape, b, new, context, e)
                  - (logits_bytes(shape, b) if last else 0) for b in sizes)
 
@@ -168,7 +168,7 @@ def pool_input(problem: Problem, sizes: tuple[int, ...], relaxed_indicator: bool
     shape, e, net, count = problem.shape, problem.element, problem.network, len(problem.devices)
 
     def links(phase: Phase, k: int) -> tuple[int, ...]:
-        new = problem.workload.prompt_length if phase == Phase.PREFILL else 1
+        new = problem.prefill_length(k) if phase == Phase.PREFILL else 1
         hop = lat.activation_bytes(shape, k, new, e)
         out = [min(net.link_seconds(hop, True), net.link_seconds(hop, False))] * (count - 1)
         if phase == Phase.DECODE and count > 1:
@@ -195,9 +195,10 @@ def _device_tables(problem: Problem, device: Device, first: bool, last: bool, pr
     """(prefill per layer [b][k], prefill fixed [k], decode per layer [b][k][q], decode fixed [k][q],
     prefill budget [k], decode budget [k]) of one device at one position kind."""
     shape, s, bits, e = problem.shape, problem.workload.prompt_length, problem.allowed_bits, problem.element
-    segments = problem.segments()
+    segments, pad = problem.segments(), problem.prefill_length
     pre_layer = tuple(
-        tuple(_t(layer_cost(device.profile, shape, b, Phase.PREFILL, k, s, s, e)) for k in prefill_sizes) for b in bits
+        tuple(_t(layer_cost(device.profile, shape, b, Phase.PREFILL, k, pad(k), pad(k), e)) for k in prefill_sizes)
+        for b in bits
     )
     pre_fixed = tuple(_t(head_cost(device.profile, shape, k, e)) if last else 0 for k in prefill_sizes)
     dec_layer = tuple(

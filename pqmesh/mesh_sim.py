@@ -13,7 +13,8 @@ serial resource: a stage hands the output to a sender and starts the next micro-
 brings token ids back. The coordinator handles one reply at a time (`MeshCost.coordinator_s` each:
 store, schedule, send); a reply that finishes sequences also releases their KV slots on every stage
 (a unary call per stage, queued behind that stage's compute). A job is done when its last sequence is
-stored. Every sequence is assumed to run to ``max_new_tokens`` (no early EOS).
+stored. Every sequence is assumed to run to its ``max_new_tokens`` (no early EOS): one number for the
+job, or one per sequence (a job whose requests set their own, or a workload's generation histogram).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class SimResult:
 
 
 class _Replay:
-    def __init__(self, cost: MeshCost, prompts: Sequence[int], max_new_tokens: int, max_sequences: int,
+    def __init__(self, cost: MeshCost, prompts: Sequence[int], max_new: Sequence[int], max_sequences: int,
                  prefill_mb: int, decode_mb: int, max_in_flight: int, group_window: int) -> None:
-        self.cost, self.prompts, self.max_new = cost, list(prompts), max_new_tokens
+        self.cost, self.prompts, self.max_new = cost, list(prompts), list(max_new)
         self.group_window = group_window
         self.prefill_mb, self.decode_mb, self.max_in_flight = prefill_mb, decode_mb, max_in_flight
         n = len(cost.stages)
@@ -115,7 +116,7 @@ class _Replay:
             finished = 0
             for s in group:
                 self.generated[s] += 1
-                if self.generated[s] >= self.max_new:
+                if self.generated[s] >= self.max_new[s]:
                     finished += 1
                 else:
                     self.ready.append(s)
@@ -127,17 +128,21 @@ class _Replay:
         return end
 
 
-def simulate(cost: MeshCost, prompt_lengths: Sequence[int], max_new_tokens: int, max_sequences: int,
+def simulate(cost: MeshCost, prompt_lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_sequences: int,
              prefill_micro_batch: int, decode_micro_batch: int, max_in_flight: int = 0,
              group_window: int = DEFAULT_WINDOW) -> SimResult:
     """Predicted seconds from the job's first scheduling step until its last sequence is stored.
+    ``max_new_tokens``: one for every sequence, or one per prompt;
     ``max_in_flight``: micro-batches in the pipeline at once (0: one per stage, the coordinator's default);
     ``group_window``: the scheduler's prefill grouping window (1: FIFO)."""
     if not prompt_lengths or min(prompt_lengths) < 1:
         raise InvalidArgument("simulate a job of at least one prompt of at least one token")
-    if min(max_new_tokens, max_sequences, prefill_micro_batch, decode_micro_batch, group_window) < 1:
+    max_new = [max_new_tokens] * len(prompt_lengths) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(max_new) != len(prompt_lengths):
+        raise InvalidArgument(f"{len(max_new)} max_new_tokens for {len(prompt_lengths)} prompts: give one per prompt")
+    if min(min(max_new), max_sequences, prefill_micro_batch, decode_micro_batch, group_window) < 1:
         raise InvalidArgument("max_new_tokens, KV slots, micro-batch sizes and the grouping window must be >= 1")
-    replay = _Replay(cost, prompt_lengths, max_new_tokens, max_sequences, prefill_micro_batch, decode_micro_batch,
+    replay = _Replay(cost, prompt_lengths, max_new, max_sequences, prefill_micro_batch, decode_micro_batch,
                      max_in_flight or len(cost.stages), group_window)
     job_s = replay.run()
     return SimResult(job_s, replay.counts["prefill"], replay.counts["decode"], tuple(replay.trace),

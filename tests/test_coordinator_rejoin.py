@@ -185,6 +185,35 @@ def test_with_rejoin_interval_a_returning_device_rejoins_by_itself(tmp_path, thr
         coordinator.stop(grace=None)
 
 
+def test_replan_for_a_jobs_own_lengths(tmp_path, three_devices, capsys):
+    """ReplanMesh(for_job=...): the job's pending requests become the plan's workload; a dry run predicts
+    both plans on it; an unknown job is NOT_FOUND, a finished one FAILED_PRECONDITION."""
+    root, model, planner_address, stages, addresses = three_devices
+    register(planner_address, 1 << 30)
+    plan = first_plan(planner_address, plan_request(root / "tiny-llama", THREE), addresses)
+    request_file = tmp_path / "three.json"
+    request_file.write_text(json_format.MessageToJson(plan_request(root / "tiny-llama", THREE)))
+    config = replace(coordinator_config(tmp_path, planner_address, plan, addresses, root), replan_request=request_file,
+                     device_addresses=tuple((n, addresses[n]) for n in THREE))
+    coordinator = serve(config)
+    client = Client(coordinator.port)
+    try:
+        job = client.submit(mixed_prompts(96, seed=3), MAX_NEW, key="for-job")
+        reply = replan_mesh(client, for_job=job, dry_run=True)
+        assert not reply.switched and reply.message.startswith("dry run"), reply
+        assert reply.new_predicted_tokens_per_s > 0 and reply.old_predicted_tokens_per_s > 0
+        assert pqmesh(["mesh", "replan", "--coordinator", f"127.0.0.1:{coordinator.port}", "--for-job", job,
+                       "--dry-run"]) == 0
+        assert "not switched: dry run" in capsys.readouterr().out
+        assert refused(client, for_job="job-nope")[0] == grpc.StatusCode.NOT_FOUND
+        assert client.wait(job, timeout=120).state == coordinator_pb2.JOB_STATE_SUCCEEDED
+        code, details = refused(client, for_job=job)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no pending request" in details, details
+    finally:
+        client.close()
+        coordinator.stop(grace=None)
+
+
 def test_add_flag_and_request_checks_say_what_to_change():
     from coordinator.rejoin import MeshChange, joining, parse_added
     from coordinator.replan import AddedDevice, Replanner

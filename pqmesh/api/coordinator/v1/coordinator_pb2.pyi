@@ -291,16 +291,18 @@ class MeshDevice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., device_type: _Optional[str] = ...) -> None: ...
 
 class ReplanMeshRequest(_message.Message):
-    __slots__ = ("rejoin", "add", "force", "dry_run")
+    __slots__ = ("rejoin", "add", "force", "dry_run", "for_job")
     REJOIN_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    FOR_JOB_FIELD_NUMBER: _ClassVar[int]
     rejoin: _containers.RepeatedScalarFieldContainer[str]
     add: MeshDevice
     force: bool
     dry_run: bool
-    def __init__(self, rejoin: _Optional[_Iterable[str]] = ..., add: _Optional[_Union[MeshDevice, _Mapping]] = ..., force: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    for_job: str
+    def __init__(self, rejoin: _Optional[_Iterable[str]] = ..., add: _Optional[_Union[MeshDevice, _Mapping]] = ..., force: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., for_job: _Optional[str] = ...) -> None: ...
 
 class ReplanMeshResponse(_message.Message):
     __slots__ = ("switched", "old_plan_id", "new_plan_id", "old_predicted_tokens_per_s", "new_predicted_tokens_per_s", "old_devices", "new_devices", "rejoined", "message")

@@ -117,15 +117,29 @@ class Network(_message.Message):
     intra_host_latency_us: float
     def __init__(self, bandwidth_gbps: _Optional[float] = ..., latency_us: _Optional[float] = ..., intra_host_bandwidth_gbps: _Optional[float] = ..., intra_host_latency_us: _Optional[float] = ...) -> None: ...
 
+class LengthCount(_message.Message):
+    __slots__ = ("length", "count")
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    count: int
+    def __init__(self, length: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
 class Workload(_message.Message):
-    __slots__ = ("batch_size", "prompt_length", "generation_length")
+    __slots__ = ("batch_size", "prompt_length", "generation_length", "prompt_lengths", "generation_lengths", "kv_tokens_per_sequence")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_PER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     prompt_length: int
     generation_length: int
-    def __init__(self, batch_size: _Optional[int] = ..., prompt_length: _Optional[int] = ..., generation_length: _Optional[int] = ...) -> None: ...
+    prompt_lengths: _containers.RepeatedCompositeFieldContainer[LengthCount]
+    generation_lengths: _containers.RepeatedCompositeFieldContainer[LengthCount]
+    kv_tokens_per_sequence: int
+    def __init__(self, batch_size: _Optional[int] = ..., prompt_length: _Optional[int] = ..., generation_length: _Optional[int] = ..., prompt_lengths: _Optional[_Iterable[_Union[LengthCount, _Mapping]]] = ..., generation_lengths: _Optional[_Iterable[_Union[LengthCount, _Mapping]]] = ..., kv_tokens_per_sequence: _Optional[int] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
     __slots__ = ("model_name", "model_config_json", "devices", "network", "workload", "theta", "quality_bound", "indicator_json", "time_limit_seconds", "allowed_bits", "dtype", "coordinator_turnaround_us")
