@@ -24,6 +24,7 @@ COMMANDS = (
     "planner.commands",  # plan
     "coordinator.commands",  # submit, status, results, ...
     "coordinator.mesh_commands",  # mesh replan
+    "coordinator.lengths_command",  # lengths (a job file's histograms for `plan`)
     "localmesh.commands",  # demo
 )
 

@@ -43,3 +43,29 @@ def test_job_workload_is_the_histogram_of_its_pending_requests(tmp_path):
     with pytest.raises(FailedPrecondition, match="no pending request"):
         job_workload(store, resolver, "job-b", 6, 64)
     store.close()
+
+
+def test_lengths_command_reads_a_job_file_as_the_coordinator_would(tmp_path, capsys):
+    import json
+
+    from test_coordinator_api import save_word_tokenizer
+
+    from cli.main import main as pqmesh
+
+    save_word_tokenizer(tmp_path / "tok")
+    lines = [{"prompt": "the cat sat on a mat"},  # 6 words
+             {"token_ids": list(range(4, 24)), "max_tokens": 40},  # 20 ids
+             {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "any-name", "prompt": "the dog ran far away", "max_tokens": 3}},
+             "not json"]
+    job = tmp_path / "job.jsonl"
+    job.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n")
+    assert pqmesh(["lengths", str(job), "--tokenizer", str(tmp_path / "tok"), "--bin", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "--prompt-lengths 8:2,24:1 --gen-lengths 8:1,40:1,64:1"
+    assert "1 lines left out" in err and "invalid_json" in err
+    assert pqmesh(["lengths", str(job), "--json"]) == 0  # no tokenizer: only the token-id line counts
+    report = json.loads(capsys.readouterr().out)
+    assert (report["requests"], report["prompt_lengths"], report["refused"]) == \
+        (1, "32:1", {"invalid_json": 1, "invalid_request": 2})
+    assert pqmesh(["lengths", str(tmp_path / "missing.jsonl")]) == 2
