@@ -38,6 +38,7 @@ import structlog
 import torch
 
 from coordinator.feeder import Feeder
+from coordinator.job_lengths import pending_lengths
 from coordinator.mesh import Mesh
 from coordinator.prediction import predict_job_seconds
 from coordinator.progress import ProgressBoard
@@ -53,7 +54,7 @@ from pqmesh.stage_wire import left_pad, micro_batch_header
 
 log = structlog.get_logger(__name__)
 
-PREDICT_SAMPLE = 20_000  # prompts whose lengths the job-time prediction replays; more are scaled from them
+PREDICT_SAMPLE = 4096  # requests whose lengths the job-time prediction replays; more are scaled from them
 _GONE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", ""})  # stream ends that blame no micro-batch
 
 
@@ -183,20 +184,17 @@ class Engine(OutageHandling, MeshChanges):
                  resumed=record.num_results > 0 or record.state is JobState.RUNNING)
 
     def _predicted_seconds(self, record) -> float:
-        """The cost model's time for the job's pending prompts (`coordinator.prediction`), from the token
-        counts of up to PREDICT_SAMPLE of them, scaled to all; 0 while they are not tokenized yet (uploaded
-        lines are resolved as the feeder reaches them) or when the plan carries no cost."""
-        first = self.store.pending_prompts(record.id, limit=1)
-        if not first or first[0].token_ids is None:  # uploaded lines: not tokenized yet, nothing to read
+        """The cost model's time for the job's pending requests (`coordinator.prediction`), from the prompt
+        lengths and max_new_tokens of up to PREDICT_SAMPLE of them (resolved as the feeder will: uploaded
+        lines are tokenized here), scaled to all; 0 when none can run or the plan carries no cost."""
+        if self.mesh.spec.plan.cost is None:
             return 0.0
-        sample = self.store.pending_prompts(record.id, limit=PREDICT_SAMPLE)
-        lengths = [len(p.token_ids) for p in sample if p.token_ids is not None]
-        if not lengths or len(lengths) < len(sample):
+        lengths, new_tokens = pending_lengths(self.store, self.feeder.resolver, record, PREDICT_SAMPLE)
+        if not lengths:
             return 0.0
         pending = record.num_prompts - record.num_results
-        seconds = predict_job_seconds(self.mesh.spec.plan, lengths, record.params["max_new_tokens"],
-                                      self.scheduler.max_sequences, self.scheduler.max_in_flight,
-                                      self.scheduler.group_window)
+        seconds = predict_job_seconds(self.mesh.spec.plan, lengths, new_tokens, self.scheduler.max_sequences,
+                                      self.scheduler.max_in_flight, self.scheduler.group_window)
         return seconds * pending / len(lengths)
 
     def _on_feed(self) -> None:

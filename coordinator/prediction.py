@@ -3,7 +3,8 @@
 as Prometheus gauges of the last finished job. A plan without a cost (written by hand, or by an
 older planner) predicts nothing (0).
 
-The prediction assumes the job has the mesh to itself and runs every sequence to max_new_tokens;
+The prediction assumes the job has the mesh to itself and runs every sequence to its max_new_tokens
+(the request's own, else the job's);
 measured time runs from the job's first micro-batch to its last stored sequence.
 """
 
@@ -21,7 +22,7 @@ from pqmesh.plan import PipelinePlan
 log = structlog.get_logger(__name__)
 
 
-def predict_job_seconds(plan: PipelinePlan, prompt_lengths: Sequence[int], max_new_tokens: int,
+def predict_job_seconds(plan: PipelinePlan, prompt_lengths: Sequence[int], max_new_tokens: int | Sequence[int],
                         max_sequences: int, max_in_flight: int = 0, group_window: int = DEFAULT_WINDOW) -> float:
     """Predicted seconds of a job on this plan's mesh; 0.0 when the plan carries no cost."""
     if plan.cost is None or not prompt_lengths:

@@ -17,9 +17,11 @@ import pytest
 from google.protobuf import json_format
 from tiny_models import build_checkpoint
 
+from coordinator.batch_client import upload
 from coordinator.commands import progress_line
 from coordinator.prediction import predict_job_seconds
 from planner.main import PlannerConfig, start
+from pqmesh.api.coordinator.v1 import coordinator_pb2
 from pqmesh.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from pqmesh.cpuset import available_cpus
 from pqmesh.grpc_server import channel
@@ -135,6 +137,15 @@ def test_planner_registered_profiles_plan_a_mesh_the_stages_accept(profiled, tmp
         error = registry.get_sample_value("pqmesh_coordinator_last_job_prediction_error_ratio")
         assert error == pytest.approx((expected - measured) / measured)
         assert re.search(r"predicted \d+\.\d s vs \d+\.\d s measured \([+-]\d+%\)", progress_line(final))
+
+        # an uploaded file predicts too: its lines resolved as the feeder resolves them, own max_tokens each
+        lines = tmp_path / "job.jsonl"
+        lines.write_text("".join(json.dumps({"token_ids": p, "max_tokens": 2 + i % 3}) + "\n"
+                                 for i, p in enumerate(prompts)))
+        uploaded = upload(client.stub, lines, coordinator_pb2.GenerationParams(max_new_tokens=5), "up").job_id
+        final = client.wait(uploaded)
+        expected = predict_job_seconds(plan, [len(p) for p in prompts], [2 + i % 3 for i in range(6)], 6)
+        assert final.state == 3 and final.predicted_seconds == pytest.approx(expected) and expected > 0
     finally:
         client.close()
         coordinator.stop()
