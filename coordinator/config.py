@@ -83,7 +83,7 @@ class CoordinatorConfig:
         parser = build_parser()
         args = parser.parse_args(argv)
         try:
-            plan = PipelinePlan.from_file(args.plan)
+            plan = PipelinePlan.from_file(args.plan, args.replica)
             if args.stage:
                 plan = plan.with_addresses(args.stage)
             plan.require_addresses()
@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--state-dir", type=Path, required=True, help="directory of the job database")
     parser.add_argument("--plan", type=Path, required=True,
-                        help="plan JSON: `pqmesh plan --json` output or its \"plan\" object")
+                        help="plan JSON: `pqmesh plan --json` output or its \"plan\" object, or a `pqmesh plan "
+                             "--replicas --json` answer with --replica")
+    parser.add_argument("--replica", type=int, default=None, metavar="N",
+                        help="with a several-pipelines plan file: run its pipeline N (0-based), one coordinator each")
     parser.add_argument("--stage", type=_address, action="append", default=[], metavar="HOST:PORT",
                         help="stage address, once per stage in pipeline order (default: \"address\" in the plan)")
     parser.add_argument(

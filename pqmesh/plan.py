@@ -185,14 +185,16 @@ class PipelinePlan:
         return json.dumps(self.to_json_obj())
 
     @classmethod
-    def from_json(cls, text: str) -> PipelinePlan:
-        """From a plan file, or the planner's whole answer (the plan under ``"plan"``)."""
+    def from_json(cls, text: str, replica: int | None = None) -> PipelinePlan:
+        """From a plan file, or the planner's whole answer (the plan under ``"plan"``), or with ``replica``
+        one pipeline of a ``pqmesh plan --replicas --json`` answer (``"replicas"[replica]["plan"]``)."""
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
             raise InvalidArgument(f"the plan is not valid JSON: {err}") from None
-        if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
-            obj = obj["plan"]
+        obj = _replica(obj, replica)
+        while isinstance(obj, dict) and "stages" not in obj and isinstance(obj.get("plan"), dict):
+            obj = obj["plan"]  # the planner's answer, or a replica holding one
         if not isinstance(obj, dict) or not isinstance(obj.get("stages"), list):
             raise InvalidArgument("a plan is a JSON object with \"stages\", \"prefill_micro_batch\" and "
                                   "\"decode_micro_batch\" (or the planner's answer holding it under \"plan\")")
@@ -207,12 +209,26 @@ class PipelinePlan:
             ) from None
 
     @classmethod
-    def from_file(cls, path: Path) -> PipelinePlan:
+    def from_file(cls, path: Path, replica: int | None = None) -> PipelinePlan:
         try:
             text = Path(path).read_text()
         except OSError as err:
             raise InvalidArgument(f"cannot read the plan file {path}: {err.strerror}") from None
-        return cls.from_json(text)
+        return cls.from_json(text, replica)
+
+
+def _replica(obj, replica: int | None):
+    """``obj`` itself, or with a several-pipelines answer (``"replicas"``) the one ``replica`` names."""
+    replicas = obj.get("replicas") if isinstance(obj, dict) else None
+    if not isinstance(replicas, list):
+        if replica is not None:
+            raise InvalidArgument(f"--replica {replica} names one pipeline of a `pqmesh plan --replicas --json` "
+                                  "answer, but this plan file holds one plan; leave --replica out")
+        return obj
+    if replica is None or not 0 <= replica < len(replicas) or not isinstance(replicas[replica], dict):
+        raise InvalidArgument(f"the plan file holds {len(replicas)} pipelines (a `pqmesh plan --replicas` answer): "
+                              f"pick this coordinator's with --replica 0..{len(replicas) - 1}")
+    return replicas[replica]
 
 
 def even_plan(num_layers: int, addresses: Sequence[str], prefill_micro_batch: int, decode_micro_batch: int,

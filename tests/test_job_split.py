@@ -113,6 +113,28 @@ def test_shares_from_a_real_replicas_plan(tmp_path):
     assert count >= 2 and shares == tuple(r["plan"]["predicted"]["throughput_tokens_per_s"] for r in report["replicas"])
     assert sum(len(s.part) for s in deal(100, [f"h:{i}" for i in range(count)], shares)) == 100
 
+    # each replica's coordinator runs its own pipeline from the same file (--plan replicas.json --replica N)
+    from coordinator.config import CoordinatorConfig
+    from pqmesh.errors import InvalidArgument
+    from pqmesh.plan import PipelinePlan
+
+    for i, replica in enumerate(report["replicas"]):
+        own = PipelinePlan.from_json(json.dumps(replica["plan"]))
+        assert PipelinePlan.from_file(path, i).to_json() == own.to_json()
+    with pytest.raises(InvalidArgument, match=f"pick this coordinator's with --replica 0..{count - 1}"):
+        PipelinePlan.from_file(path)
+    with pytest.raises(InvalidArgument, match="--replica 0..") :
+        PipelinePlan.from_file(path, count)
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps(report["replicas"][0]["plan"]))
+    with pytest.raises(InvalidArgument, match="leave --replica out"):
+        PipelinePlan.from_file(single, 0)
+    stages = len(report["replicas"][1]["plan"]["plan"]["stages"])
+    config = CoordinatorConfig.from_args(["--plan", str(path), "--replica", "1", "--state-dir", str(tmp_path / "s"),
+                                          "--model-id", "tiny"] + [a for k in range(stages)
+                                                                    for a in ("--stage", f"127.0.0.1:{6000 + k}")])
+    assert config.plan.plan_id == PipelinePlan.from_file(path, 1).plan_id
+
 
 def test_submit_refuses_a_bad_split_before_sending_anything(tmp_path, capsys, monkeypatch):
     from cli.main import main as cli
