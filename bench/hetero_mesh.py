@@ -16,6 +16,7 @@ Layouts (`--layout`, default: the largest this host has):
           every stage profiled and run in float32 (one dtype per mesh). Not yet run on a GPU host.
 
 Run: .venv/bin/python bench/hetero_mesh.py [--layout 2core] [--repeat 3] [--prompts 64] [--new-tokens 32]
+     [--budgets-mb 450,200]  (other budgets for the layout's devices)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from localmesh.demo import COORDINATOR_ENV, demo_prompts
@@ -66,6 +68,15 @@ def layout(name: str) -> tuple[LocalDevice, ...]:
         half = (len(cores) - 1) // 2
         return (LocalDevice("gpu0", 600, device="cuda:0"), *cpu_layout((300, 200), cores[1:1 + 2 * half]))
     raise SystemExit(f"unknown layout {name!r}; use 2core, 16core or gpu")
+
+
+def with_budgets(devices: tuple[LocalDevice, ...], text: str) -> tuple[LocalDevice, ...]:
+    if not text:
+        return devices
+    budgets = [int(b) for b in text.split(",")]
+    if len(budgets) != len(devices):
+        raise SystemExit(f"--budgets-mb gives {len(budgets)} budgets for the layout's {len(devices)} devices")
+    return tuple(replace(d, budget_mb=b) for d, b in zip(devices, budgets))
 
 
 def default_layout() -> str:
@@ -155,9 +166,11 @@ def main() -> int:
     parser.add_argument("--bits", default="16,8,4")
     parser.add_argument("--quick-profile", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--budgets-mb", default="", metavar="MB,MB,...",
+                        help="the layout's memory budgets instead of its own (one per device, in order)")
     args = parser.parse_args()
     name = args.layout or default_layout()
-    devices = layout(name)
+    devices = with_budgets(layout(name), args.budgets_mb)
     check_layout(devices)
     print(f"layout {name}: " + "; ".join(d.describe() for d in devices) + f"; load {os.getloadavg()}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pqmesh-hetero-"))
