@@ -10,7 +10,8 @@ the cost model's prediction for that job (the coordinator's `JobProgress.predict
 job-time error, and the measured ratio against PipeEdge (median of the per-round ratios).
 
 Layouts (`--layout`, default: the largest this host has):
-  2core   two single-core devices, budgets 430 / 300 MiB
+  2core   two single-core devices, budgets 450 / 200 MiB (the demo's: one bitwidth for all layers must be 8,
+          uniform int8 / int4 do not fit core 1, so the method matters; `--budgets-mb 430,300`: every plan fits)
   16core  cores 8 + 4 + 2 + 2, budgets 900 / 450 / 300 / 200 MiB
   gpu     cuda:0 with a 600 MiB budget, and two CPU devices of half the remaining cores each, 300 / 200 MiB;
           every stage profiled and run in float32 (one dtype per mesh). Not yet run on a GPU host.
@@ -29,6 +30,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from localmesh import DEFAULT_BUDGETS_MB
 from localmesh.demo import COORDINATOR_ENV, demo_prompts
 from localmesh.mesh import (
     LocalDevice,
@@ -51,7 +53,7 @@ PLANS = ("llm-pq", "pipeedge", "uniform_int8", "uniform_int4")
 def layout(name: str) -> tuple[LocalDevice, ...]:
     cores = available_cpus()
     if name == "2core":
-        return cpu_layout((430, 300), cores[:2])
+        return cpu_layout(DEFAULT_BUDGETS_MB, cores[:2])
     if name == "16core":
         if len(cores) < 16:
             raise SystemExit(f"layout 16core needs 16 cores; this process may use {len(cores)}: figures pending")
