@@ -306,6 +306,8 @@ def _results(args) -> int:
         if progress.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
             sys.stderr.write(f"job {args.job_id} is {STATES[progress.state]}: {progress.sequences_done}/"
                              f"{progress.sequences_total} sequences done so far\n")
+        elif progress.message:  # e.g. how many requests got an error result
+            sys.stderr.write(f"job {args.job_id}: {progress.message}\n")
         write_results(stub, args.job_id, args.out, openai)
         return 0
     except (_Failed, batch_client.BatchFailed) as err:

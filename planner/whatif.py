@@ -37,7 +37,7 @@ import structlog
 
 from planner.cluster import Cluster, ClusterEntry, ProfileLookup
 from planner.devices import normalize_type
-from planner.diagnose import min_quality
+from planner.diagnose import MIN_SOLVE_S, min_quality
 from planner.indicator import Quality
 from planner.max_batch import at_batch, largest_batch
 from planner.plans import PlanResult
@@ -287,18 +287,21 @@ def _frontier(problem: Problem, clock: _Clock, points: int, baselines: dict | No
     if fastest is None:
         return (FrontierPoint(loosest, None, reason, clock.short(share)),)
     fastest_note, share = clock.short(share), clock.share()
-    lowest = min_quality(problem, deadline=time.monotonic() + share) if share is not None else float("inf")
+    searched = time.monotonic() + (share or 0.0)
+    lowest = min_quality(problem, deadline=searched) if share is not None else float("inf")
+    tight_note = ("the tightest bound found before the time limit stopped the search over device orders; a "
+                  "tighter one may fit" if time.monotonic() >= searched - MIN_SOLVE_S else "")
     if lowest == float("inf"):  # min_quality found nothing in its share
         fastest_note = "the only point: no tightest bound that fits was found within the what-if's time limit"
     bounds = frontier_bounds(lowest, fastest.predicted.quality, points)
     out = []
-    for bound in bounds[:-1]:
+    for k, bound in enumerate(bounds[:-1]):
         share = clock.share()
         if share is None:
             out.append(FrontierPoint(bound, None, note=clock.skipped))
             continue
         result, why = _try(lambda b=bound: replace(problem, quality=Quality(bound=b)), share, baselines)
-        out.append(FrontierPoint(bound, result, why, clock.short(share)))
+        out.append(FrontierPoint(bound, result, why, clock.short(share) or (tight_note if k == 0 else "")))
     out.append(FrontierPoint(bounds[-1], fastest, note=fastest_note))
     return tuple(out)
 

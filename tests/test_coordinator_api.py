@@ -174,8 +174,9 @@ def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
     assert len(client.stub.ListJobs(coordinator_pb2.ListJobsRequest()).jobs) == before
 
 
-def test_an_over_long_prompt_gets_an_error_result_and_the_rest_of_the_job_runs(coordinator):
-    _, client, model = coordinator
+def test_an_over_long_prompt_gets_an_error_result_and_the_rest_of_the_job_runs(coordinator, tmp_path, capsys,
+                                                                                 monkeypatch):
+    running, client, model = coordinator
     fitting = mixed_prompts(4, seed=9)
     long_text = " ".join(["cat"] * 37)  # 37 tokens through the word tokenizer
     mixed = [fitting[0], [5] * 38, fitting[1], long_text, fitting[2], [7] * 40, fitting[3]]
@@ -202,6 +203,13 @@ def test_an_over_long_prompt_gets_an_error_result_and_the_rest_of_the_job_runs(c
     assert all(not results[i].error for i in (0, 2, 4, 6))
     listed = [j for j in client.stub.ListJobs(coordinator_pb2.ListJobsRequest()).jobs if j.job_id == final.job_id]
     assert listed[0].sequences_done == len(mixed) and listed[0].state == coordinator_pb2.JOB_STATE_SUCCEEDED
+    monkeypatch.setattr("cli.main.configure", lambda *args, **kwargs: None)  # the test session's logging stays
+    out = tmp_path / "results.jsonl"
+    assert cli(["results", final.job_id, "--coordinator", f"127.0.0.1:{running.port}", "--out", str(out)]) == 0
+    assert f"job {final.job_id}: 3 of 7 requests got an error result" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["finish_reason"] for r in rows] == ["length", "error"] * 3 + ["length"]
+    assert rows[1]["error"]["code"] == "context_length_exceeded" and "at most 36 tokens" in rows[1]["error"]["message"]
 
 
 def test_cli_submits_text_and_token_prompts_and_fetches_results(coordinator, tmp_path, capsys, monkeypatch):
