@@ -67,11 +67,13 @@ def _memory_classes(problem: Problem) -> list:
     return list(seen.values())
 
 
-def _quality_relaxed(problem: Problem) -> float:
+def _quality_relaxed(problem: Problem, deadline: _Deadline) -> float:
     """A lower bound on the smallest summed indicator that fits memory (micro-batches of 1): the LP
-    relaxation, per class of orders."""
+    relaxation, per class of orders; -inf (nothing proven) when the deadline stops it."""
     scale, best, sizes = QualityScale(problem), float("inf"), (1,)
     for order in _memory_classes(problem):
+        if deadline.out():
+            return float("-inf")
         data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
         q = quality_lower_bound(data, 0, 0)
         if q is not None:
@@ -109,7 +111,7 @@ def largest_batch(problem: Problem, exact_limit: float = EXACT_CHECK_S, deadline
         return fits(at_batch(problem, b))
 
     def relaxed(b: int) -> bool:  # out of time: not excluded
-        return clock.out() or _quality_relaxed(at_batch(problem, b)) <= limit
+        return _quality_relaxed(at_batch(problem, b), clock) <= limit
 
     def exact(b: int) -> bool:  # out of time: not confirmed
         return not clock.out(MIN_CHECK_S) and _quality_fits(at_batch(problem, b), limit, exact_limit, clock)

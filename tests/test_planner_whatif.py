@@ -15,7 +15,7 @@ from test_planner_service import Planner, _grpcurl
 
 from cli.main import main
 from planner.cluster import Cluster, ClusterEntry, Workload
-from planner.diagnose import fits
+from planner.diagnose import fits, min_quality
 from planner.max_batch import largest_batch
 from planner.request import PlanInputs
 from planner.whatif import device_changes, frontier_bounds, what_if
@@ -70,6 +70,19 @@ def test_largest_batch_is_the_edge_of_memory():
     assert not found.cut_short
     at = lambda b: replace(problem, workload=replace(problem.workload, batch_size=b))  # noqa: E731
     assert batch == bound and batch > 32 and fits(at(batch)) and not fits(at(batch + 1))
+
+
+def test_largest_batch_and_tightest_bound_stop_at_their_deadline():
+    inputs = PlanInputs("opt-30b", Cluster((ClusterEntry("T4", 3, host="a"), ClusterEntry("V100-32G", host="b"))),
+                        Workload(32, 512, 100))
+    problem = inputs.to_problem()  # the default quality bound: exact checks needed past memory
+    started = time.monotonic()
+    cut = largest_batch(problem, deadline=started)  # no time: memory's edge and the request's batch only
+    assert cut.cut_short and cut.batch == 32 and cut.bound >= cut.batch
+    assert min_quality(problem, deadline=started) == float("inf")
+    assert time.monotonic() - started < 1.0
+    full = largest_batch(problem)
+    assert not full.cut_short and cut.batch <= full.batch <= full.bound <= cut.bound
 
 
 def _check_answers(reply: dict) -> None:
