@@ -206,6 +206,8 @@ def _submit_to_stdout(stub, path: Path, params, key: str) -> int:
 
 def _report(final: coordinator_pb2.JobProgress) -> int:
     sys.stderr.write(progress_line(final).rstrip() + "\n")
+    if final.state == coordinator_pb2.JOB_STATE_SUCCEEDED and final.message:  # e.g. how many got an error result
+        sys.stderr.write(f"job {final.job_id}: {final.message}\n")
     if final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
         sys.stderr.write(f"job {final.job_id} ended {STATES[final.state]}: {final.message}\n")
         return 1
@@ -216,6 +218,8 @@ def _finish(stub, job_id: str, out: Path | None, openai: bool | None = None) -> 
     final = watch(stub, job_id, sys.stderr)
     if final.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
         sys.stderr.write(f"job {job_id} ended {STATES[final.state]}: {final.message}\n")
+    elif final.message:  # e.g. how many requests got an error result
+        sys.stderr.write(f"job {job_id}: {final.message}\n")
     count = write_results(stub, job_id, out, openai)
     if out is not None:
         sys.stderr.write(f"{count} results written to {out}\n")
@@ -302,6 +306,8 @@ def _results(args) -> int:
         if progress.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
             sys.stderr.write(f"job {args.job_id} is {STATES[progress.state]}: {progress.sequences_done}/"
                              f"{progress.sequences_total} sequences done so far\n")
+        elif progress.message:  # e.g. how many requests got an error result
+            sys.stderr.write(f"job {args.job_id}: {progress.message}\n")
         write_results(stub, args.job_id, args.out, openai)
         return 0
     except (_Failed, batch_client.BatchFailed) as err:

@@ -171,8 +171,9 @@ class Engine(OutageHandling, MeshChanges):
         self._loaded.add(job_id)
         self.board.track(record, record.params["max_new_tokens"])
         if record.num_results >= record.num_prompts:  # every result is stored already
-            self.store.set_state(job_id, JobState.SUCCEEDED)
-            self.board.final(job_id, JobState.SUCCEEDED)
+            message = self.store.error_summary(job_id)
+            self.store.set_state(job_id, JobState.SUCCEEDED, message)
+            self.board.final(job_id, JobState.SUCCEEDED, message)
             return
         if self._down is not None:  # accepted just before the mesh was given up on
             self._fail(job_id, f"not run: {self._down}; submit it again once the mesh is back")
@@ -253,7 +254,7 @@ class Engine(OutageHandling, MeshChanges):
         for job_id, (count, tokens) in per_job.items():
             self.board.finished(job_id, count, tokens)
         for job_id in completed:
-            self.board.final(job_id, JobState.SUCCEEDED)
+            self.board.final(job_id, JobState.SUCCEEDED, self.store.job(job_id).message)
             self._loaded.discard(job_id)
             self.feeder.drop(job_id)
             _log_finished(self.store.job(job_id))

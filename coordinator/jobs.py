@@ -2,8 +2,11 @@
 report progress, page through results, list and cancel jobs.
 
 A submission is checked whole before anything is stored: every prompt non-empty, token ids inside the
-vocabulary, prompt plus max_new_tokens within the KV cache per sequence. A job with more prompts than
-KV slots is accepted and queued (slots are reused as sequences finish), never truncated. While the
+vocabulary, max_new_tokens leaving room for a prompt in the KV cache per sequence. A prompt longer than
+that room is not a failed job: it is stored with the others and gets its own error result
+(``context_length_exceeded``, saying what to shorten) when the engine reaches it, as an uploaded line
+does; the rest of the job runs and the job succeeds. A job with more prompts than KV slots is
+accepted and queued (slots are reused as sequences finish), never truncated. While the
 mesh is down for good (a stage stayed away past --stage-recovery-timeout) new jobs are refused with
 UNAVAILABLE until it is back.
 """
@@ -24,7 +27,6 @@ import structlog
 
 from coordinator.engine import Engine
 from coordinator.progress import Progress, ProgressBoard
-from coordinator.scheduler import capacity_error
 from coordinator.settings import GenerationSettings
 from coordinator.store import JobRecord, JobState, JobStore, ResultRecord
 from coordinator.text import TextCodec
@@ -83,11 +85,10 @@ class JobService:
         if settings.stop_on_eos and not self.eos_ids:
             raise FailedPrecondition("stop_on_eos is set but this coordinator knows no end-of-sequence id; start it "
                                      "with --eos-token-id or --model-root/--tokenizer, or submit with stop_on_eos off")
-        problems = [p for i, row in enumerate(ids) if (p := capacity_error(i, len(row), settings.max_new_tokens,
-                                                                           self.max_tokens))]
-        if problems:
-            more = f" (and {len(problems) - 1} more prompts)" if len(problems) > 1 else ""
-            raise InvalidArgument(problems[0] + more)
+        if not requests and settings.max_new_tokens >= self.max_tokens:  # shared by all: none could run
+            raise InvalidArgument(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the mesh's "
+                                  f"{self.max_tokens} tokens per sequence (--max-tokens-per-sequence): lower it to "
+                                  f"at most {self.max_tokens - 1}")
         down = self.engine.unavailable()
         if down is not None:
             raise Unavailable(f"the mesh is down ({down}); the coordinator keeps reconnecting and accepts jobs again "

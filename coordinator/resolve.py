@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.requests import Request, RequestError, from_prompt
+from coordinator.scheduler import context_error
 from coordinator.settings import GenerationSettings
 from coordinator.stops import StopStrings
 from coordinator.store import PendingPrompt, ResultRecord
@@ -132,15 +133,13 @@ class Resolver:
 
     def _budget(self, prompt_len: int, asked: int | None, default: int, clamp: bool) -> int:
         """New tokens to generate: ``asked``, else the job default (OpenAI requests: cut to what fits)."""
-        room = self.max_tokens - prompt_len
         wanted = asked if asked is not None else default
         if asked is None and clamp:
-            wanted = min(wanted, room)
-        if wanted < 1 or prompt_len + wanted > self.max_tokens:
-            raise RequestError("context_length_exceeded",
-                               f"the prompt has {prompt_len} tokens and asks for {wanted} more, but a sequence holds "
-                               f"at most {self.max_tokens} tokens (--max-tokens-per-sequence): shorten the prompt or "
-                               "lower max_tokens")
+            wanted = max(1, min(wanted, self.max_tokens - prompt_len))  # at least one new token
+        param = "max_tokens" if asked is not None or clamp else "max_new_tokens"
+        problem = context_error(prompt_len, wanted, self.max_tokens, param)
+        if problem is not None:
+            raise RequestError("context_length_exceeded", problem)
         return wanted
 
     @staticmethod

@@ -120,19 +120,28 @@ class StepResult:
     ignored: int = 0  # tokens of a duplicate or late reply, not appended
 
 
+def context_error(prompt_len: int, max_new_tokens: int, max_tokens: int, param: str = "max_new_tokens") -> str | None:
+    """Why a prompt of ``prompt_len`` tokens asking for ``max_new_tokens`` (named ``param`` to the user)
+    cannot run within ``max_tokens`` per sequence, and exactly what to shorten; None when it fits."""
+    need = prompt_len + max_new_tokens
+    if need <= max_tokens:
+        return None
+    head = (f"prompt of {prompt_len} tokens + {param} {max_new_tokens} = {need} tokens exceeds the mesh's "
+            f"{max_tokens} tokens per sequence (--max-tokens-per-sequence)")
+    lower = f"lower {param} to at most {max_tokens - prompt_len}"
+    if max_new_tokens < max_tokens:
+        shorten = f"shorten the prompt to at most {max_tokens - max_new_tokens} tokens"
+        return f"{head}: {shorten} or {lower}" if prompt_len < max_tokens else f"{head}: {shorten}"
+    if prompt_len < max_tokens:  # the new tokens alone fill the cache: no prompt length would fit
+        return f"{head}: {param} alone fills it, so {lower}"
+    return (f"{head}: shorten the prompt to at most {max_tokens - 1} tokens and lower {param} so that the two add "
+            f"up to at most {max_tokens}, or restart the coordinator with a larger --max-tokens-per-sequence")
+
+
 def capacity_error(index: int, prompt_len: int, max_new_tokens: int, max_tokens: int) -> str | None:
     """Why prompt ``index`` cannot run within ``max_tokens`` per sequence, or None when it fits."""
-    if prompt_len + max_new_tokens <= max_tokens:
-        return None
-    need = (f"prompt {index} has {prompt_len} tokens; with max_new_tokens {max_new_tokens} it needs "
-            f"{prompt_len + max_new_tokens} tokens of KV cache but the mesh holds {max_tokens} per sequence "
-            "(--max-tokens-per-sequence)")
-    if max_new_tokens < max_tokens:
-        return f"{need}: shorten it to at most {max_tokens - max_new_tokens} tokens or lower max_new_tokens"
-    if prompt_len < max_tokens:  # max_new_tokens alone fills the cache: no prompt length would fit
-        return f"{need}: lower max_new_tokens to at most {max_tokens - prompt_len}"
-    return (f"{need}: the prompt alone fills the cache; shorten it below {max_tokens} tokens and lower "
-            "max_new_tokens, or restart the coordinator with a larger --max-tokens-per-sequence")
+    problem = context_error(prompt_len, max_new_tokens, max_tokens)
+    return None if problem is None else f"prompt {index}: {problem}"
 
 
 class Scheduler:

@@ -229,10 +229,15 @@ class JobStore:
                            (added, order, job_id))
                 job = self._job(db, job_id)
                 if job.num_results == job.num_prompts and job.state in (JobState.QUEUED, JobState.RUNNING):
-                    db.execute("UPDATE jobs SET state = ?, finished_at = ? WHERE id = ?",
-                               (int(JobState.SUCCEEDED), time.time(), job_id))
+                    db.execute("UPDATE jobs SET state = ?, finished_at = ?, message = ? WHERE id = ?",
+                               (int(JobState.SUCCEEDED), time.time(), _error_summary(db, job), job_id))
                     completed.append(job_id)
         return completed
+
+    def error_summary(self, job_id: str) -> str:
+        """'' when no result of the job is an error; else how many are (the final message of its job)."""
+        with self.read() as db:
+            return _error_summary(db, self._job(db, job_id))
 
     def results(self, job_id: str, after_index: int, limit: int) -> list[ResultRecord]:
         """Stored results of a job with index > ``after_index``, by index, at most ``limit``."""
@@ -310,6 +315,14 @@ class JobStore:
             raise FailedPrecondition(f"idempotency key {idempotency_key!r} was already used for a different "
                                      f"request (job {row[0]}); use a new key for a new job")
         return self._job(db, row[0])
+
+
+def _error_summary(db, job: JobRecord) -> str:
+    (errors,) = db.execute("SELECT COUNT(*) FROM results WHERE job_id = ? AND error != ''", (job.id,)).fetchone()
+    if not errors:
+        return ""
+    return (f"{errors} of {job.num_prompts} requests got an error result instead of a completion (each carries "
+            "error_code and error: what to change)")
 
 
 def _result(row) -> ResultRecord:

@@ -180,32 +180,40 @@ def _replicas(args: argparse.Namespace, inputs) -> int:
 def render_what_if(result) -> str:
     """The human-readable what-if: base plan, device changes, frontier, largest batch."""
     base = result.base.predicted.throughput_tokens_per_s
+    cut = f"; {result.cut_short} answers cut short for time (marked *)" if result.cut_short else ""
     lines = [f"base plan {result.base.plan.plan_id}: {base:.1f} tokens/s, quality {result.base.predicted.quality:.4g}; "
-             f"what-if answered in {result.solve_seconds:.2f} s", "",
+             f"what-if answered in {result.solve_seconds:.2f} s of its {result.time_limit_s:g} s limit{cut}", "",
              f"{'device change':<28}{'tokens/s':>10}{'marginal':>10}  plan / why not"]
     for d in result.devices:
-        what = f"{'+' if d.delta > 0 else '-'}1 {d.device_type} ({d.host})"
+        what = f"{'+' if d.delta > 0 else '-'}1 {d.device_type} ({d.host})" + (" *" if d.note else "")
         if d.result is None:
-            lines.append(f"{what:<28}{'-':>10}{'-':>10}  {d.reason}")
+            lines.append(f"{what:<28}{'-':>10}{'-':>10}  {d.reason or d.note}")
         else:
             lines.append(f"{what:<28}{d.result.predicted.throughput_tokens_per_s:>10.1f}"
-                         f"{d.marginal_tokens_per_s:>+10.1f}  {_plan_summary(d.result)}")
+                         f"{d.marginal_tokens_per_s:>+10.1f}  {_plan_summary(d.result)}{_note(d.note)}")
     lines += ["", f"{'quality bound':<16}{'tokens/s':>10}{'quality':>12}  plan / why not"]
     for f in result.frontier:
+        bound = f"{f.quality_bound:.4g}" + (" *" if f.note else "")
         if f.result is None:
-            lines.append(f"{f.quality_bound:<16.4g}{'-':>10}{'-':>12}  {f.reason}")
+            lines.append(f"{bound:<16}{'-':>10}{'-':>12}  {f.reason or f.note}")
         else:
-            lines.append(f"{f.quality_bound:<16.4g}{f.result.predicted.throughput_tokens_per_s:>10.1f}"
-                         f"{f.result.predicted.quality:>12.4g}  {_plan_summary(f.result)}")
+            lines.append(f"{bound:<16}{f.result.predicted.throughput_tokens_per_s:>10.1f}"
+                         f"{f.result.predicted.quality:>12.4g}  {_plan_summary(f.result)}{_note(f.note)}")
     m = result.max_batch
     lines.append("")
+    star = " *" if m.note else ""
     if m.result is None:
-        lines.append(f"largest batch that fits: {m.batch_size} ({m.reason})")
+        lines.append(f"largest batch that fits{star}: {m.batch_size} ({m.reason or m.note})")
     else:
         edge = "" if m.batch_size_bound == m.batch_size else f" (none above {m.batch_size_bound})"
-        lines.append(f"largest batch that fits: {m.batch_size} sequences{edge}, "
-                     f"{m.result.predicted.throughput_tokens_per_s:.1f} tokens/s  {_plan_summary(m.result)}")
+        lines.append(f"largest batch that fits{star}: {m.batch_size} sequences{edge}, "
+                     f"{m.result.predicted.throughput_tokens_per_s:.1f} tokens/s  {_plan_summary(m.result)}"
+                     f"{_note(m.note)}")
     return "\n".join(lines) + "\n"
+
+
+def _note(note: str) -> str:
+    return f" ({note})" if note else ""
 
 
 def _plan_summary(result) -> str:

@@ -10,6 +10,7 @@ device that would make it fit. If memory is fine, the quality bound is what excl
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from planner.cluster import Device, Workload
@@ -20,6 +21,8 @@ from planner.tables import QualityScale, budgets, build_input
 from pqmesh.errors import FailedPrecondition, ResourceExhausted
 from pqmesh.types import ALL_BITS, Bits, Phase
 from pqmesh.units import format_bytes
+
+MIN_SOLVE_S = 0.05  # a quality solve given less than this is not started
 
 
 def _closest(problem: Problem, bits: Bits) -> tuple[int, str, int, int, int]:
@@ -97,26 +100,31 @@ def memory_message(problem: Problem) -> str:
     return "; ".join(parts) + ". To fit: " + ", or ".join(fixes)
 
 
-def min_quality(problem: Problem, time_limit: float = 2.0) -> float:
+def min_quality(problem: Problem, time_limit: float = 2.0, deadline: float | None = None) -> float:
     """Smallest summed indicator of any plan that fits memory (layers not tied to stages: a bound);
-    `time_limit` per order (an order whose solve finds nothing in time counts as not fitting)."""
+    `time_limit` per order (an order whose solve finds nothing in time counts as not fitting). With a
+    `deadline` (time.monotonic()) no order is solved past it (most take a fraction of a second); the
+    answer is then the smallest of the orders solved."""
     scale, best = QualityScale(problem), None
     sizes = (1,)
     for order in representative_orders(problem.devices, problem.network):
+        limit = time_limit if deadline is None else min(time_limit, deadline - time.monotonic())
+        if limit < MIN_SOLVE_S:
+            break
         sol = solve_order(build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True), 0, 0,
-                          time_limit, minimize_quality=True)
+                          limit, minimize_quality=True)
         if sol.found:
             best = sol.objective if best is None else min(best, sol.objective)
     return float("inf") if best is None else best / scale.scale
 
 
-def raise_infeasible(problem: Problem) -> None:
-    """Raise the error that explains why `problem` has no plan."""
+def raise_infeasible(problem: Problem, deadline: float | None = None) -> None:
+    """Raise the error that explains why `problem` has no plan (its quality search stops at `deadline`)."""
     if not fits(problem):
         raise ResourceExhausted(memory_message(problem))
     bound = problem.quality.bound
-    q = min_quality(problem) if bound is not None else 0.0
-    if bound is None or q <= bound:
+    q = min_quality(problem, deadline=deadline) if bound is not None else 0.0
+    if bound is None or q <= bound or q == float("inf"):  # inf: no quality solve found a plan in time
         raise FailedPrecondition("plans fit memory and the quality setting, but the solver found none within its time "
                                  "limit; raise --time-limit")
     raise FailedPrecondition(f"no plan meets the quality bound {bound:.6g}: the smallest summed indicator that fits "

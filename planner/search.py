@@ -35,7 +35,7 @@ from planner.baselines import all_baselines, balanced_sizes, busy_per_stage, lay
 from planner.diagnose import raise_infeasible
 from planner.mesh_costs import with_mesh_costs
 from planner.orders import all_orders, order_key, representative_orders, undominated
-from planner.plans import PlanResult
+from planner.plans import Baseline, PlanResult
 from planner.problem import Problem, evaluate
 from planner.refine import best_by_replay, length_summaries
 from planner.solver_ortools import TIME_SCALE, Hint, lower_bound, solve_order
@@ -251,8 +251,10 @@ def _search(state: _State, per_layer: bool) -> tuple[float, int]:
     return min(bounds, default=float("inf")), search.lp_solves
 
 
-def _solve(problem: Problem, deadline: float, baselines: dict) -> tuple[PipelinePlan, float, int, int]:
-    """The closed form's best plan (best-first search until ``deadline``): (plan, gap, LP solves, solves)."""
+def _solve(problem: Problem, deadline: float, baselines: dict,
+           strict: bool = False) -> tuple[PipelinePlan, float, int, int]:
+    """The closed form's best plan (best-first search until ``deadline``): (plan, gap, LP solves, solves).
+    ``strict``: the diagnosis of a failure keeps the deadline too."""
     state = _State(problem, deadline, micro_batch_candidates(problem.workload.batch_size))
     for b in baselines.values():
         if b.plan is not None:
@@ -262,7 +264,7 @@ def _solve(problem: Problem, deadline: float, baselines: dict) -> tuple[Pipeline
         state.try_heuristic(first, size)
     lower, lp_solves = _search(state, not problem.indicator.is_uniform())
     if state.best is None:
-        raise_infeasible(problem)
+        raise_infeasible(problem, deadline if strict else None)
     objective, best = state.best
     lower = min(lower, objective)
     gap = max(0.0, (objective - lower) / objective) if objective > 0 else 0.0
@@ -284,17 +286,23 @@ def _for_distribution(problem: Problem, best: PipelinePlan, started: float, time
     return best_by_replay(problem, candidates, started + time_limit)
 
 
-def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResult:
+def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S, baselines: dict | None = None,
+         strict: bool = False) -> PlanResult:
     """Solve `problem`; raises ResourceExhausted / FailedPrecondition with a fix when nothing fits.
-    `time_limit` bounds the whole call (baselines, bounds and solves). The optimality gap is the closed
-    form's; with length histograms the plan is then chosen by the job replay (`planner.refine`)."""
+    `time_limit` bounds the whole call (baselines, bounds and solves); `strict`: also the diagnosis of
+    a failure and the baselines' whole-mesh replays (one not replayed in time keeps job_s 0), so the
+    call ends within the limit plus one replay (the what-if). `baselines`: already evaluated for this
+    cluster and workload (they do not depend on the quality setting), offered and returned as they are.
+    The optimality gap is the closed form's; with length histograms the plan is then chosen by the job
+    replay (`planner.refine`)."""
     if time_limit <= 0:
         raise InvalidArgument(f"time limit must be positive, got {time_limit}")
     started = time.monotonic()
-    baselines = all_baselines(problem)
+    given = baselines
+    baselines = all_baselines(problem) if given is None else given
     histogram = problem.workload.prompts is not None or problem.workload.generations is not None
     share = 0.6 if histogram else 1.0
-    best, gap, lp_solves, solves = _solve(problem, started + share * time_limit, baselines)
+    best, gap, lp_solves, solves = _solve(problem, started + share * time_limit, baselines, strict)
     if histogram:
         best = _for_distribution(problem, best, started, time_limit)
     predicted = evaluate(problem, best).prediction
@@ -309,4 +317,21 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> PlanResu
         gap=round(gap, 4),
         throughput=round(predicted.throughput_tokens_per_s, 2),
     )
-    return with_mesh_costs(problem, PlanResult(best, predicted, baselines, seconds, gap))
+    result = _replayed(problem, PlanResult(best, predicted, {} if given is not None else baselines, seconds, gap),
+                       started + time_limit if strict else None)
+    return result if given is None else replace(result, baselines=given)
+
+
+def _replayed(problem: Problem, result: PlanResult, deadline: float | None) -> PlanResult:
+    """`with_mesh_costs`: the plan's whole-mesh replay, and each feasible baseline's, those only while
+    `deadline` (time.monotonic(); None: no limit) has not passed."""
+    if deadline is None:
+        return with_mesh_costs(problem, result)
+    out = with_mesh_costs(problem, replace(result, baselines={}))
+    baselines = {}
+    for name, b in result.baselines.items():
+        if b.feasible and b.plan is not None and time.monotonic() < deadline:
+            alone = with_mesh_costs(problem, replace(result, plan=b.plan, predicted=b.predicted, baselines={}))
+            b = Baseline(True, alone.predicted, alone.plan, b.reason)
+        baselines[name] = b
+    return replace(out, baselines=baselines)

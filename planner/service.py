@@ -69,7 +69,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                                         DEFAULT_WHAT_IF_LIMIT_S)
         result = what_if(inputs, self.registry.get, limit, request.frontier_points or DEFAULT_FRONTIER_POINTS,
                          tuple(request.extra_device_types))
-        log.info("what_if_served", plan_id=result.base.plan.plan_id, solve_seconds=round(result.solve_seconds, 3))
+        log.info("what_if_served", plan_id=result.base.plan.plan_id, solve_seconds=round(result.solve_seconds, 3),
+                 cut_short=result.cut_short)
         return result.to_proto()
 
     @rpc_errors

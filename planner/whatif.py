@@ -14,12 +14,18 @@
   bound the answer is the largest batch the exact checks confirmed in their time, and
   `batch_size_bound` the batch above which the LP relaxation proves nothing fits.
 
-`time_limit` is the what-if's budget: each solve gets the time left divided by the solves left (the
-base plan, which every marginal is measured against, counts as three and gets their time), but
-at least MIN_SHARE_S and what the base plan took (the largest-batch plan, at the edge of memory,
-gets a second try with twice that when the first finds nothing); each plan's baselines and
-whole-mesh replay come on top of its solve, so a what-if on a large pool takes longer than its
-budget (every answer reports its own gap).
+`time_limit` bounds the whole what-if (within the last step's overshoot: one replay, or the
+baselines of a plan begun with little time left): each step gets the time left divided by the steps
+left (the base plan, which every marginal is measured against, counts as three and gets their time;
+the frontier's tightest bound and the largest-batch search count as one each), but at least MIN_SHARE_S
+and what the base plan took while that much is left, and never past the deadline. Every plan is solved
+`strict` (`planner.search.plan`): its baselines' replays and its failure's diagnosis stop at its share
+too; the frontier's plans reuse the base plan's baselines (same cluster and workload), and the changed
+clusters' and the largest batch's plans are solved without any (on a large pool they took most of a
+short share, and the heuristic plans warm-start the search as well: docs/BENCHMARKS.md). A step the
+clock no longer allows is skipped, and a plan given less than the floor is solved with what is left;
+both answers say so (`note`, `cut_short`; on the wire the note is the item's `reason`), as does a
+largest-batch search stopped by its share (its range is then wider, still true).
 """
 
 from __future__ import annotations
@@ -29,17 +35,15 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from planner.cluster import MAX_WORKLOAD, Cluster, ClusterEntry, ProfileLookup
+from planner.cluster import Cluster, ClusterEntry, ProfileLookup
 from planner.devices import normalize_type
-from planner.diagnose import fits, min_quality
+from planner.diagnose import MIN_SOLVE_S, min_quality
 from planner.indicator import Quality
-from planner.orders import representative_orders
+from planner.max_batch import at_batch, largest_batch
 from planner.plans import PlanResult
-from planner.problem import QUALITY_TOLERANCE, Problem
+from planner.problem import Problem
 from planner.request import PlanInputs
 from planner.search import plan
-from planner.solver_ortools import quality_lower_bound, solve_order
-from planner.tables import QualityScale, build_input
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.errors import InvalidArgument, PqmeshError
 
@@ -50,7 +54,8 @@ DEFAULT_WHAT_IF_LIMIT_S = 60.0
 EXTRA_HOST = "what-if-host"
 BASE_WEIGHT = 3  # the base plan gets three solves' worth of time
 MIN_SHARE_S = 1.0  # a solve given less often finds no plan at all on a large pool
-EXACT_CHECK_S = 0.5  # per order, each exact quality check of the largest-batch search
+MIN_STEP_S = 0.05  # a step given less than this is skipped
+EXTRA_STEPS = 3  # besides the plans: the frontier's tightest bound, the largest-batch search and its plan
 FRONTIER_SPAN = 1e-3  # the loosest bound over the tightest, when the tightest fitting indicator is ~0
 
 
@@ -62,10 +67,11 @@ class DeviceChange:
     result: PlanResult | None
     reason: str = ""
     marginal_tokens_per_s: float = 0.0
+    note: str = ""  # set when the time limit cut this answer short
 
     def to_proto(self) -> planner_pb2.DeviceChange:
         msg = planner_pb2.DeviceChange(device_type=self.device_type, delta=self.delta, host=self.host,
-                                       feasible=self.result is not None, reason=self.reason,
+                                       feasible=self.result is not None, reason=self.reason or self.note,
                                        marginal_tokens_per_s=self.marginal_tokens_per_s)
         if self.result is not None:
             msg.plan.CopyFrom(self.result.to_proto())
@@ -74,7 +80,7 @@ class DeviceChange:
     def to_report(self) -> dict:
         return {"device_type": self.device_type, "delta": self.delta, "host": self.host,
                 "feasible": self.result is not None, "marginal_tokens_per_s": self.marginal_tokens_per_s,
-                **_answer(self.result, self.reason)}
+                **_answer(self.result, self.reason, self.note)}
 
 
 @dataclass(frozen=True)
@@ -82,17 +88,18 @@ class FrontierPoint:
     quality_bound: float
     result: PlanResult | None
     reason: str = ""
+    note: str = ""
 
     def to_proto(self) -> planner_pb2.FrontierPoint:
         msg = planner_pb2.FrontierPoint(quality_bound=self.quality_bound, feasible=self.result is not None,
-                                        reason=self.reason)
+                                        reason=self.reason or self.note)
         if self.result is not None:
             msg.plan.CopyFrom(self.result.to_proto())
         return msg
 
     def to_report(self) -> dict:
         return {"quality_bound": self.quality_bound, "feasible": self.result is not None,
-                **_answer(self.result, self.reason)}
+                **_answer(self.result, self.reason, self.note)}
 
 
 @dataclass(frozen=True)
@@ -101,24 +108,26 @@ class MaxBatch:
     result: PlanResult | None
     reason: str = ""
     batch_size_bound: int = 0  # no larger batch fits; the answer lies in [batch_size, batch_size_bound]
+    note: str = ""
 
     def to_proto(self) -> planner_pb2.MaxBatch:
-        msg = planner_pb2.MaxBatch(batch_size=self.batch_size, feasible=self.result is not None, reason=self.reason,
-                                   batch_size_bound=self.batch_size_bound)
+        msg = planner_pb2.MaxBatch(batch_size=self.batch_size, feasible=self.result is not None,
+                                   reason=self.reason or self.note, batch_size_bound=self.batch_size_bound)
         if self.result is not None:
             msg.plan.CopyFrom(self.result.to_proto())
         return msg
 
     def to_report(self) -> dict:
         return {"batch_size": self.batch_size, "batch_size_bound": self.batch_size_bound,
-                "feasible": self.result is not None, **_answer(self.result, self.reason)}
+                "feasible": self.result is not None, **_answer(self.result, self.reason, self.note)}
 
 
-def _answer(result: PlanResult | None, reason: str) -> dict:
+def _answer(result: PlanResult | None, reason: str, note: str) -> dict:
+    cut = {"cut_short": bool(note), **({"note": note} if note else {})}
     if result is None:
-        return {"throughput_tokens_per_s": 0.0, "reason": reason}
+        return {"throughput_tokens_per_s": 0.0, "reason": reason or note, **cut}
     return {"throughput_tokens_per_s": result.predicted.throughput_tokens_per_s,
-            "quality": result.predicted.quality, "plan": result.to_report()}
+            "quality": result.predicted.quality, "plan": result.to_report(), **cut}
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,12 @@ class WhatIfResult:
     frontier: tuple[FrontierPoint, ...]
     max_batch: MaxBatch
     solve_seconds: float
+    time_limit_s: float = DEFAULT_WHAT_IF_LIMIT_S
+
+    @property
+    def cut_short(self) -> int:
+        """Answers the time limit cut short (skipped, solved with less than the floor, or a wider range)."""
+        return sum(bool(a.note) for a in (*self.devices, *self.frontier, self.max_batch))
 
     def to_proto(self) -> planner_pb2.WhatIfResponse:
         return planner_pb2.WhatIfResponse(base=self.base.to_proto(), devices=[d.to_proto() for d in self.devices],
@@ -138,20 +153,39 @@ class WhatIfResult:
         """The `pqmesh plan --what-if --json` object."""
         return {"base": self.base.to_report(), "devices": [d.to_report() for d in self.devices],
                 "frontier": [f.to_report() for f in self.frontier], "max_batch": self.max_batch.to_report(),
-                "solve_seconds": self.solve_seconds}
+                "solve_seconds": self.solve_seconds, "time_limit_s": self.time_limit_s,
+                "cut_short": self.cut_short}
 
 
 class _Clock:
-    """Splits the what-if's time limit between its solves: the time left over the solves left."""
+    """Splits the what-if's time limit between its steps: the time left over the steps left, at least
+    the floor while that much is left, never past the deadline; None once less than `skip_below` is left."""
 
-    def __init__(self, limit: float, solves: int) -> None:
-        self.deadline, self.left, self.floor = time.monotonic() + limit, solves, MIN_SHARE_S
+    def __init__(self, limit: float, steps: int) -> None:
+        self.limit, self.deadline, self.left = limit, time.monotonic() + limit, steps
+        self.floor = self.skip_below = MIN_SHARE_S
 
-    def share(self, weight: int = 1) -> float:
-        """`weight` solves' worth of the time left (at least the floor); counts as `weight` solves."""
-        share = max(self.floor, weight * (self.deadline - time.monotonic()) / max(weight, self.left))
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def share(self, weight: int = 1) -> float | None:
+        """`weight` steps' worth of the time left; counts as `weight` steps. None: skip the step."""
+        left = self.remaining()
+        even = weight * left / max(weight, self.left)
         self.left = max(1, self.left - weight)
-        return share
+        return None if left < self.skip_below else min(max(self.floor, even), left)
+
+    @property
+    def skipped(self) -> str:
+        return (f"not answered: the what-if's {self.limit:g} s time limit ran out before this step; raise the time "
+                "limit (time_limit_seconds, --time-limit) to answer it")
+
+    def short(self, share: float) -> str:
+        """The note of a plan solved in `share` seconds ('' when it got the floor)."""
+        if share >= self.floor * (1 - 1e-9):
+            return ""
+        return (f"solved in {share:.2f} s, less than the {self.floor:.2f} s each plan gets, as the what-if's "
+                f"{self.limit:g} s time limit ran short: read its optimality gap")
 
 
 def device_changes(cluster: Cluster, extra_types: tuple[str, ...] = ()) -> list[tuple[str, int, str, Cluster | str]]:
@@ -192,95 +226,11 @@ def frontier_bounds(lowest: float, fastest: float, points: int) -> list[float]:
     return head + [start * ratio ** k for k in range(n - 1)] + [fastest]
 
 
-def _try(problem_of, share: float) -> tuple[PlanResult | None, str]:
+def _try(problem_of, share: float, baselines: dict | None = None) -> tuple[PlanResult | None, str]:
     try:
-        return plan(problem_of(), share), ""
+        return plan(problem_of(), share, baselines, strict=True), ""
     except PqmeshError as err:
         return None, str(err)
-
-
-def _at(problem: Problem, batch: int) -> Problem:
-    return replace(problem, workload=replace(problem.workload, batch_size=batch))
-
-
-def _largest(ok, lo: int, hi: int) -> int:
-    """The largest b in [lo, hi) with ok(b), given ok(lo) and ok monotone (true, then false)."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
-
-
-def _memory_classes(problem: Problem) -> list:
-    """One order per (first, last) device profile: all memory and quality depend on (not links)."""
-    seen: dict = {}
-    for order in representative_orders(problem.devices, problem.network):
-        seen.setdefault((order[0].profile, order[-1].profile), order)
-    return list(seen.values())
-
-
-def _quality_relaxed(problem: Problem) -> float:
-    """A lower bound on the smallest summed indicator that fits memory (micro-batches of 1): the LP
-    relaxation, per class of orders."""
-    scale, best, sizes = QualityScale(problem), float("inf"), (1,)
-    for order in _memory_classes(problem):
-        data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
-        q = quality_lower_bound(data, 0, 0)
-        if q is not None:
-            best = min(best, q / scale.scale)
-    return best
-
-
-def _quality_fits(problem: Problem, bound: float, time_limit: float) -> bool:
-    """Whether some plan at micro-batches of 1 fits memory within the summed-indicator `bound`
-    (layers not tied to stages, as `planner.diagnose.min_quality`): CP-SAT per class of orders,
-    `time_limit` each, stopping at the first that fits; one that finds nothing in time does not."""
-    scale, sizes = QualityScale(problem), (1,)
-    for order in _memory_classes(problem):
-        data = build_input(problem, order, sizes, sizes, per_layer=False, relaxed_indicator=True)
-        sol = solve_order(data, 0, 0, time_limit, minimize_quality=True)
-        if sol.found and sol.objective / scale.scale <= bound:
-            return True
-    return False
-
-
-def largest_batch(problem: Problem, exact_limit: float = EXACT_CHECK_S) -> tuple[int, int]:
-    """(largest batch found that fits memory and the quality bound, a batch no larger one fits);
-    0 when none fits. Memory by doubling then bisection (cheap); then the quality bound where memory
-    fits: bisection on the LP relaxation (a proof that every larger batch is out), then exact checks
-    (a CP-SAT solve per order, `exact_limit` seconds each; one that finds nothing in time counts as
-    not fitting) galloping down from there. Both only get harder as the batch grows (the KV cache
-    grows with it)."""
-    bound = problem.quality.bound
-
-    def memory(b: int) -> bool:
-        return fits(_at(problem, b))
-
-    def relaxed(b: int) -> bool:
-        return _quality_relaxed(_at(problem, b)) <= bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE
-
-    def exact(b: int) -> bool:
-        return _quality_fits(_at(problem, b), bound * (1 + QUALITY_TOLERANCE) + QUALITY_TOLERANCE, exact_limit)
-
-    if not memory(1):
-        return 0, 0
-    lo, hi = 1, max(2, problem.workload.batch_size)
-    while hi <= MAX_WORKLOAD and memory(hi):
-        lo, hi = hi, hi * 2
-    batch = _largest(memory, lo, min(hi, MAX_WORKLOAD + 1))
-    if bound is None:
-        return batch, batch
-    if not relaxed(batch):
-        batch = _largest(relaxed, 1, batch) if relaxed(1) else 0
-    if batch == 0 or exact(batch):
-        return batch, batch
-    known = min(problem.workload.batch_size, batch - 1)  # the request's own batch has a plan
-    if not exact(known):
-        return (_largest(exact, 1, known) if exact(1) else 0), batch
-    hi, step = batch, 1  # gallop down from the relaxation's edge
-    while hi - step > known and not exact(hi - step):
-        hi, step = hi - step, step * 2
-    return _largest(exact, max(known, hi - step), hi), batch
 
 
 def what_if(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit: float = DEFAULT_WHAT_IF_LIMIT_S,
@@ -292,53 +242,85 @@ def what_if(inputs: PlanInputs, lookup: ProfileLookup | None = None, time_limit:
         raise InvalidArgument(f"frontier points must be within 2..{MAX_FRONTIER_POINTS}, got {frontier_points}")
     started = time.monotonic()
     changes = device_changes(inputs.cluster, extra_types)
-    clock = _Clock(time_limit, BASE_WEIGHT + len(changes) + frontier_points + 1)
+    clock = _Clock(time_limit, BASE_WEIGHT + len(changes) + frontier_points + EXTRA_STEPS)
     problem = inputs.to_problem(lookup)
-    base = plan(problem, clock.share(BASE_WEIGHT))  # every marginal is against it: the most time
+    share = clock.share(BASE_WEIGHT) or max(clock.remaining(), MIN_STEP_S)  # the base plan is always solved
+    base = plan(problem, share, strict=True)  # every marginal is against it: the most time
     clock.floor = max(MIN_SHARE_S, base.solve_seconds)  # what the request's own plan needed
-    devices = []
-    for device_type, delta, host, changed in changes:
-        if isinstance(changed, str):
-            result, reason = None, changed
-        else:
-            result, reason = _try(lambda c=changed: replace(inputs, cluster=c).to_problem(lookup), clock.share())
-        marginal = result.predicted.throughput_tokens_per_s - base.predicted.throughput_tokens_per_s if result else 0.0
-        devices.append(DeviceChange(device_type, delta, host, result, reason, marginal))
-    frontier = _frontier(problem, clock, frontier_points)
-    max_batch = _max_batch(problem, clock)
-    seconds = time.monotonic() - started
+    clock.skip_below = max(MIN_STEP_S, min(MIN_SHARE_S, time.monotonic() - started))
+    devices = tuple(_device_answer(inputs, lookup, change, base, clock) for change in changes)
+    frontier = _frontier(problem, clock, frontier_points, base.baselines)
+    max_batch = _max_batch(problem, clock, base)
+    result = WhatIfResult(base, devices, frontier, max_batch, time.monotonic() - started, time_limit)
     log.info("what_if_answered", model=problem.shape.name, devices=len(problem.devices), changes=len(devices),
-             frontier=len(frontier), max_batch=max_batch.batch_size, seconds=round(seconds, 3))
-    return WhatIfResult(base, tuple(devices), frontier, max_batch, seconds)
+             frontier=len(frontier), max_batch=max_batch.batch_size, seconds=round(result.solve_seconds, 3),
+             time_limit=time_limit, cut_short=result.cut_short)
+    return result
+
+
+def _device_answer(inputs: PlanInputs, lookup, change: tuple, base: PlanResult, clock: _Clock) -> DeviceChange:
+    device_type, delta, host, changed = change
+    share = clock.share()
+    if isinstance(changed, str):
+        return DeviceChange(device_type, delta, host, None, changed)
+    if share is None:
+        return DeviceChange(device_type, delta, host, None, note=clock.skipped)
+    result, reason = _try(lambda: replace(inputs, cluster=changed).to_problem(lookup), share, {})  # no baselines
+    marginal = result.predicted.throughput_tokens_per_s - base.predicted.throughput_tokens_per_s if result else 0.0
+    return DeviceChange(device_type, delta, host, result, reason, marginal, clock.short(share))
 
 
 def quality_frontier(problem: Problem, time_limit: float, points: int = DEFAULT_FRONTIER_POINTS
                      ) -> tuple[FrontierPoint, ...]:
     """The frontier alone (bench/planner_clusters.py --frontier), `time_limit` for all its solves."""
-    return _frontier(problem, _Clock(time_limit, points), points)
+    return _frontier(problem, _Clock(time_limit, points + 1), points)
 
 
-def _frontier(problem: Problem, clock: _Clock, points: int) -> tuple[FrontierPoint, ...]:
+def _frontier(problem: Problem, clock: _Clock, points: int, baselines: dict | None = None
+              ) -> tuple[FrontierPoint, ...]:
+    """The fastest plan with no bound to speak of, the tightest bound that fits, then the bounds between."""
     loosest = sum(problem.indicator.value(i, problem.allowed_bits[-1]) for i in range(problem.shape.num_layers))
-    fastest, reason = _try(lambda: replace(problem, quality=Quality(bound=loosest)), clock.share())
+    share = clock.share()
+    if share is None:
+        return (FrontierPoint(loosest, None, note=clock.skipped),)
+    fastest, reason = _try(lambda: replace(problem, quality=Quality(bound=loosest)), share, baselines)
     if fastest is None:
-        return (FrontierPoint(loosest, None, reason),)
-    lowest = min_quality(problem)
+        return (FrontierPoint(loosest, None, reason, clock.short(share)),)
+    fastest_note, share = clock.short(share), clock.share()
+    searched = time.monotonic() + (share or 0.0)
+    lowest = min_quality(problem, deadline=searched) if share is not None else float("inf")
+    tight_note = ("the tightest bound found before the time limit stopped the search over device orders; a "
+                  "tighter one may fit" if time.monotonic() >= searched - MIN_SOLVE_S else "")
+    if lowest == float("inf"):  # min_quality found nothing in its share
+        fastest_note = "the only point: no tightest bound that fits was found within the what-if's time limit"
     bounds = frontier_bounds(lowest, fastest.predicted.quality, points)
     out = []
-    for bound in bounds[:-1]:
-        result, why = _try(lambda b=bound: replace(problem, quality=Quality(bound=b)), clock.share())
-        out.append(FrontierPoint(bound, result, why))
-    out.append(FrontierPoint(bounds[-1], fastest))
+    for k, bound in enumerate(bounds[:-1]):
+        share = clock.share()
+        if share is None:
+            out.append(FrontierPoint(bound, None, note=clock.skipped))
+            continue
+        result, why = _try(lambda b=bound: replace(problem, quality=Quality(bound=b)), share, baselines)
+        out.append(FrontierPoint(bound, result, why, clock.short(share) or (tight_note if k == 0 else "")))
+    out.append(FrontierPoint(bounds[-1], fastest, note=fastest_note))
     return tuple(out)
 
 
-def _max_batch(problem: Problem, clock: _Clock) -> MaxBatch:
-    batch, bound = largest_batch(problem)
-    if batch == 0:
-        return MaxBatch(0, None, "not even one sequence fits; see the Plan error for what to change", bound)
+def _max_batch(problem: Problem, clock: _Clock, base: PlanResult) -> MaxBatch:
+    share = clock.share()  # the search: all but a plan's floor of what is left (it is the last step but one)
+    search_s = max(share or 0.0, clock.remaining() - clock.floor) if share is not None else 0.0
+    found = largest_batch(problem, deadline=time.monotonic() + search_s)  # 0: memory's edge, the request's batch
+    note = ("the largest-batch search stopped at the what-if's time limit: the largest batch is at least "
+            f"{found.batch} and at most {found.bound}" if found.cut_short else "")
+    if found.batch == 0:
+        return MaxBatch(0, None, "not even one sequence fits; see the Plan error for what to change", found.bound)
+    if found.batch == problem.workload.batch_size:  # the request's own: its plan is the base plan
+        return MaxBatch(found.batch, base, "", found.bound, note)
     share = clock.share()
-    result, reason = _try(lambda: _at(problem, batch), share)
-    if result is None and "time limit" in reason:  # at the edge of memory plans are hard to find
-        result, reason = _try(lambda: _at(problem, batch), 2 * share)
-    return MaxBatch(batch, result, reason, bound)
+    if share is None:
+        return MaxBatch(found.batch, None, "", found.bound, note or clock.skipped)
+    result, reason = _try(lambda: at_batch(problem, found.batch), share, {})
+    retry = min(2 * share, clock.remaining())
+    if result is None and "time limit" in reason and retry >= clock.skip_below:  # plans are hard at memory's edge
+        result, reason = _try(lambda: at_batch(problem, found.batch), retry, {})
+    return MaxBatch(found.batch, result, reason, found.bound, note or clock.short(share))

@@ -100,6 +100,8 @@ def test_openai_file_every_custom_id_once_with_usage_and_an_error_line_per_bad_l
         row = by_id[custom_id]
         assert row["response"]["status_code"] == 400 and row["error"]["code"] == code, row
         assert row["error"]["message"]
+    assert "+ max_tokens 500 = " in by_id["too-long"]["error"]["message"]
+    assert "max_tokens alone fills it, so lower max_tokens to at most " in by_id["too-long"]["error"]["message"]
     unparseable = by_id[None]  # its custom_id could not be read
     assert unparseable["error"]["code"] == "invalid_json"
 

@@ -140,11 +140,11 @@ def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
             grpc.StatusCode.INVALID_ARGUMENT,
             "prompt 1 is empty",
         ),
-        "too long": (
-            lambda: client.submit([[5] * 3, [5] * 38], 4),
+        "max_new_tokens fills the cache": (
+            lambda: client.submit([[5] * 3], 40),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "prompt 1 has 38 tokens; with max_new_tokens 4 it needs 42 tokens of KV cache but the mesh holds "
-            "40 per sequence (--max-tokens-per-sequence): shorten it to at most 36 tokens",
+            "max_new_tokens 40 leaves no room for a prompt in the mesh's 40 tokens per sequence "
+            "(--max-tokens-per-sequence): lower it to at most 39",
         ),
         "outside vocabulary": (lambda: client.submit([[5, 256]], 4), grpc.StatusCode.INVALID_ARGUMENT, "0..255"),
         "no new tokens": (lambda: client.submit([[5]], 0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
@@ -172,6 +172,44 @@ def test_bad_input_gets_precise_statuses_and_stores_nothing(coordinator):
         code, details = status_of(lambda: rpc(request))
         assert code == grpc.StatusCode.NOT_FOUND and "job-nope" in details
     assert len(client.stub.ListJobs(coordinator_pb2.ListJobsRequest()).jobs) == before
+
+
+def test_an_over_long_prompt_gets_an_error_result_and_the_rest_of_the_job_runs(coordinator, tmp_path, capsys,
+                                                                                 monkeypatch):
+    running, client, model = coordinator
+    fitting = mixed_prompts(4, seed=9)
+    long_text = " ".join(["cat"] * 37)  # 37 tokens through the word tokenizer
+    mixed = [fitting[0], [5] * 38, fitting[1], long_text, fitting[2], [7] * 40, fitting[3]]
+    final = client.wait(client.submit(mixed, 4))
+    assert final.state == coordinator_pb2.JOB_STATE_SUCCEEDED and final.sequences_done == len(mixed)
+    assert final.message.startswith("3 of 7 requests got an error result"), final.message
+    results = client.results(final.job_id)
+    assert [r.index for r in results] == list(range(len(mixed)))
+    ran = [list(results[i].token_ids) for i in (0, 2, 4, 6)]
+    alone = [list(r.token_ids) for r in client.run(fitting, 4)]  # the same prompts without the long ones
+    assert ran == alone == reference_greedy(model, fitting, 4)
+    head = "{n} tokens + max_new_tokens 4 = {t} tokens exceeds the mesh's 40 tokens per sequence " \
+           "(--max-tokens-per-sequence): "
+    expected = {1: "prompt of " + head.format(n=38, t=42) + "shorten the prompt to at most 36 tokens or lower "
+                                                            "max_new_tokens to at most 2",
+                3: "prompt of " + head.format(n=37, t=41) + "shorten the prompt to at most 36 tokens or lower "
+                                                            "max_new_tokens to at most 3",
+                5: "prompt of " + head.format(n=40, t=44) + "shorten the prompt to at most 36 tokens"}
+    for i, error in expected.items():
+        r = results[i]
+        assert (r.finish_reason, r.error_code, r.error) == (coordinator_pb2.FINISH_REASON_ERROR,
+                                                            "context_length_exceeded", error), r
+        assert list(r.token_ids) == []
+    assert all(not results[i].error for i in (0, 2, 4, 6))
+    listed = [j for j in client.stub.ListJobs(coordinator_pb2.ListJobsRequest()).jobs if j.job_id == final.job_id]
+    assert listed[0].sequences_done == len(mixed) and listed[0].state == coordinator_pb2.JOB_STATE_SUCCEEDED
+    monkeypatch.setattr("cli.main.configure", lambda *args, **kwargs: None)  # the test session's logging stays
+    out = tmp_path / "results.jsonl"
+    assert cli(["results", final.job_id, "--coordinator", f"127.0.0.1:{running.port}", "--out", str(out)]) == 0
+    assert f"job {final.job_id}: 3 of 7 requests got an error result" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["finish_reason"] for r in rows] == ["length", "error"] * 3 + ["length"]
+    assert rows[1]["error"]["code"] == "context_length_exceeded" and "at most 36 tokens" in rows[1]["error"]["message"]
 
 
 def test_cli_submits_text_and_token_prompts_and_fetches_results(coordinator, tmp_path, capsys, monkeypatch):

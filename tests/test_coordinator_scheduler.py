@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from coordinator.scheduler import FinishReason, Phase, Scheduler, Sequence
+from coordinator.scheduler import FinishReason, Phase, Scheduler, Sequence, context_error
 from pqmesh.errors import FailedPrecondition, InvalidArgument
 
 EOS = 2
@@ -122,8 +122,9 @@ def test_slots_are_reused_only_after_release_and_lengths_follow_the_cache():
 
 def test_capacity_and_cancel_and_reset():
     scheduler = Scheduler(max_sequences=4, max_tokens=10, prefill_micro_batch=2, decode_micro_batch=2, max_in_flight=2)
-    with pytest.raises(InvalidArgument, match="prompt 0 has 8 tokens; with max_new_tokens 3 it needs 11 .* holds 10 "
-                                              "per sequence .* at most 7 tokens"):
+    with pytest.raises(InvalidArgument, match=r"prompt 0: prompt of 8 tokens \+ max_new_tokens 3 = 11 tokens exceeds "
+                                              r"the mesh's 10 tokens per sequence .* at most 7 tokens or lower "
+                                              "max_new_tokens to at most 2"):
         scheduler.add(Sequence("j", 0, (1,) * 8, max_new_tokens=3))
     for i in range(6):
         scheduler.add(Sequence("a" if i % 2 else "b", i, (1, 2), max_new_tokens=5))
@@ -204,3 +205,22 @@ def test_only_refused_micro_batches_count_attempts_and_a_new_token_clears_them()
     (prefill,) = scheduler.schedule()
     scheduler.update(prefill.id, prefill.slots, [6])
     assert sequence.attempts == 0
+
+
+def test_context_error_says_exactly_what_to_shorten():
+    head = ("prompt of {} tokens + {} {} = {} tokens exceeds the mesh's 10 tokens per sequence "
+            "(--max-tokens-per-sequence): ")
+    assert context_error(7, 3, 10) is None
+    assert context_error(8, 3, 10) == head.format(8, "max_new_tokens", 3, 11) + (
+        "shorten the prompt to at most 7 tokens or lower max_new_tokens to at most 2")
+    # the new tokens alone fill the cache: no prompt is short enough, so never "at most 0 tokens"
+    assert context_error(2, 10, 10, "max_tokens") == head.format(2, "max_tokens", 10, 12) + (
+        "max_tokens alone fills it, so lower max_tokens to at most 8")
+    assert context_error(12, 3, 10) == head.format(12, "max_new_tokens", 3, 15) + (
+        "shorten the prompt to at most 7 tokens")
+    both = context_error(10, 10, 10)
+    assert both.endswith("shorten the prompt to at most 9 tokens and lower max_new_tokens so that the two add up to "
+                         "at most 10, or restart the coordinator with a larger --max-tokens-per-sequence")
+    for n, m in [(1, 10), (9, 2), (5, 6), (10, 1), (3, 20)]:
+        message = context_error(n, m, 10)
+        assert "at most 0 " not in message and "at most -" not in message, message

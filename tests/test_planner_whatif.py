@@ -5,6 +5,7 @@ on a loopback port 0) and through grpcurl and reflection, and `pqmesh plan --wha
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import grpc
@@ -14,9 +15,10 @@ from test_planner_service import Planner, _grpcurl
 
 from cli.main import main
 from planner.cluster import Cluster, ClusterEntry, Workload
-from planner.diagnose import fits
+from planner.diagnose import fits, min_quality
+from planner.max_batch import largest_batch
 from planner.request import PlanInputs
-from planner.whatif import device_changes, frontier_bounds, largest_batch
+from planner.whatif import device_changes, frontier_bounds, what_if
 from pqmesh.api.planner.v1 import planner_pb2
 
 BASE = {"model_name": "opt-13b", "devices": [{"device_type": "T4", "count": 2, "host": "a"},
@@ -63,9 +65,24 @@ def test_largest_batch_is_the_edge_of_memory():
     inputs = PlanInputs("opt-30b", Cluster((ClusterEntry("T4", 3, host="a"), ClusterEntry("V100-32G", host="b"))),
                         Workload(32, 512, 100))
     problem = replace(inputs.to_problem(), quality=replace(inputs.quality, bound=None, theta=0.0))
-    batch, bound = largest_batch(problem)
+    found = largest_batch(problem)
+    batch, bound = found.batch, found.bound
+    assert not found.cut_short
     at = lambda b: replace(problem, workload=replace(problem.workload, batch_size=b))  # noqa: E731
     assert batch == bound and batch > 32 and fits(at(batch)) and not fits(at(batch + 1))
+
+
+def test_largest_batch_and_tightest_bound_stop_at_their_deadline():
+    inputs = PlanInputs("opt-30b", Cluster((ClusterEntry("T4", 3, host="a"), ClusterEntry("V100-32G", host="b"))),
+                        Workload(32, 512, 100))
+    problem = inputs.to_problem()  # the default quality bound: exact checks needed past memory
+    started = time.monotonic()
+    cut = largest_batch(problem, deadline=started)  # no time: memory's edge and the request's batch only
+    assert cut.cut_short and cut.batch == 32 and cut.bound >= cut.batch
+    assert min_quality(problem, deadline=started) == float("inf")
+    assert time.monotonic() - started < 1.0
+    full = largest_batch(problem)
+    assert not full.cut_short and cut.batch <= full.batch <= full.bound <= cut.bound
 
 
 def _check_answers(reply: dict) -> None:
@@ -135,7 +152,9 @@ def test_cli_what_if_json(tmp_path, capsys):
                  "--gen-len", "16", "--what-if", "--json", "--time-limit", "60", "--add-type", "A100-40G",
                  "--theta", "0.01"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"base", "devices", "frontier", "max_batch", "solve_seconds"}
+    assert set(report) == {"base", "devices", "frontier", "max_batch", "solve_seconds", "time_limit_s", "cut_short"}
+    assert report["time_limit_s"] == 60 and report["cut_short"] == 0  # a small pool: every answer in time
+    assert not any(d["cut_short"] for d in report["devices"] + report["frontier"] + [report["max_batch"]])
     extra = [d for d in report["devices"] if d["device_type"] == "a100-40g"]
     assert len(extra) == 1 and extra[0]["host"] == "what-if-host" and extra[0]["feasible"]
     report["devices"] = [d for d in report["devices"] if d["device_type"] != "a100-40g"]
@@ -143,3 +162,30 @@ def test_cli_what_if_json(tmp_path, capsys):
     for answer in [*report["devices"], *report["frontier"], report["max_batch"]]:
         if answer["feasible"]:
             assert answer["throughput_tokens_per_s"] == answer["plan"]["predicted"]["throughput_tokens_per_s"]
+
+
+# The 16-device pool of docs/BENCHMARKS.md ("What-if on a large pool"), whose 60 s what-if took 114 s.
+POOL_16 = Cluster(tuple(ClusterEntry(t, n, name=f"{t.lower()}-h0", host=f"{t.lower()}-h0") for t, n in
+                        [("T4", 2), ("V100-32G", 1), ("A10G", 4), ("A100-40G", 6), ("A100-80G", 3)]))
+
+
+def test_what_if_on_a_large_pool_keeps_its_time_limit_and_says_what_it_cut():
+    limit = 5.0
+    started = time.monotonic()
+    result = what_if(PlanInputs("opt-175b", POOL_16, Workload(64, 512, 100)), time_limit=limit)
+    wall = time.monotonic() - started
+    assert wall <= limit * 1.1 and result.solve_seconds <= limit * 1.1, wall  # before: 85 s for a 10 s limit
+    answers = [*result.devices, *result.frontier, result.max_batch]
+    cut = [a for a in answers if a.note]
+    assert result.cut_short == len(cut) > 0  # 17 plans do not fit in 5 s: some answers are cut, and say so
+    for a in cut:
+        if a.result is None:  # skipped: says what to change
+            assert "raise the time limit" in a.note or "stopped at the what-if's time limit" in a.note, a
+    assert any(d.result is not None for d in result.devices)  # the time went to answers, not only to the base
+    report = result.to_report()
+    assert report["cut_short"] == len(cut) and report["time_limit_s"] == limit
+    flagged = [a for a in report["devices"] + report["frontier"] + [report["max_batch"]] if a["cut_short"]]
+    assert len(flagged) == len(cut) and all(a["note"] for a in flagged)
+    wire = result.to_proto()  # on the wire the note is the answer's reason
+    assert all(d.reason for d, a in zip(wire.devices, result.devices) if a.note)
+    assert result.max_batch.batch_size <= result.max_batch.batch_size_bound
