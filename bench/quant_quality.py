@@ -17,9 +17,10 @@ merged into ``--out``):
 - ``layers``: each layer alone at 3 bits (rtn), the perplexity increase over 16 bits, from cached
   16-bit hidden states at that layer's input; Spearman of every indicator against it, and of the
   increases on the two halves of the evaluation text with each other (the target's reproducibility);
-- ``mixed``: per method, the plan of 8/4/3-bit layers with the least summed direct indicator (of
-  that method) whose weights take no more memory than uniform 4-bit (a knapsack here, not the
-  planner's solver), evaluated.
+- ``mixed``: per method (``--mixed-methods``), the planner's solver (`planner.quality_plan`) picks
+  per layer a width of ``--mixed-bits`` with the least summed indicator (``--mixed-indicator``, one
+  per method: an indicator step's name or a ``pqmesh indicator`` file) in the memory of uniform
+  4-bit; the plan is evaluated with that method (skipped when it is uniform 4 bits).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+from planner.catalog import model_from_config_json
+from planner.indicator import Indicator
+from planner.quality_plan import least_indicator_plan
 from pqmesh.log import configure
 from pqmesh.model import ModelShard
 from pqmesh.model.embedded import MODELS, prepare
@@ -49,10 +53,10 @@ from pqmesh.quant.calibrate import (
 from pqmesh.quant.calibrated import GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.layer import plan_hook
-from pqmesh.quant.memory import layer_shape, predict_layer_bytes
 from pqmesh.quant.ppl import nll_sum, perplexity
 from pqmesh.quant.quantize import quantize_checkpoint
 from pqmesh.quant.rank import spearman
+from pqmesh.types import Bits
 
 WIDTHS = (8, 4, 3, 2)
 INDICATORS = {"variance": ("variance", "rtn"), "direct-rtn": ("direct", "rtn"), "direct-gptq": ("direct", "gptq")}
@@ -139,33 +143,34 @@ def step_layers(model: Path, layers: int, ctx: dict, results: dict) -> None:
         results["layers"][f"spearman_{name}"] = spearman([row["3"] for row in table], increase)
 
 
-def knapsack(table: list[dict], sizes: dict[int, int], budget: int) -> list[int]:
-    """Per layer a width in 8/4/3 minimizing the summed indicator with total bytes <= budget (exact;
-    states bucketed by a quarter of the smallest size step, keeping the cheapest per bucket)."""
-    unit = max(1, min(abs(sizes[a] - sizes[b]) for a in sizes for b in sizes if a != b) // 4)
-    best = {0: (0.0, 0, [])}  # bucket -> (indicator, exact bytes, plan)
-    for row in table:
-        nxt: dict[int, tuple[float, int, list[int]]] = {}
-        for cost, used, plan in best.values():
-            for bits in (8, 4, 3):
-                u, c = used + sizes[bits], cost + row[str(bits)]
-                key = u // unit
-                if u <= budget and (key not in nxt or c < nxt[key][0]):
-                    nxt[key] = (c, u, plan + [bits])
-        best = nxt
-    return min(best.values())[2]
+def mixed_indicator(source: str, results: dict) -> Indicator:
+    """An indicator step's table by name (``direct-gptq``) or an indicator file (``pqmesh indicator``)."""
+    if source in results.get("indicator", {}):
+        rows = [{Bits.parse(k): v for k, v in row.items()} | {Bits.B16: 0.0} for row in results["indicator"][source]]
+        return Indicator(tuple(rows), kind=source)
+    return Indicator.load(source)
 
 
 def step_mixed(model: Path, layers: int, ctx: dict, results: dict) -> None:
-    config = load_config(model)
-    shape = layer_shape(config)
-    sizes = {b: predict_layer_bytes(config, b, ctx["group"], torch.float32, shape) for b in (8, 4, 3)}
+    """Per method: the planner's solver (`planner.quality_plan`) picks, from ``--mixed-bits``, the
+    widths with the least summed indicator in the memory of uniform 4-bit; evaluated."""
+    shape = model_from_config_json((model / "config.json").read_text(), name=model.name)
+    allowed = tuple(Bits.parse(b) for b in ctx["mixed_bits"])
     out = results.setdefault("mixed", {})
-    for method in ctx["mixed"]:
-        table = results["indicator"][f"direct-{method}"]
-        plan = knapsack(table, sizes, layers * sizes[4])
-        out[method] = r = {"plan": plan, **evaluate(model, plan, method, ctx)}
-        log(f"mixed {method} {plan}: {r['ppl']:.3f}")
+    for method, source in zip(ctx["mixed"], ctx["mixed_indicator"]):
+        chosen = least_indicator_plan(shape, mixed_indicator(source, results), allowed, Bits.B4, "float32",
+                                      ctx["eval"].shape[1])
+        plan = [int(b) for b in chosen.bits]
+        r = {"plan": plan, "indicator": source, "indicator_total": chosen.indicator_total,
+             "uniform4_indicator_total": chosen.uniform_total, "stage_bytes": chosen.memory_bytes,
+             "uniform4_stage_bytes": chosen.budget_bytes, "layer_weight_bytes": chosen.weight_bytes,
+             "uniform4_layer_weight_bytes": chosen.uniform_weight_bytes}
+        if all(b == 4 for b in plan):
+            log(f"mixed {method} ({source}): the planner keeps uniform 4 bits; not evaluated again")
+        else:
+            r.update(evaluate(model, plan, method, ctx))
+            log(f"mixed {method} {plan}: {r['ppl']:.3f}")
+        out[f"{method}:{source}"] = r
 
 
 def main(argv=None) -> int:
@@ -181,6 +186,9 @@ def main(argv=None) -> int:
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="gptq act-order")
     parser.add_argument("--indicators", default=",".join(INDICATORS), help="indicators the indicator step computes")
     parser.add_argument("--mixed-methods", default="rtn,gptq", help="quantizers the mixed step plans for")
+    parser.add_argument("--mixed-indicator", default="direct-rtn,direct-gptq",
+                        help="per mixed method: an indicator step's name or an indicator JSON file")
+    parser.add_argument("--mixed-bits", default="8,4,3", help="widths the mixed plans may use")
     parser.add_argument("--out", type=Path, default=None, help="JSON results, merged with what is there")
     args = parser.parse_args(argv)
     configure("warning")
@@ -191,7 +199,8 @@ def main(argv=None) -> int:
            "batch": args.batch,
            "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
            "work": os.environ.get("TMPDIR", "/tmp"), "gptq": GptqSettings(act_order=args.act_order),
-           "indicators": args.indicators.split(","), "mixed": args.mixed_methods.split(",")}
+           "indicators": args.indicators.split(","), "mixed": args.mixed_methods.split(","),
+           "mixed_indicator": args.mixed_indicator.split(","), "mixed_bits": args.mixed_bits.split(",")}
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
     results.update(model=args.model, seq_len=args.seq_len, eval_tokens=int(ctx["eval"].numel()),
                    calib_tokens=int(ctx["calib"].numel()), group_size=args.group_size,

@@ -44,6 +44,10 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128256, 8192),
     # the embedded model (`pqmesh model prepare`); its shipped indicator: planner/indicators/
     "smollm2-135m-instruct": {**_llama(576, 1536, 30, 9, 3, 49152, 8192), "head_dim": 64, "tie_word_embeddings": True},
+    # the second embedded model (`pqmesh model prepare --model gemma-3-270m`)
+    "gemma-3-270m": {"model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+                     "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                     "vocab_size": 262144, "max_position_embeddings": 32768, "tie_word_embeddings": True},
 }
 _ALIASES = {"bloom": "bloom-176b", "meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b"}
 

@@ -1,7 +1,7 @@
 """Model shapes: the few numbers of a decoder-only model that the cost model needs.
 
-`ModelShape` is built from a Hugging Face `config.json` (OPT, BLOOM, Llama-style incl. GQA) without
-importing transformers, or from the built-in public configs in `planner.catalog`. It knows the
+`ModelShape` is built from a Hugging Face `config.json` (OPT, BLOOM, Llama-style incl. GQA, Gemma 3
+text) without importing transformers, or from the built-in public configs in `planner.catalog`. It knows the
 decoder layer's linear matrices (quantized), its 16-bit parameters (norms, biases), and the
 embedding and LM-head parameters that stay 16-bit on the first and last stage.
 """
@@ -18,6 +18,11 @@ from pqmesh.errors import InvalidArgument, UnsupportedModel
 
 SHAPE_VERSION = 1
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
+GEMMA3_TYPES = ("gemma3_text",)
+FAMILIES = ("opt", "bloom", "llama", "gemma3")
+# fields added after SHAPE_VERSION 1 was first written: left out of the fingerprint while at their
+# default, so profiles measured before they existed still match their models
+_LATER_FIELDS = {"layer_norms": 2, "qk_norm": False, "out_proj_bias": True}
 
 MAX_LAYERS = 1024  # decoder layers; the largest public models have under 200
 
@@ -27,7 +32,7 @@ class ModelShape:
     """Dimensions of one decoder-only model. All decoder layers share one shape."""
 
     name: str
-    family: str  # "opt", "bloom" or "llama"
+    family: str  # "opt", "bloom", "llama" or "gemma3"
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -45,6 +50,9 @@ class ModelShape:
     learned_positions: bool = False
     embed_layernorm: bool = False
     final_norm: bool = True  # False for post-LayerNorm OPT (opt-350m), which has no final norm
+    layer_norms: int = 2  # hidden-size norms per decoder layer (Gemma 3: 4, around attention and MLP)
+    qk_norm: bool = False  # a head_dim RMSNorm on queries and one on keys (Gemma 3)
+    out_proj_bias: bool = True  # with attention_bias: the output projection's too (Qwen2 has none)
     version: int = SHAPE_VERSION
 
     __hash__ = cached_hash
@@ -54,13 +62,16 @@ class ModelShape:
     def fingerprint(self) -> str:
         """A hash of every dimension but the name: two models with one fingerprint time alike."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        for key, default in _LATER_FIELDS.items():
+            if data[key] == default:
+                del data[key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
         if self.version != SHAPE_VERSION:
             raise InvalidArgument(f"model shape version {self.version} is not supported; use {SHAPE_VERSION}")
-        if self.family not in ("opt", "bloom", "llama"):
-            raise UnsupportedModel(f"model family {self.family!r} is not supported; use opt, bloom or llama")
+        if self.family not in FAMILIES:
+            raise UnsupportedModel(f"model family {self.family!r} is not supported; use {', '.join(FAMILIES)}")
         for field in (
             "num_layers",
             "hidden_size",
@@ -104,10 +115,10 @@ class ModelShape:
     def layer_fp16_params(self) -> int:
         """Parameters of one decoder layer that stay 16-bit: norms and biases."""
         h = self.hidden_size
-        norms = 2 * (h if self.rms_norm else 2 * h)
+        norms = self.layer_norms * (h if self.rms_norm else 2 * h) + (2 * self.head_dim if self.qk_norm else 0)
         bias = 0
         if self.attention_bias:
-            bias += self.q_dim + 2 * self.kv_dim + h
+            bias += self.q_dim + 2 * self.kv_dim + (h if self.out_proj_bias else 0)
         if self.mlp_bias:
             bias += (2 if self.gated_mlp else 1) * self.intermediate_size + h
         return norms + bias
@@ -170,9 +181,10 @@ def _get(config: dict, *keys: str, default=None):
 def from_hf_config(config: dict, name: str = "") -> ModelShape:
     """A `ModelShape` from the dict of a Hugging Face `config.json` (OPT, BLOOM or Llama-style)."""
     kind = config.get("model_type", "")
-    if kind not in ("opt", "bloom", *LLAMA_TYPES):
+    known = ("opt", "bloom", *LLAMA_TYPES, *GEMMA3_TYPES)
+    if kind not in known:
         raise UnsupportedModel(
-            f"config.json model_type {kind!r} is not supported; the planner knows opt, bloom, {', '.join(LLAMA_TYPES)}"
+            f"config.json model_type {kind!r} is not supported; the planner knows {', '.join(known)}"
         )
     name = name or config.get("_name_or_path") or kind
     layers = _get(config, "num_hidden_layers", "n_layer")
@@ -208,6 +220,8 @@ def from_hf_config(config: dict, name: str = "") -> ModelShape:
             embed_layernorm=True,
             **common,
         )
+    if kind in GEMMA3_TYPES:
+        return _gemma3(config, common)
     kv_heads = _get(config, "num_key_value_heads", default=heads)  # Llama-style
     return ModelShape(
         family="llama",
@@ -217,8 +231,31 @@ def from_hf_config(config: dict, name: str = "") -> ModelShape:
         max_positions=_get(config, "max_position_embeddings", default=4096),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias", kind == "qwen2")),
+        out_proj_bias=kind != "qwen2",  # Qwen2 biases q, k and v only
         mlp_bias=bool(config.get("mlp_bias", False)),
         gated_mlp=True,
         rms_norm=True,
+        **common,
+    )
+
+
+def _gemma3(config: dict, common: dict) -> ModelShape:
+    """Gemma 3 text: Llama-like with GeGLU, four norms per layer and q/k norms, tied embeddings.
+
+    Its sliding-window layers keep every position in pqmesh's KV cache (`pqmesh.model.gemma`), so
+    the KV bytes are those of full attention for every layer, as the stage server allocates them."""
+    return ModelShape(
+        family="gemma3",
+        intermediate_size=_get(config, "intermediate_size"),
+        num_kv_heads=_get(config, "num_key_value_heads", default=common["num_heads"]),
+        head_dim=_get(config, "head_dim", default=256),
+        max_positions=_get(config, "max_position_embeddings", default=32768),
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attention_bias=bool(config.get("attention_bias", False)),
+        mlp_bias=False,
+        gated_mlp=True,
+        rms_norm=True,
+        layer_norms=4,
+        qk_norm=True,
         **common,
     )

@@ -20,7 +20,7 @@ from pqmesh.types import ALL_BITS, Bits, Phase, allowed_bits
 PUBLISHED_PARAMS = {  # billions, as published with the checkpoints
     "opt-13b": 12.85, "opt-30b": 29.97, "opt-66b": 65.7, "opt-175b": 174.6, "bloom-3b": 3.0, "bloom-176b": 176.2,
     "llama-2-7b": 6.74, "llama-2-13b": 13.02, "llama-2-70b": 68.98, "llama-3-8b": 8.03, "llama-3-70b": 70.55,
-    "smollm2-135m-instruct": 0.1345,
+    "smollm2-135m-instruct": 0.1345, "gemma-3-270m": 0.268,
 }
 
 

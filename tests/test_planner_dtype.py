@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, OPTConfig
+from transformers import Gemma3TextConfig, LlamaConfig, OPTConfig
 
 from cli.main import main
 from planner import latency as lat
@@ -51,6 +51,11 @@ OPT_125M = OPTConfig(hidden_size=768, ffn_dim=3072, num_attention_heads=12, num_
 # post-LayerNorm OPT with a projected embedding (opt-350m's layout), fewer layers
 OPT_PROJ = OPTConfig(hidden_size=1024, ffn_dim=4096, num_attention_heads=16, num_hidden_layers=6, vocab_size=50272,
                      word_embed_proj_dim=512, do_layer_norm_before=False, max_position_embeddings=2048)
+# Gemma-3-270M's dimensions: q/k norms, four norms per layer, GeGLU, 1 KV head of 256, sliding and full layers
+GEMMA3_270M = Gemma3TextConfig(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
+                               head_dim=256, num_hidden_layers=18, vocab_size=262144, sliding_window=512,
+                               max_position_embeddings=32768, tie_word_embeddings=True)
+CONFIGS, CONFIG_IDS = [SMOLLM2, OPT_125M, OPT_PROJ, GEMMA3_270M], ["smollm2", "opt-125m", "opt-proj", "gemma3-270m"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -58,7 +63,7 @@ def shape_of(config):
     return model_from_config_json(json.dumps({**config.to_dict(), "_name_or_path": config.model_type}))
 
 
-@pytest.mark.parametrize("config", [SMOLLM2, OPT_125M, OPT_PROJ], ids=["smollm2", "opt-125m", "opt-proj"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
 def test_layer_bytes_match_quant(config, dtype, bits):
@@ -79,12 +84,14 @@ def _stage_bytes(config, start: int, end: int, bits: list[int], dtype: str, sequ
 SHARDS = [(0, 3, [16, 4, 3]), (3, 5, [8, 2]), (5, 6, [16]), (4, 6, [4, 16]), (0, 6, [16, 8, 4, 3, 2, 4])]
 
 
-@pytest.mark.parametrize("config", [SMOLLM2, OPT_125M, OPT_PROJ], ids=["smollm2", "opt-125m", "opt-proj"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("shard", SHARDS, ids=lambda s: f"{s[0]}-{s[1]}")
 def test_stage_total_never_below_what_the_stage_requires(config, dtype, shard):
     start, end, bits = shard
-    config = type(config)(**{**config.to_dict(), "num_hidden_layers": 6})
+    fields = {**config.to_dict(), "num_hidden_layers": 6}
+    fields.pop("layer_types", None)  # Gemma 3: rebuilt for 6 layers
+    config = type(config)(**fields)
     shape, workload = shape_of(config), Workload(4, 24, 8)
     mem = stage_memory(shape, workload, [Bits(b) for b in bits], start == 0, end == 6, 2, 4, reserve=0,
                        element=element_bytes(dtype))
