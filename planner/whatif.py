@@ -24,7 +24,7 @@ too; the frontier's plans reuse the base plan's baselines (same cluster and work
 clusters' and the largest batch's plans are solved without any (on a large pool they took most of a
 short share, and the heuristic plans warm-start the search as well: docs/BENCHMARKS.md). A step the
 clock no longer allows is skipped, and a plan given less than the floor is solved with what is left;
-both answers say so (`note`, `cut_short`; on the wire the note is the item's `reason`), as does a
+both answers say so (`note`, `cut_short`; on the wire each item's `note`), as does a
 largest-batch search stopped by its share (its range is then wider, still true).
 """
 
@@ -71,7 +71,7 @@ class DeviceChange:
 
     def to_proto(self) -> planner_pb2.DeviceChange:
         msg = planner_pb2.DeviceChange(device_type=self.device_type, delta=self.delta, host=self.host,
-                                       feasible=self.result is not None, reason=self.reason or self.note,
+                                       feasible=self.result is not None, reason=self.reason, note=self.note,
                                        marginal_tokens_per_s=self.marginal_tokens_per_s)
         if self.result is not None:
             msg.plan.CopyFrom(self.result.to_proto())
@@ -92,7 +92,7 @@ class FrontierPoint:
 
     def to_proto(self) -> planner_pb2.FrontierPoint:
         msg = planner_pb2.FrontierPoint(quality_bound=self.quality_bound, feasible=self.result is not None,
-                                        reason=self.reason or self.note)
+                                        reason=self.reason, note=self.note)
         if self.result is not None:
             msg.plan.CopyFrom(self.result.to_proto())
         return msg
@@ -112,7 +112,8 @@ class MaxBatch:
 
     def to_proto(self) -> planner_pb2.MaxBatch:
         msg = planner_pb2.MaxBatch(batch_size=self.batch_size, feasible=self.result is not None,
-                                   reason=self.reason or self.note, batch_size_bound=self.batch_size_bound)
+                                   reason=self.reason, note=self.note,
+                                   batch_size_bound=self.batch_size_bound)
         if self.result is not None:
             msg.plan.CopyFrom(self.result.to_proto())
         return msg

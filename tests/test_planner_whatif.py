@@ -186,6 +186,8 @@ def test_what_if_on_a_large_pool_keeps_its_time_limit_and_says_what_it_cut():
     assert report["cut_short"] == len(cut) and report["time_limit_s"] == limit
     flagged = [a for a in report["devices"] + report["frontier"] + [report["max_batch"]] if a["cut_short"]]
     assert len(flagged) == len(cut) and all(a["note"] for a in flagged)
-    wire = result.to_proto()  # on the wire the note is the answer's reason
-    assert all(d.reason for d, a in zip(wire.devices, result.devices) if a.note)
+    wire = result.to_proto()  # on the wire each answer carries its note
+    assert [d.note for d in wire.devices] == [a.note for a in result.devices]
+    assert [f.note for f in wire.frontier] == [a.note for a in result.frontier]
+    assert wire.max_batch.note == result.max_batch.note
     assert result.max_batch.batch_size <= result.max_batch.batch_size_bound

@@ -293,7 +293,7 @@ class WhatIfRequest(_message.Message):
     def __init__(self, base: _Optional[_Union[PlanRequest, _Mapping]] = ..., time_limit_seconds: _Optional[float] = ..., frontier_points: _Optional[int] = ..., extra_device_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeviceChange(_message.Message):
-    __slots__ = ("device_type", "delta", "host", "feasible", "reason", "marginal_tokens_per_s", "plan")
+    __slots__ = ("device_type", "delta", "host", "feasible", "reason", "marginal_tokens_per_s", "plan", "note")
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +301,7 @@ class DeviceChange(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     MARGINAL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     device_type: str
     delta: int
     host: str
@@ -308,33 +309,38 @@ class DeviceChange(_message.Message):
     reason: str
     marginal_tokens_per_s: float
     plan: PlanResponse
-    def __init__(self, device_type: _Optional[str] = ..., delta: _Optional[int] = ..., host: _Optional[str] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., marginal_tokens_per_s: _Optional[float] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ...) -> None: ...
+    note: str
+    def __init__(self, device_type: _Optional[str] = ..., delta: _Optional[int] = ..., host: _Optional[str] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., marginal_tokens_per_s: _Optional[float] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class FrontierPoint(_message.Message):
-    __slots__ = ("quality_bound", "feasible", "reason", "plan")
+    __slots__ = ("quality_bound", "feasible", "reason", "plan", "note")
     QUALITY_BOUND_FIELD_NUMBER: _ClassVar[int]
     FEASIBLE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     quality_bound: float
     feasible: bool
     reason: str
     plan: PlanResponse
-    def __init__(self, quality_bound: _Optional[float] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ...) -> None: ...
+    note: str
+    def __init__(self, quality_bound: _Optional[float] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class MaxBatch(_message.Message):
-    __slots__ = ("batch_size", "feasible", "reason", "plan", "batch_size_bound")
+    __slots__ = ("batch_size", "feasible", "reason", "plan", "batch_size_bound", "note")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     FEASIBLE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_BOUND_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     feasible: bool
     reason: str
     plan: PlanResponse
     batch_size_bound: int
-    def __init__(self, batch_size: _Optional[int] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ..., batch_size_bound: _Optional[int] = ...) -> None: ...
+    note: str
+    def __init__(self, batch_size: _Optional[int] = ..., feasible: _Optional[bool] = ..., reason: _Optional[str] = ..., plan: _Optional[_Union[PlanResponse, _Mapping]] = ..., batch_size_bound: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class WhatIfResponse(_message.Message):
     __slots__ = ("base", "devices", "frontier", "max_batch", "solve_seconds")
