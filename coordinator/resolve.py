@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.requests import Request, RequestError, from_prompt
+from coordinator.prompts import from_prompt
+from coordinator.requests import Request, RequestError
 from coordinator.scheduler import context_error
 from coordinator.settings import GenerationSettings
 from coordinator.stops import StopStrings
