@@ -220,3 +220,17 @@ def test_plan_request_round_trips():
         PlanInputs.from_json('{"model_name": "opt-13b"}')
     with pytest.raises(InvalidArgument, match="batch_size"):
         Workload(0, 1, 1)
+
+
+def test_default_plan_of_gemma_reads_its_shipped_indicator():
+    from transformers import Gemma3TextConfig
+
+    shipped = Indicator.load(SHIPPED_DIR / "gemma-3-270m.json")
+    config = Gemma3TextConfig(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
+                              head_dim=256, num_hidden_layers=18, vocab_size=262144, sliding_window=512,
+                              max_position_embeddings=32768, tie_word_embeddings=True).to_dict()
+    cluster = Cluster((ClusterEntry("T4", 2),))
+    for model in (json.dumps({**config, "_name_or_path": "/cache/models/g"}), "gemma-3-270m"):
+        problem = PlanInputs(model, cluster, Workload(4, 32, 16)).to_problem()
+        assert problem.indicator == shipped and not shipped.is_uniform() and shipped.num_layers == 18
+        assert shipped.kind == "kl" and all(shipped.value(i, b) >= 0 for i in range(18) for b in ALL_BITS)
