@@ -4,10 +4,9 @@ Files (written by `pqmesh indicator`) are read by `pqmesh.quant.indicator_file`,
 of that format; `Indicator` is the planner's hashable view of one. A request without a file gets
 `shipped_indicator`, the measured file in ``planner/indicators/`` of a built-in model with the same
 dimensions (an embedded model: SmolLM2-135M-Instruct, Gemma-3-270M), if there is one; else
-`default_indicator`: the expected noise
-of b-bit uniform quantization is proportional to its step squared, 2^(-2b), equal for every layer,
-normalized so that all layers at 4 bits sum to 1.0. A plan's quality is the sum of its layers'
-indicators at their chosen bits; lower is better.
+`default_indicator`: the expected noise of b-bit uniform quantization is proportional to its step
+squared, 2^(-2b), equal for every layer, normalized so that all layers at 4 bits sum to 1.0. A plan's
+quality is the sum of its layers' indicators at their chosen bits; lower is better.
 
 Quality setting: either a hard bound on that sum, or a weight theta that adds theta x sum
 (in seconds per unit of indicator) to the minimized job time. With neither, the bound defaults to
