@@ -82,7 +82,10 @@ def test_a_cancelled_stream_drops_its_queued_micro_batches_on_every_stage(mesh):
     dropped = [s.micro_batches_dropped - b.micro_batches_dropped for s, b in zip(settled, before)]
     # each stage finishes at most the micro-batch it was running (and one that was being handed over)
     assert all(n <= 2 for n in ran_after), (at_cancel, ran_after, dropped)
-    assert dropped[1] >= 1, dropped  # the second stage's stream was cancelled by the first, not half-closed
+    assert sum(dropped) >= 1, (at_cancel, ran_after, dropped)  # queued micro-batches were dropped, not run
+    if at_cancel[0] - at_cancel[1] >= 3:  # the second stage had a queue (on a busy host it may not have had one)
+        # its stream was cancelled by the first stage, not half-closed (which would have run its queue)
+        assert dropped[1] >= 1, (at_cancel, ran_after, dropped)
     assert all(s.micro_batches_done < slots for s in settled)
     assert [s.kv_slots_used for s in settled] == [s.micro_batches_done for s in settled]  # only what ran holds slots
 
