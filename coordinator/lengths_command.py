@@ -72,14 +72,18 @@ def job_file_lengths(path: Path, codec: TextCodec | None, max_new_tokens: int,
             except RequestError as err:
                 refused[err.code] += 1
                 continue
-            prompts[bin_size * math.ceil(max(1, len(resolved.prompt)) / bin_size)] += 1
-            generations[bin_size * math.ceil(resolved.max_new_tokens / bin_size)] += 1
+            prompts[_binned(len(resolved.prompt), bin_size)] += 1
+            generations[_binned(resolved.max_new_tokens, bin_size)] += 1
             if (index + 1) % PROGRESS_EVERY == 0:
                 log.info("lengths_progress", lines=index + 1)
     if not prompts:
         raise InvalidArgument(f"{path}: no line holds a request that can be planned for (refused: {dict(refused)})"
                               + ("; text prompts need --tokenizer DIR" if codec is None else ""))
     return LengthHistogram.of(prompts.items()), LengthHistogram.of(generations.items()), refused
+
+
+def _binned(length: int, bin_size: int) -> int:
+    return bin_size * math.ceil(max(1, length) / bin_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"pqmesh lengths: {sum(refused.values())} lines left out, as the coordinator would answer "
                          f"them with an error: {dict(refused)}\n")
     if args.json:
-        print(json.dumps({"requests": prompts.total, "refused": dict(refused), "prompt_lengths": str(prompts),
-                          "gen_lengths": str(generations), "prompt_mean": round(prompts.mean, 1),
-                          "prompt_longest": prompts.longest, "gen_mean": round(generations.mean, 1),
-                          "gen_longest": generations.longest}))
+        sys.stdout.write(json.dumps({"requests": prompts.total, "refused": dict(refused),
+                                     "prompt_lengths": str(prompts), "gen_lengths": str(generations),
+                                     "prompt_mean": round(prompts.mean, 1), "prompt_longest": prompts.longest,
+                                     "gen_mean": round(generations.mean, 1), "gen_longest": generations.longest})
+                         + "\n")
     else:
-        print(f"--prompt-lengths {prompts} --gen-lengths {generations}")
+        sys.stdout.write(f"--prompt-lengths {prompts} --gen-lengths {generations}\n")
     return 0

@@ -27,7 +27,7 @@ from planner.devices import DeviceProfile, builtin_profile, normalize_type
 from pqmesh.api.planner.v1 import planner_pb2
 from pqmesh.cpuset import check_disjoint, parse_cpus
 from pqmesh.errors import InvalidArgument, NotFound
-from pqmesh.lengths import SAMPLE_SEED, LengthHistogram
+from pqmesh.lengths import GENERATION_SEED, LengthHistogram, draw
 
 MAX_DEVICES = 4096  # per [[device]] entry; a plan needs at least one layer per device anyway
 MAX_WORKLOAD = 1 << 24  # sequences or tokens: far past any real job, small enough to plan quickly
@@ -283,16 +283,16 @@ class Workload:
         """Sequences of the whole job: the prompt histogram's total count, else `batch_size`."""
         return self.prompts.total if self.prompts is not None else self.batch_size
 
+    @property
+    def has_histograms(self) -> bool:
+        return self.prompts is not None or self.generations is not None
+
     def prompt_sample(self, n: int | None = None) -> list[int]:
         """``n`` (default `batch_size`) prompt lengths of the job, in the histogram's proportions."""
-        n = n or self.batch_size
-        return self.prompts.sample(n) if self.prompts is not None else [self.prompt_length] * n
+        return draw(self.prompts, self.prompt_length, n or self.batch_size)
 
     def generation_sample(self, n: int | None = None) -> list[int]:
-        n = n or self.batch_size
-        if self.generations is None:
-            return [self.generation_length] * n
-        return self.generations.sample(n, seed=SAMPLE_SEED + 1)  # as `pqmesh.lengths.job_lengths` draws them
+        return draw(self.generations, self.generation_length, n or self.batch_size, GENERATION_SEED)
 
     def to_proto(self) -> planner_pb2.Workload:
         msg = planner_pb2.Workload(batch_size=self.batch_size, kv_tokens_per_sequence=self.kv_tokens)

@@ -228,7 +228,7 @@ def _bits_summary(bits) -> str:
 
 
 def _lengths(w) -> str:
-    if w.prompts is None and w.generations is None:
+    if not w.has_histograms:
         return f"prompt {w.prompt_length}, generation {w.generation_length}"
     return (f"prompt mean {w.prompt_length} (longest {w.max_prompt_length}), generation mean "
             f"{w.generation_length} (longest {w.max_generation_length}): KV cache for {w.max_context} tokens")

@@ -82,11 +82,11 @@ def mesh_cost(problem: Problem, plan: PipelinePlan) -> MeshCost:
 REPLAY_SEQUENCES = 1024  # a job with more (a histogram's total) replays this many and scales the time
 
 
-def job_seconds(problem: Problem, plan: PipelinePlan, cost: MeshCost) -> float:
+def job_seconds(problem: Problem, plan: PipelinePlan, cost: MeshCost, sequences: int = REPLAY_SEQUENCES) -> float:
     """The whole job replayed: `batch_size` KV slots, continuously refilled; with length histograms the
-    job's sequences (at most REPLAY_SEQUENCES of them, drawn in proportion, the time scaled up)."""
+    job's sequences (at most ``sequences`` of them, drawn in proportion, the time scaled up)."""
     w = problem.workload
-    n = min(w.job_sequences, REPLAY_SEQUENCES)
+    n = min(w.job_sequences, sequences)
     seconds = simulate(cost, w.prompt_sample(n), w.generation_sample(n), w.batch_size,
                        plan.prefill_micro_batch, plan.decode_micro_batch).job_s
     return seconds * w.job_sequences / n

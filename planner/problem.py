@@ -35,6 +35,7 @@ from planner.model_shapes import ModelShape
 from planner.plans import Prediction
 from pqmesh.errors import InvalidArgument
 from pqmesh.length_groups import DEFAULT_WINDOW, take_prefill_group
+from pqmesh.lengths import LengthHistogram
 from pqmesh.plan import PipelinePlan
 from pqmesh.types import ALL_BITS, Bits, Phase
 
@@ -101,7 +102,8 @@ class Problem:
         """Tokens per row of a prefill micro-batch of `micro_batch` prompts, padding included: the prompt
         length, or with a prompt histogram the mean padded row length when the coordinator groups a
         sample of the job's prompts by length (`pqmesh.length_groups`) into micro-batches of that size."""
-        return _padded_length(self.workload, micro_batch)
+        w = self.workload
+        return w.prompt_length if w.prompts is None else _padded_length(w.prompts, micro_batch)
 
     def micro_batches(self, size: int) -> int:
         return math.ceil(self.workload.batch_size / size)
@@ -123,11 +125,9 @@ class Problem:
 PADDING_SAMPLE = 2048  # prompts of the job drawn to measure the padding of length-grouped prefill
 
 
-@functools.lru_cache(maxsize=1024)
-def _padded_length(workload: Workload, micro_batch: int) -> int:
-    if workload.prompts is None:
-        return workload.prompt_length
-    waiting = deque(workload.prompts.sample(min(workload.prompts.total, PADDING_SAMPLE)))
+@functools.lru_cache(maxsize=1024)  # shared by the problems of one request (what-if, summaries, replicas)
+def _padded_length(prompts: LengthHistogram, micro_batch: int) -> int:
+    waiting = deque(prompts.sample(min(prompts.total, PADDING_SAMPLE)))
     rows = padded = 0
     while waiting:
         group = take_prefill_group(waiting, min(micro_batch, len(waiting)), DEFAULT_WINDOW, lambda n: n)

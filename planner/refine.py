@@ -9,7 +9,8 @@ the distribution's KV cache), and `best_by_replay` keeps the candidate whose job
 replays fastest (RANK_SEQUENCES of the job's sequences, on each plan's own cost model), after
 re-choosing each candidate's micro-batch sizes the same way (coordinate descent: decode sizes, then
 prefill sizes; a size is kept only if the plan still fits memory and the replay is faster).
-Fixed-length workloads are left as the solver chose them. Bounded by the request's deadline.
+Fixed-length workloads are left as the solver chose them (`planner.search.plan` calls this only for
+histograms). Bounded by the request's deadline.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from dataclasses import replace
 import structlog
 
 from planner.cluster import Workload
-from planner.mesh_costs import mesh_cost
+from planner.mesh_costs import job_seconds, mesh_cost
 from planner.problem import Problem, evaluate
 from planner.tables import micro_batch_candidates
-from pqmesh.mesh_sim import simulate
 from pqmesh.plan import PipelinePlan
 
 log = structlog.get_logger(__name__)
@@ -32,22 +32,17 @@ RANK_SEQUENCES = 256
 
 
 def _replay_seconds(problem: Problem, plan: PipelinePlan) -> float:
+    """The job replayed on RANK_SEQUENCES of its sequences (inf when the plan does not fit)."""
     if not evaluate(problem, plan).feasible:
         return math.inf
-    w = problem.workload
-    n = min(w.job_sequences, RANK_SEQUENCES)
-    return simulate(mesh_cost(problem, plan), w.prompt_sample(n), w.generation_sample(n), w.batch_size,
-                    plan.prefill_micro_batch, plan.decode_micro_batch).job_s
+    return job_seconds(problem, plan, mesh_cost(problem, plan), RANK_SEQUENCES)
 
 
 def refine_micro_batches(problem: Problem, plan: PipelinePlan, deadline: float) -> PipelinePlan:
-    """`plan` with the micro-batch sizes the replay finds fastest (unchanged for fixed lengths)."""
-    w = problem.workload
-    if w.prompts is None and w.generations is None:
-        return plan
+    """`plan` with the micro-batch sizes the replay finds fastest."""
     best, best_s = plan, _replay_seconds(problem, plan)
     first = best_s
-    sizes = micro_batch_candidates(w.batch_size)
+    sizes = micro_batch_candidates(problem.workload.batch_size)
     for field in ("decode_micro_batch", "prefill_micro_batch"):
         for size in sizes:
             if time.monotonic() >= deadline:

@@ -300,7 +300,7 @@ def plan(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT_S, baselines: 
     started = time.monotonic()
     given = baselines
     baselines = all_baselines(problem) if given is None else given
-    histogram = problem.workload.prompts is not None or problem.workload.generations is not None
+    histogram = problem.workload.has_histograms
     share = 0.6 if histogram else 1.0
     best, gap, lp_solves, solves = _solve(problem, started + share * time_limit, baselines, strict)
     if histogram:

@@ -21,6 +21,7 @@ from pqmesh.errors import InvalidArgument
 
 MAX_BINS = 4096  # distinct lengths; a histogram of a real job is much smaller after binning
 SAMPLE_SEED = 20261202
+GENERATION_SEED = SAMPLE_SEED + 1  # generation lengths are drawn in another order than prompt lengths
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,16 @@ class LengthHistogram:
         return cls.of((b.length, b.count) for b in bins) if len(bins) else None
 
 
+def draw(histogram: LengthHistogram | None, fixed: int, n: int, seed: int = SAMPLE_SEED) -> list[int]:
+    """``n`` lengths: drawn from ``histogram`` (`LengthHistogram.sample`), or ``fixed`` each without one."""
+    return histogram.sample(n, seed) if histogram is not None else [fixed] * n
+
+
 def job_lengths(workload: planner_pb2.Workload) -> tuple[list[int], list[int]]:
     """(prompt lengths, max_new_tokens) of the sequences a proto ``Workload`` stands for, one each:
-    drawn from its histograms (`LengthHistogram.sample`) or its single lengths; at least one."""
+    drawn from its histograms or its single lengths, as `planner.cluster.Workload` draws them; at least one."""
     prompts = LengthHistogram.from_proto(workload.prompt_lengths)
     generations = LengthHistogram.from_proto(workload.generation_lengths)
     n = max(1, workload.batch_size or (prompts.total if prompts else 1))
-    return (prompts.sample(n) if prompts else [max(1, workload.prompt_length)] * n,
-            generations.sample(n, seed=SAMPLE_SEED + 1) if generations else [max(1, workload.generation_length)] * n)
+    return (draw(prompts, max(1, workload.prompt_length), n),
+            draw(generations, max(1, workload.generation_length), n, GENERATION_SEED))
