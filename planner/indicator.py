@@ -25,7 +25,7 @@ from planner.catalog import builtin_model
 from planner.model_shapes import ModelShape
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.indicator_file import IndicatorTable, load_indicator
-from pqmesh.types import ALL_BITS, Bits
+from pqmesh.types import STORED_BITS, Bits
 
 log = structlog.get_logger(__name__)
 INDICATOR_VERSION = 1
@@ -123,7 +123,7 @@ def shipped_indicator(shape: ModelShape) -> Indicator | None:
 def default_indicator(num_layers: int) -> Indicator:
     """2^(-2b) per layer, normalized so all layers at 4 bits sum to 1."""
     scale = num_layers * 2.0 ** -8
-    row = {b: (0.0 if b == Bits.B16 else 2.0 ** (-2 * int(b)) / scale) for b in ALL_BITS}
+    row = {b: (0.0 if b == Bits.B16 else 2.0 ** (-2 * int(b)) / scale) for b in STORED_BITS}
     return Indicator(tuple(dict(row) for _ in range(num_layers)))
 
 

@@ -30,7 +30,6 @@ GIB = 1 << 30
 DEFAULT_ELEMENT_BYTES = 2  # default element size: float16 activations, KV cache, embeddings, norms and biases
 SCALE_BYTES = 2  # quantized layers keep fp16 scales and offsets (pqmesh.quant.qlinear.SCALE_DTYPE)
 DEFAULT_RESERVE_BYTES = 1 * GIB  # for a device whose profile sets no reserve_bytes
-_PLANE_ROW_MULTIPLE = {8: 1, 4: 2, 3: 8, 2: 4}  # pqmesh.quant.packing.row_multiple
 
 
 def element_bytes(dtype: str) -> int:
@@ -47,7 +46,7 @@ def effective_group_size(in_features: int, group_size: int) -> int:
 
 def padded_width(in_features: int, bits: Bits) -> int:
     """Codes per packed row: `in_features` rounded up to the bit planes' row multiple."""
-    step = _PLANE_ROW_MULTIPLE[int(bits)]
+    step = 8 // min(Bits(bits).planes)  # pqmesh.quant.packing.row_multiple
     return -(-in_features // step) * step
 
 
@@ -78,14 +77,14 @@ def layer_weight_bytes(
 def workspace_bytes(shape: ModelShape, bits: Bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """The stage's shared dequantization buffer for layers at `bits` (0 at 16), as
     `pqmesh.quant.memory.workspace_bytes`: the largest linear's weight in the stage dtype plus, below
-    8 bits, its unpacked codes (twice at 3 bits). Counted once per stage."""
+    8 bits, its unpacked codes (twice at the two-plane widths 3, 5 and 6). Counted once per stage."""
     if bits == Bits.B16:
         return 0
     weight = max(i * o for i, o in shape.linear_shapes()) * element
     if bits == Bits.B8:
         return weight
     codes = max(o * padded_width(i, bits) for i, o in shape.linear_shapes())
-    return weight + codes * (2 if bits == Bits.B3 else 1)
+    return weight + codes * len(Bits(bits).planes)
 
 
 def stage_workspace_bytes(shape: ModelShape, bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:

@@ -17,11 +17,12 @@ from planner.memory import GIB, layer_weight_bytes
 from planner.plans import PlanResult
 from planner.problem import Problem, evaluate, stage_seconds
 from pqmesh.plan import PipelinePlan
-from pqmesh.types import ALL_BITS, Bits, Phase
+from pqmesh.types import STORED_BITS, Bits, Phase
 
 FIGSIZE = (16, 10)  # inches
 DPI = 100  # -> 1600 x 1000 pixels
-BIT_COLORS = {Bits.B16: "#1f4e9c", Bits.B8: "#3a9a5b", Bits.B4: "#f0a030", Bits.B3: "#d9534f", Bits.B2: "#8e44ad"}
+BIT_COLORS = {Bits.B16: "#1f4e9c", Bits.B8: "#3a9a5b", Bits.B6: "#7fbf4d", Bits.B5: "#c9c23a", Bits.B4: "#f0a030",
+              Bits.B3: "#d9534f", Bits.B2: "#8e44ad"}
 PART_COLORS = {"embeddings + head": "#7f9bb3", "KV cache": "#2ab7ca", "activations (temp)": "#f6d55c",
                "reserve": "#9e9e9e"}
 PLAN_COLORS = ["#222222", "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#7f7f7f"]  # ours first; unlike the bit colours
@@ -118,8 +119,8 @@ def _draw_layers(ax, plan: PipelinePlan) -> None:
     used = sorted({b for s in plan.stages for b in s.bits}, reverse=True)
     import matplotlib.patches as mpatches
 
-    ax.legend([mpatches.Patch(color=BIT_COLORS[b]) for b in ALL_BITS if b in used],
-              [f"{int(b)}-bit" for b in ALL_BITS if b in used], title="layer bits", fontsize=8, title_fontsize=8,
+    ax.legend([mpatches.Patch(color=BIT_COLORS[b]) for b in STORED_BITS if b in used],
+              [f"{int(b)}-bit" for b in STORED_BITS if b in used], title="layer bits", fontsize=8, title_fontsize=8,
               loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xlim(0, plan.num_layers)
     ax.set_yticks(range(len(plan.stages)), [f"stage {i}\n{s.device}" for i, s in enumerate(plan.stages)], fontsize=8)

@@ -22,7 +22,7 @@ from planner.model_shapes import ModelShape
 from planner.problem import Problem, evaluate
 from planner.search import plan
 from pqmesh.plan import PipelinePlan, StagePlan
-from pqmesh.types import Bits
+from pqmesh.types import Bits, allowed_bits
 
 log = structlog.get_logger(__name__)
 QUALITY_WEIGHT = 1e6  # seconds per unit of indicator: quality decides, time only breaks ties
@@ -54,7 +54,7 @@ def least_indicator_plan(shape: ModelShape, indicator: Indicator, allowed=(Bits.
     ``budget_bits`` (a stage of all layers in ``dtype``, one sequence of ``tokens``)."""
     allowed = tuple(Bits(int(b)) for b in allowed)
     uniform = PipelinePlan((StagePlan(DEVICE, 0, shape.num_layers, (budget_bits,) * shape.num_layers),), 1, 1)
-    probe = _problem(shape, indicator, (*allowed, budget_bits), 1 << 50, dtype, tokens)
+    probe = _problem(shape, indicator, allowed_bits((*allowed, budget_bits)), 1 << 50, dtype, tokens)
     budget = evaluate(probe, uniform).memory[0]
     problem = _problem(shape, indicator, allowed, budget.total, dtype, tokens)
     result = plan(problem, time_limit_s)

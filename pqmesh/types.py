@@ -25,6 +25,8 @@ class Bits(enum.IntEnum):
 
     B16 = 16
     B8 = 8
+    B6 = 6
+    B5 = 5
     B4 = 4
     B3 = 3
     B2 = 2
@@ -36,6 +38,14 @@ class Bits(enum.IntEnum):
     @property
     def quantized(self) -> bool:
         return self is not Bits.B16
+
+    @property
+    def planes(self) -> tuple[int, ...]:
+        """Widths of the bit planes a code of this width is packed in (`pqmesh.quant.packing`), low
+        bits first: one plane of 8, 4 or 2 bits, or two (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2)."""
+        if not self.quantized:
+            raise InvalidArgument("16-bit weights are not packed")
+        return _PLANES[self.value]
 
     @property
     def levels(self) -> int:
@@ -84,7 +94,15 @@ class Bits(enum.IntEnum):
         return cls._from_int(int(number), f"proto enum number {number}")
 
 
-#: Highest first: the order in which "the highest bits that fit" is searched.
+_PLANES: dict[int, tuple[int, ...]] = {8: (8,), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,)}
+
+#: Every width the storage format holds, highest first.
+STORED_BITS: tuple[Bits, ...] = tuple(sorted(Bits, reverse=True))
+
+#: The widths a plan chooses from unless told otherwise (LLM-PQ's 16/8/4/3 plus 2), highest first:
+#: the order in which "the highest bits that fit" is searched. 6 and 5 bits are opt-in (``--bits
+#: 16,8,6,5,4,3``): they give the planner 1-bit steps between 4 and 8, and need an indicator that
+#: measured them (the shipped ones hold 8/4/3/2).
 ALL_BITS: tuple[Bits, ...] = (Bits.B16, Bits.B8, Bits.B4, Bits.B3, Bits.B2)
 
 
@@ -98,9 +116,10 @@ def parse_bits_list(values: Iterable[Bits | int | str]) -> list[Bits]:
 
 
 def allowed_bits(values: Iterable[Bits | int | str]) -> tuple[Bits, ...]:
-    """A set of bitwidths to choose from: highest first, deduplicated; empty input means all of them."""
+    """A set of bitwidths to choose from: highest first, deduplicated; empty input means the default
+    set, `ALL_BITS` (any of `STORED_BITS` may be named)."""
     chosen = {Bits.parse(v) for v in values}
-    return tuple(b for b in ALL_BITS if b in chosen) if chosen else ALL_BITS
+    return tuple(b for b in STORED_BITS if b in chosen) if chosen else ALL_BITS
 
 
 class Phase(enum.IntEnum):

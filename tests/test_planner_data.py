@@ -52,9 +52,10 @@ def test_model_names_and_configs_resolve(tmp_path):
 def test_bits_and_phases_parse():
     assert Bits.parse("int8") is Bits.B8 and Bits.parse("BITS_16") is Bits.B16 and Bits.parse(3) is Bits.B3
     assert allowed_bits(["4", "16", "4"]) == (Bits.B16, Bits.B4)
-    assert allowed_bits([]) == ALL_BITS
+    assert allowed_bits([]) == ALL_BITS and Bits.B5 not in ALL_BITS  # 6 and 5 bits are opt-in
+    assert allowed_bits([3, "5", 8, "int6"]) == (Bits.B8, Bits.B6, Bits.B5, Bits.B3)
     with pytest.raises(InvalidArgument, match="16"):
-        Bits.parse(5)
+        Bits.parse(7)
     with pytest.raises(InvalidArgument, match="BITS_UNSPECIFIED"):
         Bits.from_proto(0)
     assert Phase.parse("PHASE_DECODE") is Phase.DECODE

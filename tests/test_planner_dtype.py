@@ -65,7 +65,7 @@ def shape_of(config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
+@pytest.mark.parametrize("bits", [16, 8, 6, 5, 4, 3, 2])
 def test_layer_bytes_match_quant(config, dtype, bits):
     planner = layer_weight_bytes(shape_of(config), Bits(bits), element=element_bytes(dtype))
     quant = predict_layer_bytes(config, bits, 128, dtype)

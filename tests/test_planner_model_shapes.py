@@ -29,7 +29,7 @@ def test_parameter_counts_match_transformers(family):
     assert shape.linear_params() == linear
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
+@pytest.mark.parametrize("bits", [16, 8, 6, 5, 4, 3, 2])
 def test_gemma3_layer_bytes_match_a_loaded_quantized_layer(tmp_path, bits):
     """The planner's bytes of a Gemma 3 layer (q/k norms, four norms) are what a loaded shard holds."""
     import torch

@@ -35,7 +35,7 @@ def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("bits", [8, 5, 4, 3, 2])
 def test_gptq_beats_round_to_nearest_on_held_out_inputs(bits, act_order):
     weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     hessian = HessianAccumulator(256)
@@ -57,7 +57,7 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs(bits, act_order):
 def test_gptq_refuses_bad_inputs():
     weight = torch.randn(8, 32)
     with pytest.raises(InvalidArgument, match="unknown bitwidth"):
-        gptq_quantize_weight(weight, torch.eye(32), 5, 32)
+        gptq_quantize_weight(weight, torch.eye(32), 7, 32)
     with pytest.raises(InvalidArgument, match="Hessian"):
         gptq_quantize_weight(weight, torch.eye(16), 4, 32)
     with pytest.raises(InvalidArgument, match="16-bit"):

@@ -18,7 +18,7 @@ from pqmesh.quant.memory import measure_layer_bytes, predict_layer_bytes, worksp
 from pqmesh.quant.qlinear import QuantLinear, Workspace
 from pqmesh.types import Bits
 
-ALL_BITS = [16, 8, 4, 3, 2]
+ALL_BITS = [16, 8, 6, 5, 4, 3, 2]
 
 
 @pytest.fixture(scope="module", params=WIDE_FAMILIES)
@@ -54,7 +54,7 @@ def test_predicted_bytes_match_measured_wide(wide_dir, dtype):
         measured = measure_layer_bytes(shard.layers[0])
         assert abs(predict_layer_bytes(config, bits, 128, dtype) - measured) <= 0.03 * measured
         sizes[bits] = measured
-    assert sizes[16] > sizes[8] > sizes[4] > sizes[3] > sizes[2]
+    assert sizes[16] > sizes[8] > sizes[6] > sizes[5] > sizes[4] > sizes[3] > sizes[2]
     params = sum(
         s.linear.weight.numel()
         for s in linear_children(ModelShard.load(wide_dir, 0, 1, max_slots=1, max_len=4).layers[0])
@@ -91,7 +91,7 @@ def _layer_errors(directory) -> tuple[dict[int, float], dict[int, float]]:
     base, ref, inputs = run(16)
     originals = {slot.name: slot.linear for slot in linear_children(base.layers[0])}
     linear_err, layer_err = {}, {}
-    for bits in [8, 4, 3, 2]:
+    for bits in [8, 6, 5, 4, 3, 2]:
         shard, out, _ = run(bits)
         num = den = 0.0
         for name, module in shard.layers[0].named_modules():
@@ -108,8 +108,8 @@ def _layer_errors(directory) -> tuple[dict[int, float], dict[int, float]]:
 def test_output_error_bounded_and_monotone(wide_dir):
     linear_err, layer_err = _layer_errors(wide_dir)
     assert linear_err[8] < 0.01 and linear_err[4] < 0.10 and linear_err[3] < 0.25 and linear_err[2] < 0.6, linear_err
-    assert linear_err[2] > linear_err[3] > linear_err[4] > linear_err[8] > 0
-    assert layer_err[2] > layer_err[3] > layer_err[4] > layer_err[8] > 0, layer_err
+    assert linear_err[2] > linear_err[3] > linear_err[4] > linear_err[5] > linear_err[6] > linear_err[8] > 0
+    assert layer_err[2] > layer_err[3] > layer_err[4] > layer_err[5] > layer_err[6] > layer_err[8] > 0, layer_err
     assert layer_err[8] < 0.02, layer_err
 
 

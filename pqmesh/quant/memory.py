@@ -114,7 +114,7 @@ def workspace_bytes(
 ) -> int:
     """Bytes of the per-stage dequantization `Workspace` for ``config`` at ``bits`` (0 at 16): its
     buffers grow to the largest linear's weight in ``dtype`` and, below 8 bits, its unpacked codes
-    (a second code buffer at 3 bits). Counted once per stage, not per layer."""
+    (a second code buffer at the two-plane widths 3, 5 and 6). Counted once per stage, not per layer."""
     bits = Bits.parse(bits)
     if not bits.quantized:
         return 0
@@ -124,4 +124,4 @@ def workspace_bytes(
     if bits.count == 8:
         return weight
     codes = max(s.out_features * padded_width(s.in_features, bits.count) for s in linears)
-    return weight + codes * (2 if bits.count == 3 else 1)
+    return weight + codes * len(bits.planes)

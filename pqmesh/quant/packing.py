@@ -1,7 +1,8 @@
 """Bit packing of integer weight codes, row by row, in bit planes.
 
-A code of ``b`` bits is split into planes of 8, 4, 2 or 1 bits: 8 -> (8), 4 -> (4), 2 -> (2),
-3 -> (2, 1), the low two bits in a 2-bit plane and the high bit in a 1-bit plane. A plane of width
+A code of ``b`` bits is split into planes of 8, 4, 2 or 1 bits (`pqmesh.types.Bits.planes`): 8 -> (8),
+4 -> (4), 2 -> (2), 3 -> (2, 1), 5 -> (4, 1), 6 -> (4, 2), low bits first (at 3 bits the low two in a
+2-bit plane and the high bit in a 1-bit plane). A plane of width
 ``w`` holds ``P = 8 // w`` codes per byte, and a row of ``n`` codes is laid out *strided*: byte ``i``
 holds codes ``i, i + n/P, i + 2n/P, ...`` at bit offsets ``0, w, 2w, ...``. Unpacking a plane is then
 one broadcast shift-and-mask that writes ``P`` contiguous runs of the row, which is what makes the
@@ -20,15 +21,20 @@ from __future__ import annotations
 import torch
 
 from pqmesh.errors import InvalidArgument
-
-PLANES: dict[int, tuple[int, ...]] = {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}
+from pqmesh.types import STORED_BITS, Bits
 
 
 def _planes(bits: int) -> tuple[int, ...]:
     try:
-        return PLANES[bits]
-    except KeyError:
-        raise InvalidArgument(f"cannot pack {bits}-bit codes; packed widths are {sorted(PLANES)}") from None
+        return Bits.parse(bits).planes
+    except InvalidArgument:
+        packed = sorted(b.value for b in STORED_BITS if b.quantized)
+        raise InvalidArgument(f"cannot pack {bits}-bit codes; packed widths are {packed}") from None
+
+
+def needs_scratch(bits: int) -> bool:
+    """Widths packed in two planes unpack through a second code buffer (`unpack`'s ``scratch``)."""
+    return len(_planes(bits)) > 1
 
 
 def row_multiple(bits: int) -> int:
@@ -94,7 +100,7 @@ def unpack(
 ) -> torch.Tensor:
     """Inverse of `pack`: uint8 ``[rows, padded_width(in_features, bits)]`` (padding included).
 
-    ``out`` and ``scratch`` (3-bit only) are optional uint8 buffers of that shape, reused if given.
+    ``out`` and ``scratch`` (two-plane widths only: 3, 5, 6) are optional uint8 buffers of that shape, reused if given.
     """
     planes = _planes(bits)
     rows = packed.shape[0]

@@ -40,7 +40,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant import cuda
-from pqmesh.quant.packing import pack, padded_width, row_bytes, unpack
+from pqmesh.quant.packing import needs_scratch, pack, padded_width, row_bytes, unpack
 from pqmesh.types import Bits
 
 SCALE_DTYPE = torch.float16
@@ -260,7 +260,8 @@ class QuantLinear(nn.Module):
             width = padded_width(cols, bits)
             out = workspace.get("codes", rows * width, torch.uint8, device).view(rows, width)
             scratch = (
-                workspace.get("scratch", rows * width, torch.uint8, device).view(rows, width) if bits == 3 else None
+                workspace.get("scratch", rows * width, torch.uint8, device).view(rows, width)
+                if needs_scratch(bits) else None
             )
             codes = unpack(self.packed, bits, cols, out=out, scratch=scratch)
             codes = codes[:, :cols] if width != cols else codes

@@ -13,6 +13,8 @@ class Bits(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BITS_2: _ClassVar[Bits]
     BITS_3: _ClassVar[Bits]
     BITS_4: _ClassVar[Bits]
+    BITS_5: _ClassVar[Bits]
+    BITS_6: _ClassVar[Bits]
     BITS_8: _ClassVar[Bits]
     BITS_16: _ClassVar[Bits]
 
@@ -25,6 +27,8 @@ BITS_UNSPECIFIED: Bits
 BITS_2: Bits
 BITS_3: Bits
 BITS_4: Bits
+BITS_5: Bits
+BITS_6: Bits
 BITS_8: Bits
 BITS_16: Bits
 PHASE_UNSPECIFIED: Phase
