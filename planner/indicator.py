@@ -70,8 +70,8 @@ class Indicator:
     def value(self, layer: int, bits: Bits) -> float:
         row = self._rows[layer]
         if bits not in row:
-            raise InvalidArgument(f"indicator lacks {bits.value}-bit values for layer {layer}; add them or leave "
-                                  f"{bits.value} out of the allowed bits")
+            raise InvalidArgument(f"indicator lacks {bits.value}-bit values for layer {layer}; measure them "
+                                  f"(pqmesh indicator --bits ...,{bits.value}) or leave {bits.value} out of the allowed bits")
         return row[bits]
 
     def check(self, num_layers: int, allowed: tuple[Bits, ...], model_name: str) -> None:
