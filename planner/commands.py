@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--indicator", type=Path, help="sensitivity indicator JSON (default: the model's shipped one "
                    "in planner/indicators/, else 2^-2b per layer)")
-    p.add_argument("--bits", default="", help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2; 6 and 5 on request)")
+    p.add_argument("--bits", default="",
+                   help="allowed bitwidths, e.g. 16,8,4 (default: 16,8,4,3,2; 6 and 5 on request)")
     p.add_argument("--dtype", default="", choices=("", "float16", "bfloat16", "float32"),
                    help="dtype the stages run in: bytes of unquantized weights, KV cache and activations "
                         "(default: the dtype the devices' profiles were measured in, float32 for a CPU "

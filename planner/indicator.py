@@ -71,7 +71,8 @@ class Indicator:
         row = self._rows[layer]
         if bits not in row:
             raise InvalidArgument(f"indicator lacks {bits.value}-bit values for layer {layer}; measure them "
-                                  f"(pqmesh indicator --bits ...,{bits.value}) or leave {bits.value} out of the allowed bits")
+                                  f"(pqmesh indicator --bits ...,{bits.value}) or leave {bits.value} out of the "
+                                  "allowed bits")
         return row[bits]
 
     def check(self, num_layers: int, allowed: tuple[Bits, ...], model_name: str) -> None:

@@ -56,7 +56,7 @@ def test_reads_the_planners_answer_or_its_plan_and_round_trips():
     ([{"layers": [0, 2], "bits": [16] * 2}, {"layers": [3, 4], "bits": [16]}], "stages 0 and 1 are not contiguous"),
     ([{"layers": [0, 2], "bits": [16] * 2}, {"layers": [1, 4], "bits": [16] * 3}], "not contiguous"),
     ([{"layers": [0, 2], "bits": [16]}], "1 bitwidths for 2 layers"),
-    ([{"layers": [0, 2], "bits": [16, 5]}], r"bitwidths \[5\] are not supported"),
+    ([{"layers": [0, 2], "bits": [16, 7]}], r"bitwidths \[7\] are not supported"),
     ([{"layers": [0, 0], "bits": []}], "empty"),
     ([{"layers": [0, 2], "bits": [16, 16], "address": "nohost"}], "must be HOST:PORT"),
     ([{"bits": [16]}], "needs \"layers\""),

@@ -137,8 +137,8 @@ def test_ppl_prints_a_plain_number_last_and_reads_quantized_checkpoints(source, 
 
 
 def test_bad_inputs_get_precise_errors(source, gptq_dir, tmp_path):
-    with pytest.raises(InvalidArgument, match="unknown bitwidth '5'"):
-        quantize(source, tmp_path / "a", "5", "rtn")
+    with pytest.raises(InvalidArgument, match="unknown bitwidth '7'"):
+        quantize(source, tmp_path / "a", "7", "rtn")
     with pytest.raises(InvalidArgument, match=r"holds \d+ tokens; 64 windows of 64 need 4096.*--samples 32"):
         quantize(source, tmp_path / "b", "4", "gptq", "--samples", "64")
     with pytest.raises(InvalidArgument, match="needs --calib"):

@@ -11,11 +11,11 @@ from quant_tiny import build_wide_checkpoint
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner, calibration_windows
-from pqmesh.quant.calibrated import advance_through, gptq_layer
+from pqmesh.quant.calibrated import GptqSettings, advance_through, gptq_layer
 from pqmesh.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.layer import linear_children, quantize_layer
-from pqmesh.quant.qlinear import QuantLinear, quantize_weight
+from pqmesh.quant.qlinear import QuantLinear, clipped_range, quantize_weight
 
 TEXT = Path(__file__).parent / "data" / "quant_text.txt"
 
@@ -110,3 +110,51 @@ def test_direct_indicator_of_the_calibrated_quantizer_is_lower(tmp_path):
             assert 0 < tables["gptq"].value(layer, bits) < tables["rtn"].value(layer, bits)
     with pytest.raises(InvalidArgument, match="rtn or gptq"):
         compute_indicator(LayerwiseRunner(tmp_path, windows), (4,), "direct", 128, method="awq")
+
+
+def test_true_sequential_quantizes_linears_in_forward_order_on_quantized_inputs(tmp_path):
+    """True-sequential collects the Hessians again after each input's linears: one pass per input
+    (q/k/v, o, gate/up, down), the output projection calibrated on the quantized attention."""
+    build_wide_checkpoint("llama", tmp_path, layers=1, hidden=256)
+    windows = calibration_windows(tmp_path, TEXT, 12, 96)
+    runner = LayerwiseRunner(tmp_path, windows[:8], micro_batch=4)
+    reference = LayerwiseRunner(tmp_path, windows[8:], micro_batch=4)
+    passes = []
+    forward = runner.forward
+    runner.forward = lambda layer, x: passes.append(1) or forward(layer, x)
+    try:
+        plain = gptq_layer(runner, runner.load_layer(0), 3, 128)
+        one_pass = len(passes)
+        sequential = gptq_layer(runner, runner.load_layer(0), 3, 128, GptqSettings(true_sequential=True))
+        assert one_pass == 2 and len(passes) - one_pass == 4 * 2  # 2 micro-batches per pass
+        assert len(linear_children(sequential)) == 0
+        codes = {n: m.quantized().codes for n, m in sequential.named_modules() if isinstance(m, QuantLinear)}
+        same = {n: torch.equal(c, m.quantized().codes) for n, m in plain.named_modules()
+                if isinstance(m, QuantLinear) for c in [codes[n]]}
+        assert same["self_attn.q_proj"] and same["self_attn.v_proj"]  # the first input is the same
+        assert not same["self_attn.o_proj"] and not same["mlp.down_proj"]  # later inputs are not
+        x = reference.hidden
+        exact = reference.forward(reference.load_layer(0), x)
+        err = {name: float((reference.forward(m, x) - exact).norm() / (exact - x).norm())
+               for name, m in (("plain", plain), ("sequential", sequential))}
+        assert err["sequential"] < 1.1 * err["plain"], err
+    finally:
+        runner.close()
+        reference.close()
+
+
+def test_hessian_weighted_clipping_favours_the_loud_columns():
+    """With ``hessian_clip`` each group's range is chosen for the output error: on inputs whose
+    loud channels dominate, the held-out output error is no worse than with plain clipping."""
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(5)) * 0.05
+    hessian = HessianAccumulator(256)
+    hessian.add(activations(2048, 256, seed=6))
+    held_out = activations(1024, 256, seed=7)
+    err = {}
+    for weighted in (False, True):
+        q = gptq_quantize_weight(weight, hessian.mean(), 3, 128, act_order=True, hessian_clip=weighted)
+        err[weighted] = output_error(held_out, weight, q.dequantize())
+    assert err[True] <= 1.02 * err[False], err
+    low, high = clipped_range(torch.tensor([[0.0, 0.1, 0.2, 1.0]]), 1, 16, 0.5, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    plain_low, plain_high = clipped_range(torch.tensor([[0.0, 0.1, 0.2, 1.0]]), 1, 16, 0.5)
+    assert float(high - low) < float(plain_high - plain_low)  # an unimportant outlier no longer sets the range

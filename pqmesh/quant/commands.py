@@ -68,6 +68,12 @@ def _calibration(parser: argparse.ArgumentParser, method_default: str) -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of mean diag(H) (0.01)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                         help="gptq: visit input channels by decreasing H_jj (default on)")
+    parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
+                        help="gptq: quantize a layer's linears input by input, each calibrated on the quantized "
+                             "ones before it (one more pass per input; default off)")
+    parser.add_argument("--hessian-clip", action=argparse.BooleanOptionalAction, default=False,
+                        help="gptq: choose each group's clipping for the output error, weighting columns by H_jj "
+                             "(default off)")
 
 
 def add_parser(subparsers) -> None:
@@ -122,7 +128,8 @@ def _quantize(args, plan, out: Path):
             raise InvalidArgument("--method gptq needs --calib FILE (calibration text), or use --method rtn")
         windows = calibration_windows(args.model, args.calib, args.samples, args.seq_len)
         calibration = {"file": Path(args.calib).name}
-    settings = GptqSettings(damp=args.damp, act_order=args.act_order)
+    settings = GptqSettings(damp=args.damp, act_order=args.act_order, true_sequential=args.true_sequential,
+                            hessian_clip=args.hessian_clip)
     return quantize_checkpoint(args.model, out, plan, args.method, windows, args.group_size, settings, args.batch,
                                args.device, calibration)
 

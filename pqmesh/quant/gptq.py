@@ -62,9 +62,11 @@ class HessianAccumulator:
         return self.value
 
 
-def _group_params(w: torch.Tensor, bits: Bits, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scale, offset) per row for a group of weights ``w [out, g]`` (round-to-nearest's rule)."""
-    low, high = clipped_range(w.unsqueeze(1), bits.levels, steps, CLIP_SHRINK)
+def _group_params(w: torch.Tensor, bits: Bits, steps: int,
+                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, offset) per row for a group of weights ``w [out, g]`` (round-to-nearest's rule;
+    with ``importance [g]``, the clipping search weighs each column's squared error by it)."""
+    low, high = clipped_range(w.unsqueeze(1), bits.levels, steps, CLIP_SHRINK, importance)
     scale = ((high - low) / bits.levels).squeeze(1).to(SCALE_DTYPE)
     offset = low.squeeze(1).to(SCALE_DTYPE)
     if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
@@ -100,8 +102,12 @@ def gptq_quantize_weight(
     damp: float = DEFAULT_DAMP,
     act_order: bool = False,
     clip_steps: int | None = None,
+    hessian_clip: bool = False,
 ) -> QuantizedWeight:
-    """Calibrated quantization of ``weight [out, in]`` given the mean input Hessian ``[in, in]``."""
+    """Calibrated quantization of ``weight [out, in]`` given the mean input Hessian ``[in, in]``.
+
+    ``hessian_clip``: each group's clipping search weighs a column's squared error by its ``H_jj``
+    (the output error a lone rounding error there causes) instead of equally."""
     bits = Bits.parse(bits)
     if not bits.quantized:
         raise InvalidArgument("16-bit weights are kept as they are; quantize to 8, 4, 3 or 2 bits")
@@ -120,15 +126,19 @@ def gptq_quantize_weight(
     w[:, dead] = 0.0
     scale = torch.empty(rows, cols // group, dtype=SCALE_DTYPE, device=w.device)
     offset = torch.empty_like(scale)
+    importance = h.diagonal().clone() if hessian_clip else None
     if act_order:
         for g in range(cols // group):
-            scale[:, g], offset[:, g] = _group_params(w[:, g * group:(g + 1) * group], bits, steps)
+            cut = slice(g * group, (g + 1) * group)
+            weights = None if importance is None else importance[cut]
+            scale[:, g], offset[:, g] = _group_params(w[:, cut], bits, steps, weights)
         order = torch.argsort(h.diagonal(), descending=True)
     else:
         order = torch.arange(cols, device=w.device)
     w, h = w[:, order], h[order][:, order]
     with _one_thread():
-        codes = _compensate(w, _inverse_factor(h, damp), order, scale, offset, bits, group, steps, act_order)
+        codes = _compensate(w, _inverse_factor(h, damp), order, scale, offset, bits, group, steps, act_order,
+                            importance)
     inverse = torch.argsort(order)
     return QuantizedWeight(codes[:, inverse].to(torch.uint8).contiguous(), scale, offset, group, bits)
 
@@ -145,7 +155,7 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _compensate(w, hinv, order, scale, offset, bits, group, steps, static) -> torch.Tensor:
+def _compensate(w, hinv, order, scale, offset, bits, group, steps, static, importance=None) -> torch.Tensor:
     """GPTQ's column loop over ``w`` (columns in visiting ``order``), in blocks of one group; fills
     ``scale``/``offset`` per group on first visit unless ``static``. Returns codes in visiting order."""
     rows, cols = w.shape
@@ -157,7 +167,8 @@ def _compensate(w, hinv, order, scale, offset, bits, group, steps, static) -> to
         hblock = hinv[first:last, first:last]
         if not static:  # in order: this block is exactly the group first // group
             g = first // group
-            scale[:, g], offset[:, g] = _group_params(block, bits, steps)
+            scale[:, g], offset[:, g] = _group_params(block, bits, steps,
+                                                      None if importance is None else importance[first:last])
         for i in range(last - first):
             g = int(groups[first + i])
             column = block[:, i]

@@ -79,9 +79,11 @@ class QuantizedWeight:
         return weight.view(rows, cols).to(dtype)
 
 
-def clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float,
+                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (last dim of ``w``), the [low, high] range among ``steps`` ranges shrunk about the
-    group's centre from min/max down to ``shrink`` of it that gives the least squared error."""
+    group's centre from min/max down to ``shrink`` of it that gives the least squared error, each
+    weight's error scaled by ``importance`` (broadcast over ``w``; GPTQ passes ``diag(H)``) if given."""
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     if steps <= 1:
         return low, high
@@ -92,7 +94,8 @@ def clipped_range(w: torch.Tensor, levels: int, steps: int, shrink: float) -> tu
         step = (hi - lo) / levels
         safe = torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(-1)
         codes = ((w - lo.unsqueeze(-1)) / safe).round_().clamp_(0, levels)
-        err = codes.mul_(step.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(w).square_().sum(dim=-1)
+        err = codes.mul_(step.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(w).square_()
+        err = (err if importance is None else err.mul_(importance)).sum(dim=-1)
         if best_err is None:
             best_err, best_low, best_high = err, lo, hi
         else:

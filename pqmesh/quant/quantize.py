@@ -120,7 +120,8 @@ def quantize_checkpoint(
     calib = dict(calibration or {})
     if method == "gptq":
         calib.update(windows=int(windows.shape[0]), seq_len=int(windows.shape[1]), damp=settings.damp,
-                     act_order=settings.act_order)
+                     act_order=settings.act_order, true_sequential=settings.true_sequential,
+                     hessian_clip=settings.hessian_clip)
     info = QuantizedCheckpoint(tuple(plan), group_size, method, fingerprint(config),
                                getattr(config, "name_or_path", "") or model_dir.name, calib)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
