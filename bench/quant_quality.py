@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="gptq act-order")
+    parser.add_argument("--true-sequential", action="store_true", help="gptq: linears input by input in a layer")
+    parser.add_argument("--hessian-clip", action="store_true", help="gptq: group clipping weighted by H_jj")
     parser.add_argument("--indicators", default=",".join(INDICATORS), help="indicators the indicator step computes")
     parser.add_argument("--mixed-methods", default="rtn,gptq", help="quantizers the mixed step plans for")
     parser.add_argument("--mixed-indicator", default="direct-rtn,direct-gptq",
@@ -198,13 +200,16 @@ def main(argv=None) -> int:
     ctx = {"eval": token_windows(tokens, args.seq_len, bos=bos_token(model)), "group": args.group_size,
            "batch": args.batch,
            "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
-           "work": os.environ.get("TMPDIR", "/tmp"), "gptq": GptqSettings(act_order=args.act_order),
+           "work": os.environ.get("TMPDIR", "/tmp"),
+           "gptq": GptqSettings(act_order=args.act_order, true_sequential=args.true_sequential,
+                                hessian_clip=args.hessian_clip),
            "indicators": args.indicators.split(","), "mixed": args.mixed_methods.split(","),
            "mixed_indicator": args.mixed_indicator.split(","), "mixed_bits": args.mixed_bits.split(",")}
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
     results.update(model=args.model, seq_len=args.seq_len, eval_tokens=int(ctx["eval"].numel()),
                    calib_tokens=int(ctx["calib"].numel()), group_size=args.group_size,
                    threads=torch.get_num_threads(), act_order=args.act_order,
+                   true_sequential=args.true_sequential, hessian_clip=args.hessian_clip,
                    corpus="wikitext-2 (tokenized form): test / valid")
     steps = {"uniform": lambda: step_uniform(model, layers, ctx, results),
              "indicator": lambda: step_indicator(model, ctx, results),
