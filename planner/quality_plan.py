@@ -57,7 +57,7 @@ def least_indicator_plan(shape: ModelShape, indicator: Indicator, allowed=(Bits.
     probe = _problem(shape, indicator, allowed_bits((*allowed, budget_bits)), 1 << 50, dtype, tokens)
     budget = evaluate(probe, uniform).memory[0]
     problem = _problem(shape, indicator, allowed, budget.total, dtype, tokens)
-    result = plan(problem, time_limit_s)
+    result = plan(problem, time_limit_s, baselines={})  # the baselines (uniform 8, ...) need not be rated
     chosen = evaluate(problem, result.plan).memory[0]
     bits = tuple(result.plan.bits_per_layer)
     found = QualityPlan(bits, indicator.total(bits), indicator.total(uniform.bits_per_layer), chosen.total,

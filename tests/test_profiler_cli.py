@@ -148,7 +148,7 @@ def test_link_probe_on_loopback(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "gpt-17"], "unknown model 'gpt-17'"),
-    (["--bits", "16,5"], "unknown bitwidth"),
+    (["--bits", "16,7"], "unknown bitwidth"),
     (["--device", "tpu:0"], "cpu or cuda"),
     (["--device", "nonsense"], "not a torch device"),
     (["--dtype", "int8"], "--dtype 'int8'"),
