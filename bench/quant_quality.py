@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="gptq act-order")
     parser.add_argument("--true-sequential", action="store_true", help="gptq: linears input by input in a layer")
-    parser.add_argument("--hessian-clip", action="store_true", help="gptq: group clipping weighted by H_jj")
+    parser.add_argument("--hessian-clip", action=argparse.BooleanOptionalAction, default=True,
+                        help="gptq: group clipping weighted by H_jj")
     parser.add_argument("--indicators", default=",".join(INDICATORS), help="indicators the indicator step computes")
     parser.add_argument("--mixed-methods", default="rtn,gptq", help="quantizers the mixed step plans for")
     parser.add_argument("--mixed-indicator", default="direct-rtn,direct-gptq",

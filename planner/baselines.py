@@ -20,6 +20,7 @@ import math
 from typing import Callable
 
 from planner.cluster import Device
+from planner.memory import workspace_bytes
 from planner.orders import representative_orders
 from planner.plans import Baseline
 from planner.problem import Evaluation, Problem, evaluate, head_cost, layer_bytes, layer_cost
@@ -87,12 +88,13 @@ def uniform(problem: Problem, bits: Bits) -> Baseline:
 def layer_caps(problem: Problem, order: list[Device], size: int, bits: Bits) -> list[int]:
     """Most layers at `bits` each stage of `order` holds at micro-batch `size` (both phases)."""
     per_layer, last, memo, out = layer_bytes(problem, bits), len(order) - 1, {}, []
+    workspace = workspace_bytes(problem.shape, bits, problem.element)
     for i, d in enumerate(order):
         key = (id(d.profile), i == 0, i == last)  # identical devices: computed once
         if key not in memo:
             pre = device_budgets(problem, d, i == 0, i == last, (size,), Phase.PREFILL)[0]
             dec = device_budgets(problem, d, i == 0, i == last, (size,), Phase.DECODE)[0]
-            memo[key] = max(0, min(pre, dec) // per_layer)
+            memo[key] = max(0, (min(pre, dec) - workspace) // per_layer)
         out.append(memo[key])
     return out
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 
 from planner.cluster import Device, Workload
+from planner.memory import workspace_bytes
 from planner.orders import representative_orders
 from planner.problem import Problem, layer_bytes
 from planner.solver_ortools import solve_order
@@ -30,9 +31,10 @@ def _closest(problem: Problem, bits: Bits) -> tuple[int, str, int, int, int]:
     its capacity, its bytes short). Every device holds >= 1 layer; layers beyond what fits go to the
     device with the most room left. 0 short means the layers fit."""
     per_layer, layers, best = layer_bytes(problem, bits), problem.shape.num_layers, None
+    workspace = workspace_bytes(problem.shape, bits, problem.element)
     for order in representative_orders(problem.devices, problem.network):
         pre, dec = budgets(problem, order, (1,), Phase.PREFILL), budgets(problem, order, (1,), Phase.DECODE)
-        room = [min(p[0], d[0]) for p, d in zip(pre, dec)]
+        room = [min(p[0], d[0]) - workspace for p, d in zip(pre, dec)]
         held = [max(1, r // per_layer) for r in room]
         over = layers - sum(held)
         if over > 0:

@@ -49,6 +49,7 @@ class OrderInput:
     decode_fixed: tuple                               # [i][k][q]
     decode_links: tuple                               # [k][link]
     segment_rounds: tuple[int, ...]                   # [q]
+    workspace: tuple[int, ...] = ()                   # [b] stage workspace when it holds a layer at b
     quality_per_bits: tuple[int, ...] = ()            # [b], count model
     theta_per_bits: tuple[int, ...] = ()              # [b], count model
     unit_sizes: tuple[int, ...] = ()                  # per-layer model when set
@@ -132,14 +133,23 @@ class _Builder:
         return {self.n[i][b]: table[b] * u for b in range(self.nb)}, fixed * u
 
     def memory(self) -> None:
-        d = self.d
+        """Per stage: its layers' bytes plus its workspace (the largest of its widths') fit the budget.
+        A width whose workspace exceeds the smallest allowed one's gets a 0/1 "used here" variable."""
+        d, u, L = self.d, self.mem_unit, self.d.num_layers
+        ws = d.workspace or (0,) * self.nb
+        floor = min(ws)  # every stage holds a layer, so it pays at least this
         for i in range(d.stages):
             budget = min(d.prefill_budget[i][self.kp], d.decode_budget[i][self.kd])
-            self.row(
-                {self.n[i][b]: d.layer_bytes[b] * self.mem_unit for b in range(self.nb)},
-                -math.inf,
-                budget * self.mem_unit,
-            )
+            terms = {self.n[i][b]: d.layer_bytes[b] * u for b in range(self.nb)}
+            wider = [b for b in range(self.nb) if ws[b] > floor]
+            if wider:
+                w = self.var(floor * u, max(ws) * u, f"w{i}")
+                for b in wider:
+                    used = self.var(0, 1, f"y{i}_{b}")
+                    self.row({self.n[i][b]: 1, used: -L}, -math.inf, 0)
+                    self.row({w: 1, used: -ws[b] * u}, 0, math.inf)
+                terms[w] = 1
+            self.row(terms, -math.inf, (budget - (0 if wider else floor)) * u)
 
     def _sum(self, stages: list[tuple[dict, float]]) -> tuple[dict, float]:
         """The summed stage times (each row counted as often as the stages it stands for)."""

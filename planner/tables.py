@@ -12,7 +12,7 @@ import math
 
 from planner import latency as lat
 from planner.cluster import Device
-from planner.memory import embedding_bytes, head_bytes, logits_bytes, stage_workspace_bytes, temp_activation_bytes
+from planner.memory import embedding_bytes, head_bytes, logits_bytes, temp_activation_bytes, workspace_bytes
 from planner.problem import Problem, head_cost, layer_bytes, layer_cost, link_times
 from planner.solver_ortools import TIME_SCALE, OrderInput
 from pqmesh.plan import PipelinePlan, StagePlan
@@ -61,9 +61,9 @@ class QualityScale:
 
 
 def budgets(problem: Problem, order: list[Device], sizes: tuple[int, ...], phase: Phase) -> tuple:
-    """Bytes left for layers (weights + KV) per stage and micro-batch size: capacity minus the
-    device's reserve, embeddings/head, the phase's largest activation and the dequantization
-    workspace (that of the allowed bits needing the most: conservative for stages that use fewer)."""
+    """Bytes left for layers (weights + KV) and the stage's dequantization workspace, per stage and
+    micro-batch size: capacity minus the device's reserve, embeddings/head and the phase's largest
+    activation. The workspace depends on the widths a stage uses (`workspaces`): callers subtract it."""
     last = len(order) - 1
     return tuple(device_budgets(problem, d, i == 0, i == last, tuple(sizes), phase) for i, d in enumerate(order))
 
@@ -71,18 +71,22 @@ def budgets(problem: Problem, order: list[Device], sizes: tuple[int, ...], phase
 def device_budgets(problem: Problem, device: Device, first: bool, last: bool, sizes: tuple[int, ...],
                    phase: Phase) -> tuple[int, ...]:
     """`budgets` of one device at a position (first and/or last stage or neither), per size."""
-    return _device_budgets(problem.shape, problem.workload, problem.element, problem.allowed_bits,
+    return _device_budgets(problem.shape, problem.workload, problem.element,
                            problem.capacity(device) - problem.reserve(device), first, last, sizes, phase)
 
 
+def workspaces(problem: Problem) -> tuple[int, ...]:
+    """The dequantization workspace a stage holds when its widest-buffer layer is at each allowed width."""
+    return tuple(workspace_bytes(problem.shape, b, problem.element) for b in problem.allowed_bits)
+
+
 @functools.lru_cache(maxsize=16384)
-def _device_budgets(shape, workload, e: int, allowed_bits: tuple, usable: int, first: bool, last: bool,
+def _device_budgets(shape, workload, e: int, usable: int, first: bool, last: bool,
                     sizes: tuple[int, ...], phase: Phase) -> tuple[int, ...]:
-    workspace = stage_workspace_bytes(shape, allowed_bits, e)
     fixed = (embedding_bytes(shape, e) if first else 0) + (head_bytes(shape, first, e) if last else 0)
     new = workload.max_prompt_length if phase == Phase.PREFILL else 1  # memory: the longest prompt
     context = workload.max_prompt_length if phase == Phase.PREFILL else workload.max_context
-    return tuple(usable - fixed - workspace - temp_activation_bytes(shape, b, new, context, e)
+    return tuple(usable - fixed - temp_activation_bytes(shape, b, new, context, e)
                  - (logits_bytes(shape, b) if last else 0) for b in sizes)
 
 
@@ -179,7 +183,7 @@ def pool_input(problem: Problem, sizes: tuple[int, ...], relaxed_indicator: bool
 
     common = dict(
         num_layers=shape.num_layers, stages=len(devices),
-        layer_bytes=tuple(layer_bytes(problem, b) for b in problem.allowed_bits),
+        layer_bytes=tuple(layer_bytes(problem, b) for b in problem.allowed_bits), workspace=workspaces(problem),
         prefill_counts=tuple(problem.micro_batches(k) for k in sizes), prefill_budget=column[4],
         prefill_layer=column[0], prefill_fixed=column[1],
         prefill_links=tuple(links(Phase.PREFILL, k) for k in sizes),
@@ -228,7 +232,7 @@ def _time_and_memory_tables(problem: Problem, order: list[Device], stages: list[
     return dict(
         num_layers=problem.shape.num_layers,
         stages=len(stages),
-        layer_bytes=tuple(layer_bytes(problem, b) for b in problem.allowed_bits),
+        layer_bytes=tuple(layer_bytes(problem, b) for b in problem.allowed_bits), workspace=workspaces(problem),
         prefill_counts=tuple(problem.micro_batches(k) for k in prefill_sizes),
         prefill_budget=column[4],
         prefill_layer=column[0],

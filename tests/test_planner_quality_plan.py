@@ -33,3 +33,24 @@ def test_without_a_layer_worth_8_bits_uniform_4_stays():
     found = least_indicator_plan(shape, _indicator(shape.num_layers, {}, set()))
     assert found.bits == (Bits.B4,) * shape.num_layers
     assert found.memory_bytes == found.budget_bytes and found.indicator_total == found.uniform_total
+
+
+def _wide_indicator(layers: int, sensitive: dict[int, float], cheap3: set[int]) -> Indicator:
+    rows = []
+    for i in range(layers):
+        four = sensitive.get(i, 0.01)
+        rows.append({Bits.B6: four / 8, Bits.B5: four / 4, Bits.B4: four,
+                     Bits.B3: four + (0.001 if i in cheap3 else 0.2)})
+    return Indicator(tuple(rows))
+
+
+def test_two_plane_scratch_is_paid_only_by_a_stage_that_uses_two_plane_widths():
+    """Allowing 6/5/3 bits (whose workspace is larger) must not push uniform 4 out of its own memory."""
+    shape = builtin_model("gemma-3-270m")
+    allowed = (Bits.B6, Bits.B5, Bits.B4, Bits.B3)
+    found = least_indicator_plan(shape, _wide_indicator(shape.num_layers, {}, set()), allowed=allowed)
+    assert found.bits == (Bits.B4,) * shape.num_layers
+    sensitive = least_indicator_plan(shape, _wide_indicator(shape.num_layers, {5: 1.0}, {1, 2, 3}), allowed=allowed)
+    assert sensitive.bits[5] in (Bits.B6, Bits.B5) and sensitive.indicator_total < sensitive.uniform_total - 0.5
+    assert {i for i, b in enumerate(sensitive.bits) if b == Bits.B3} <= {1, 2, 3}
+    assert sensitive.memory_bytes <= sensitive.budget_bytes

@@ -71,9 +71,9 @@ def _calibration(parser: argparse.ArgumentParser, method_default: str) -> None:
     parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
                         help="gptq: quantize a layer's linears input by input, each calibrated on the quantized "
                              "ones before it (one more pass per input; default off)")
-    parser.add_argument("--hessian-clip", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--hessian-clip", action=argparse.BooleanOptionalAction, default=True,
                         help="gptq: choose each group's clipping for the output error, weighting columns by H_jj "
-                             "(default off)")
+                             "(default on)")
 
 
 def add_parser(subparsers) -> None:
