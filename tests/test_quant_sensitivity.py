@@ -4,6 +4,7 @@ no damage, and the indicator orders widths and quantizers as it should."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from quant_tiny import build_wide_checkpoint
 from cli.main import main as cli
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner, calibration_windows
+from pqmesh.quant.calibrated import GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.indicator_file import load_indicator
 from pqmesh.quant.ppl import perplexity
@@ -68,17 +70,19 @@ def test_kl_indicator_orders_widths_and_quantizers(wide, tmp_path):
         rtn = [tables["rtn"].value(layer, b) for b in (8, 4, 3, 2)]
         assert 0 < rtn[0] < rtn[1] < rtn[2] < rtn[3]
         assert tables["gptq"].value(layer, 3) < tables["rtn"].value(layer, 3)
-    assert tables["gptq"].kind == "kl" and tables["gptq"].meta == {"method": "gptq"}
+    assert tables["gptq"].kind == "kl"
+    assert tables["gptq"].meta == {"method": "gptq", "gptq": dataclasses.asdict(GptqSettings())}
     assert tables["rtn"].tokens == windows.numel()
 
 
 def test_cli_writes_a_kl_indicator_the_loader_reads(wide, tmp_path):
     out = tmp_path / "kl.json"
     assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
-                "--method", "gptq", "--bits", "4,3", "--samples", "2", "--seq-len", "64"]) == 0
+                "--method", "gptq", "--bits", "4,3", "--samples", "2", "--seq-len", "64", "--no-hessian-clip"]) == 0
     table = load_indicator(out)
     assert (table.kind, table.num_layers, table.samples, table.seq_len) == ("kl", 2, 2, 64)
-    assert json.loads(out.read_text())["method"] == "gptq"
+    written = json.loads(out.read_text())
+    assert written["method"] == "gptq" and written["gptq"]["hessian_clip"] is False  # what it measured with
     assert table.value(0, 3) > table.value(0, 4) > 0
 
 

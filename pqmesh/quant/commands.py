@@ -65,6 +65,10 @@ def _calibration(parser: argparse.ArgumentParser, method_default: str) -> None:
                         help=f"rtn: round-to-nearest, no calibration; gptq: calibrated (default {method_default})")
     parser.add_argument("--calib", default=None, help="calibration text file (gptq)")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows of --seq-len tokens (default 32)")
+    _gptq_options(parser)
+
+
+def _gptq_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of mean diag(H) (0.01)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                         help="gptq: visit input channels by decreasing H_jj (default on)")
@@ -92,6 +96,7 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--kind", choices=KINDS, default="variance")
     ind.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     ind.add_argument("--method", choices=METHODS, default="rtn", help="quantizer the direct and kl kinds measure (rtn)")
+    _gptq_options(ind)
     ind.set_defaults(func=run_indicator)
 
     ppl = subparsers.add_parser("ppl", help="perplexity of a per-layer bit plan on a text file")
@@ -111,13 +116,18 @@ def run_indicator(args) -> int:
     try:
         table = compute_indicator(
             runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
-            method=args.method,
+            method=args.method, settings=_settings(args),
         )
     finally:
         runner.close()
     table.save(args.out)
     log.info("indicator_written", out=args.out, layers=table.num_layers, tokens=table.tokens, kind=table.kind)
     return 0
+
+
+def _settings(args) -> GptqSettings:
+    return GptqSettings(damp=args.damp, act_order=args.act_order, true_sequential=args.true_sequential,
+                        hessian_clip=args.hessian_clip)
 
 
 def _quantize(args, plan, out: Path):
@@ -128,10 +138,8 @@ def _quantize(args, plan, out: Path):
             raise InvalidArgument("--method gptq needs --calib FILE (calibration text), or use --method rtn")
         windows = calibration_windows(args.model, args.calib, args.samples, args.seq_len)
         calibration = {"file": Path(args.calib).name}
-    settings = GptqSettings(damp=args.damp, act_order=args.act_order, true_sequential=args.true_sequential,
-                            hessian_clip=args.hessian_clip)
-    return quantize_checkpoint(args.model, out, plan, args.method, windows, args.group_size, settings, args.batch,
-                               args.device, calibration)
+    return quantize_checkpoint(args.model, out, plan, args.method, windows, args.group_size, _settings(args),
+                               args.batch, args.device, calibration)
 
 
 def run_quantize(args) -> int:

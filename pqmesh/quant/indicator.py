@@ -35,6 +35,7 @@ micro-batches weigh their tokens equally. File format, version 1 (JSON): ``{"ver
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import structlog
@@ -43,7 +44,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner
-from pqmesh.quant.calibrated import collect_hessians, gptq_layer
+from pqmesh.quant.calibrated import GptqSettings, collect_hessians, gptq_layer
 from pqmesh.quant.indicator_file import KINDS, IndicatorTable
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children, quantize_layer
 from pqmesh.quant.qlinear import Workspace, quantize_weight
@@ -107,10 +108,12 @@ class NoiseMeter:
             handle.remove()
 
 
-def _direct_layers(runner: LayerwiseRunner, index: int, widths, group_size: int, method: str) -> dict:
+def _direct_layers(runner: LayerwiseRunner, index: int, widths, group_size: int, method: str,
+                   settings: GptqSettings) -> dict:
     if method == "gptq":
         hessians = collect_hessians(runner, runner.load_layer(index))  # one pass serves every width
-        return {b: gptq_layer(runner, runner.load_layer(index), b, group_size, hessians=hessians) for b in widths}
+        return {b: gptq_layer(runner, runner.load_layer(index), b, group_size, settings, hessians=hessians)
+                for b in widths}
     return {b: quantize_layer(runner.load_layer(index), b, group_size, Workspace()) for b in widths}
 
 
@@ -121,11 +124,12 @@ def compute_indicator(
     group_size: int = DEFAULT_GROUP_SIZE,
     model_name: str = "",
     method: str = "rtn",
+    settings: GptqSettings = GptqSettings(),
 ) -> IndicatorTable:
     """Runs the runner's windows through every layer and returns the indicator table.
 
     ``method`` picks the quantizer of the *direct* and *kl* kinds: ``rtn``, or ``gptq`` calibrated on
-    the same windows (16-bit inputs to each layer). The variance kinds depend only on the grid steps.
+    the same windows (16-bit inputs to each layer) with ``settings``. The variance kinds depend only on the grid steps.
     The runner must be at the model's input (not advanced)."""
     if kind not in KINDS:
         raise InvalidArgument(f"indicator kind must be one of {KINDS}, got {kind!r}")
@@ -135,12 +139,12 @@ def compute_indicator(
     if not widths:
         raise InvalidArgument("give at least one of 8, 4, 3, 2 bits to rate")
     if kind == "kl":
-        return _kl_table(runner, widths, group_size, model_name, method)
+        return _kl_table(runner, widths, group_size, model_name, method, settings)
     values = []
     for index in range(runner.num_layers):
         layer = runner.load_layer(index)
         meter = NoiseMeter(layer, widths, group_size) if kind != "direct" else None
-        quantized = _direct_layers(runner, index, widths, group_size, method) if meter is None else {}
+        quantized = _direct_layers(runner, index, widths, group_size, method, settings) if meter is None else {}
         err, tokens, outputs = {b: 0.0 for b in widths}, 0, []
         for part in runner.batches():
             x = runner.hidden[part]
@@ -167,11 +171,17 @@ def compute_indicator(
     )
 
 
-def _kl_table(runner: LayerwiseRunner, widths, group_size: int, model_name: str, method: str) -> IndicatorTable:
+def _kl_table(runner: LayerwiseRunner, widths, group_size: int, model_name: str, method: str,
+              settings: GptqSettings) -> IndicatorTable:
     windows, model = runner.windows, runner.model_dir
-    variants = quantized_variants(model, widths, method, group_size, runner if method == "gptq" else None)
+    variants = quantized_variants(model, widths, method, group_size, runner if method == "gptq" else None, settings)
     damage = measure_damage(model, windows, variants, method, runner.micro_batch, runner.dtype, runner.device)
     means = {b: damage[b].mean_kl() for b in widths}
     values = tuple({Bits.B16: 0.0, **{b: max(means[b][i], 0.0) for b in widths}} for i in range(runner.num_layers))
     return IndicatorTable(model_name or runner.model_dir.name, "kl", group_size, values, windows.shape[0],
-                          windows.shape[1], int(windows.numel()), meta={"method": method})
+                          windows.shape[1], int(windows.numel()), meta=_meta(method, settings))
+
+
+def _meta(method: str, settings: GptqSettings) -> dict:
+    """What the indicator measured with, kept in its file."""
+    return {"method": method, **({"gptq": dataclasses.asdict(settings)} if method == "gptq" else {})}
