@@ -32,6 +32,7 @@ from pathlib import Path
 from pqmesh.log import configure
 from pqmesh.model.embedded import MODELS, prepare
 from pqmesh.quant.calibrate import LayerwiseRunner, bos_token, calibration_windows, load_tokens, token_windows
+from pqmesh.quant.calibrated import GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.indicator_file import load_indicator
 from pqmesh.quant.rank import spearman
@@ -51,12 +52,13 @@ def step_target(model: Path, ctx: dict, results: dict) -> None:
     for method in ctx["methods"]:
         started = time.perf_counter()
         calib = LayerwiseRunner(model, ctx["calib"], micro_batch=ctx["batch"]) if method == "gptq" else None
-        variants = quantized_variants(model, (ctx["bits"],), method, ctx["group"], calib)
+        variants = quantized_variants(model, (ctx["bits"],), method, ctx["group"], calib, ctx["gptq"])
         if calib is not None:
             calib.close()
         table = measure_damage(model, ctx["eval"], variants, method, ctx["batch"])[Bits.parse(ctx["bits"])]
         counts = [n for n in (2, 4, 8, 16, 32, 64, 128) if n < table.windows] + [table.windows]
         out[method] = {**table.to_json(), "seconds": time.perf_counter() - started,
+                       "hessian_clip": ctx["gptq"].hessian_clip if method == "gptq" else None,
                        "split_half_kl": {str(n * (table.seq_len - 1)): table.split_half(n) for n in counts},
                        "split_half_nll": {str(n * (table.seq_len - 1)): table.split_half(n, "nll") for n in counts}}
         log(f"target {method}: split-half KL {out[method]['split_half_kl']} ({out[method]['seconds']:.0f} s)")
@@ -69,10 +71,11 @@ def step_indicators(model: Path, ctx: dict, results: dict) -> None:
         started = time.perf_counter()
         windows = ctx["calib"][:ctx["kl_windows"]] if kind == "kl" else ctx["calib"]
         runner = LayerwiseRunner(model, windows, micro_batch=ctx["batch"])
-        table = compute_indicator(runner, (ctx["bits"],), kind, ctx["group"], method=method)
+        table = compute_indicator(runner, (ctx["bits"],), kind, ctx["group"], method=method, settings=ctx["gptq"])
         runner.close()
         out[name] = {"values": [table.value(i, ctx["bits"]) for i in range(table.num_layers)],
-                     "seconds": time.perf_counter() - started, "windows": int(windows.shape[0])}
+                     "seconds": time.perf_counter() - started, "windows": int(windows.shape[0]),
+                     "hessian_clip": ctx["gptq"].hessian_clip if method == "gptq" else None}
         log(f"indicator {name}: {out[name]['seconds']:.0f} s")
 
 
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kl-windows", type=int, default=4, help="calibration windows of the kl kind (4)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--hessian-clip", action=argparse.BooleanOptionalAction, default=True,
+                        help="gptq (targets and indicators): group clipping weighted by H_jj")
     parser.add_argument("--indicators", default=",".join(INDICATORS), help="what the indicators step computes")
     parser.add_argument("--indicator-file", action="append", default=[], metavar="NAME=PATH",
                         help="an indicator file written by `pqmesh indicator`, reported as NAME (repeatable)")
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
     ctx = {"eval": token_windows(tokens, args.seq_len, args.eval_windows, bos),
            "calib": calibration_windows(model, args.data / "valid.txt", args.calib_windows, args.seq_len),
            "kl_windows": args.kl_windows, "bits": args.bits, "methods": args.methods.split(","),
-           "group": args.group_size, "batch": args.batch, "indicators": args.indicators.split(",")}
+           "group": args.group_size, "batch": args.batch, "indicators": args.indicators.split(","),
+           "gptq": GptqSettings(hessian_clip=args.hessian_clip)}
     results = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
     results.update(model=args.model, bits=args.bits, seq_len=args.seq_len, group_size=args.group_size,
                    eval_windows=int(ctx["eval"].shape[0]), calib_windows=int(ctx["calib"].shape[0]),
