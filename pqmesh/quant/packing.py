@@ -32,9 +32,11 @@ def _planes(bits: int) -> tuple[int, ...]:
         raise InvalidArgument(f"cannot pack {bits}-bit codes; packed widths are {packed}") from None
 
 
-def needs_scratch(bits: int) -> bool:
-    """Widths packed in two planes unpack through a second code buffer (`unpack`'s ``scratch``)."""
-    return len(_planes(bits)) > 1
+def scratch_width(in_features: int, bits: int) -> int:
+    """Bytes per row of `unpack`'s ``scratch`` at ``bits``: one packed row of the second plane (0 for
+    one-plane widths), an eighth (1-bit plane) or a quarter (2-bit) of the unpacked codes."""
+    planes = _planes(bits)
+    return padded_width(in_features, bits) * planes[1] // 8 if len(planes) > 1 else 0
 
 
 def row_multiple(bits: int) -> int:
@@ -100,7 +102,9 @@ def unpack(
 ) -> torch.Tensor:
     """Inverse of `pack`: uint8 ``[rows, padded_width(in_features, bits)]`` (padding included).
 
-    ``out`` and ``scratch`` (two-plane widths only: 3, 5, 6) are optional uint8 buffers of that shape, reused if given.
+    ``out`` (that shape) and ``scratch`` (two-plane widths only: 3, 5, 6; ``[rows, scratch_width]``)
+    are optional uint8 buffers, reused if given. The second plane is ORed into ``out`` one position
+    of its bytes at a time, so the scratch holds one packed plane's bytes, not a second code buffer.
     """
     planes = _planes(bits)
     rows = packed.shape[0]
@@ -116,7 +120,13 @@ def unpack(
         return _unpack_plane(packed, planes[0], out)
     low_bytes = width * planes[0] // 8
     _unpack_plane(packed[:, :low_bytes], planes[0], out)
+    high, plane = packed[:, low_bytes:], planes[1]
     if scratch is None:
-        scratch = torch.empty_like(out)
-    high = _unpack_plane(packed[:, low_bytes:], planes[1], scratch)
-    return out.bitwise_or_(high.bitwise_left_shift_(planes[0]))
+        scratch = torch.empty_like(high)
+    per_byte, mask = 8 // plane, (1 << plane) - 1
+    view = out.view(rows, per_byte, high.shape[1])
+    for j in range(per_byte):  # out[:, j-th slice] |= ((high >> plane*j) & mask) << planes[0]
+        torch.bitwise_right_shift(high, plane * j, out=scratch)
+        scratch.bitwise_and_(mask).bitwise_left_shift_(planes[0])
+        view[:, j].bitwise_or_(scratch)
+    return out

@@ -40,7 +40,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant import cuda
-from pqmesh.quant.packing import needs_scratch, pack, padded_width, row_bytes, unpack
+from pqmesh.quant.packing import pack, padded_width, row_bytes, scratch_width, unpack
 from pqmesh.types import Bits
 
 SCALE_DTYPE = torch.float16
@@ -262,10 +262,8 @@ class QuantLinear(nn.Module):
         else:
             width = padded_width(cols, bits)
             out = workspace.get("codes", rows * width, torch.uint8, device).view(rows, width)
-            scratch = (
-                workspace.get("scratch", rows * width, torch.uint8, device).view(rows, width)
-                if needs_scratch(bits) else None
-            )
+            spare = scratch_width(cols, bits)
+            scratch = workspace.get("scratch", rows * spare, torch.uint8, device).view(rows, spare) if spare else None
             codes = unpack(self.packed, bits, cols, out=out, scratch=scratch)
             codes = codes[:, :cols] if width != cols else codes
         weight.copy_(codes)
