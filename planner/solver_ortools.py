@@ -138,10 +138,10 @@ class _Builder:
         d, u, L = self.d, self.mem_unit, self.d.num_layers
         ws = d.workspace or (0,) * self.nb
         floor = min(ws)  # every stage holds a layer, so it pays at least this
+        wider = [b for b in range(self.nb) if ws[b] > floor]
         for i in range(d.stages):
             budget = min(d.prefill_budget[i][self.kp], d.decode_budget[i][self.kd])
             terms = {self.n[i][b]: d.layer_bytes[b] * u for b in range(self.nb)}
-            wider = [b for b in range(self.nb) if ws[b] > floor]
             if wider:
                 w = self.var(floor * u, max(ws) * u, f"w{i}")
                 for b in wider:
