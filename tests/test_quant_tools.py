@@ -65,6 +65,7 @@ def test_other_indicator_kinds_are_monotone(tmp_path, kind):
     windows = token_windows(load_tokens(tmp_path, TEXT), 40, 4)
     table = compute_indicator(LayerwiseRunner(tmp_path, windows, micro_batch=3), kind=kind, group_size=32)
     assert table.kind == kind and table.num_layers == 2
+    assert table.meta == ({"method": "rtn"} if kind == "direct" else {})  # what it measured with
     for layer in range(2):
         v = [table.value(layer, b) for b in (2, 3, 4, 8)]
         assert v[0] > v[1] > v[2] > v[3] > 0

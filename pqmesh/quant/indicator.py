@@ -167,7 +167,8 @@ def compute_indicator(
         log.info("indicator_layer", layer=index, kind=kind, **{f"b{b.count}": v for b, v in row.items() if b.quantized})
     windows, width = runner.hidden.shape[0], runner.width
     return IndicatorTable(
-        model_name or runner.model_dir.name, kind, group_size, tuple(values), windows, width, windows * width
+        model_name or runner.model_dir.name, kind, group_size, tuple(values), windows, width, windows * width,
+        meta=_meta(method, settings) if kind == "direct" else {},  # the variance kinds use no quantizer
     )
 
 
