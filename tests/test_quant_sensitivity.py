@@ -20,7 +20,8 @@ from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.indicator_file import load_indicator
 from pqmesh.quant.ppl import perplexity
 from pqmesh.quant.rank import spearman
-from pqmesh.quant.sensitivity import measure_damage, quantized_variants
+from pqmesh.quant.quantize import quantize_checkpoint
+from pqmesh.quant.sensitivity import around_variants, measure_damage, quantized_variants
 from pqmesh.types import Bits
 
 TEXT = Path(__file__).parent / "data" / "quant_text.txt"
@@ -72,7 +73,7 @@ def test_kl_indicator_orders_widths_and_quantizers(wide, tmp_path):
         assert tables["gptq"].value(layer, 3) < tables["rtn"].value(layer, 3)
     assert tables["gptq"].kind == "kl"
     assert tables["gptq"].meta == {"method": "gptq", "gptq": dataclasses.asdict(GptqSettings())}
-    assert tables["rtn"].tokens == windows.numel()
+    assert tables["rtn"].tokens == 4 * 63  # scored positions
 
 
 def test_cli_writes_a_kl_indicator_the_loader_reads(wide, tmp_path):
@@ -84,6 +85,82 @@ def test_cli_writes_a_kl_indicator_the_loader_reads(wide, tmp_path):
     written = json.loads(out.read_text())
     assert written["method"] == "gptq" and written["gptq"]["hessian_clip"] is False  # what it measured with
     assert table.value(0, 3) > table.value(0, 4) > 0
+
+
+def test_damage_around_a_width_matches_perplexity_of_the_plan(wide):
+    """RTN around 4 bits: layer i's damage at b is the plan with i at b and the rest at 4; the base
+    entry is uniform 4 bits itself; the 16-bit variant undoes only its own layer."""
+    windows = calibration_windows(wide, TEXT, 4, 64)
+    base, variants = around_variants(wide, (3, 16), 4)
+    damage = measure_damage(wide, windows, variants, base=(Bits.B4, base), micro_batch=3)
+    assert set(damage) == {Bits.B3, Bits.B16, Bits.B4}
+    nll16 = perplexity(wide, [16, 16], windows, 128, batch=4).nll
+    for b in (3, 16):
+        for layer in range(2):
+            plan = [b if i == layer else 4 for i in range(2)]
+            expected = perplexity(wide, plan, windows, 128, batch=4).nll - nll16
+            assert damage[Bits.parse(b)].mean_nll()[layer] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    uniform4 = perplexity(wide, [4, 4], windows, 128, batch=4).nll - nll16
+    assert damage[Bits.B4].mean_nll() == pytest.approx([uniform4, uniform4], rel=1e-3, abs=1e-6)
+    assert all(damage[Bits.B3].mean_kl()[i] > damage[Bits.B4].mean_kl()[i] > damage[Bits.B16].mean_kl()[i] > 0
+               for i in range(2))
+
+
+def test_gptq_around_a_width_is_the_uniform_checkpoint(wide, tmp_path):
+    """The base is what `pqmesh quantize` writes at uniform 4, and the last layer's 3-bit variant is
+    the checkpoint of plan [4, 3] (the layers before it calibrate the same way); measured on held-out windows."""
+    windows = calibration_windows(wide, TEXT, 6, 64)
+    calib, held_out = windows[:4], windows[4:]
+    settings = GptqSettings(hessian_clip=False)
+    base, variants = around_variants(wide, (3,), 4, "gptq", 128, LayerwiseRunner(wide, calib), settings)
+    damage = measure_damage(wide, held_out, variants, "gptq", base=(Bits.B4, base))
+    nll16 = perplexity(wide, [16, 16], held_out, 128).nll
+    for plan, table, layer in (([4, 4], damage[Bits.B4], 0), ([4, 3], damage[Bits.B3], 1)):
+        out = tmp_path / "-".join(map(str, plan))
+        quantize_checkpoint(wide, out, plan, "gptq", calib, 128, settings)
+        expected = perplexity(out, plan, held_out, 128).nll - nll16
+        assert table.mean_nll()[layer] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_a_stride_scores_every_stride_th_position(wide):
+    """Scoring only position 0 of 64-token windows (stride 63) is the damage of 2-token windows:
+    attention is causal, so position 0 sees token 0 only."""
+    windows = calibration_windows(wide, TEXT, 3, 64)
+    variants = quantized_variants(wide, (3,), "rtn", 128)
+    strided = measure_damage(wide, windows, variants, stride=63)[Bits.B3]
+    short = measure_damage(wide, windows[:, :2].contiguous(), variants)[Bits.B3]
+    assert (strided.positions, strided.tokens, short.positions) == (1, 3, 1)
+    assert [v for row in strided.kl for v in row] == pytest.approx([v for row in short.kl for v in row], rel=1e-4, abs=1e-7)
+    assert measure_damage(wide, windows, variants, stride=2)[Bits.B3].positions == 32
+    with pytest.raises(InvalidArgument, match="stride must be at least 1"):
+        measure_damage(wide, windows, variants, stride=0)
+
+
+def test_kl_indicator_around_a_width(wide, tmp_path, capsys):
+    """Values are KL(layer at b) - KL(layer at 16) with the rest at 4 bits; the file says so."""
+    out = tmp_path / "around.json"
+    assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
+                "--bits", "5,3", "--around", "4", "--samples", "2", "--holdout", "3", "--seq-len", "64",
+                "--stride", "2"]) == 0
+    table = load_indicator(out)
+    assert (table.samples, table.tokens) == (3, 3 * 32)  # measured on the 3 held-out windows
+    assert table.meta["around"] == 4 and table.meta["calibration_windows"] == 2 and table.meta["stride"] == 2
+    windows = calibration_windows(wide, TEXT, 5, 64)[2:]
+    base, variants = around_variants(wide, (5, 3, 16), 4)
+    damage = measure_damage(wide, windows, variants, base=(Bits.B4, base), stride=2)
+    for layer in range(2):
+        for b in (5, 4, 3):
+            expected = damage[Bits.parse(b)].mean_kl()[layer] - damage[Bits.B16].mean_kl()[layer]
+            assert table.value(layer, b) == pytest.approx(max(expected, 0.0), rel=1e-4, abs=1e-9)
+        assert table.value(layer, 3) > table.value(layer, 4) > table.value(layer, 5)
+    assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--around", "4",
+                "--samples", "2", "--seq-len", "64"]) == 2
+    assert "apply to the kl kind only" in capsys.readouterr().err
+    with pytest.raises(InvalidArgument, match="reference width must be a quantized one"):
+        around_variants(wide, (3,), 16)
+    assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
+                "--samples", "2", "--holdout", "100000", "--seq-len", "64"]) == 2
+    assert "calibration file" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_precise_errors(wide):

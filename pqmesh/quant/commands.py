@@ -2,7 +2,7 @@
 
     pqmesh quantize --model DIR --bits SPEC --out DIR [--method gptq|rtn] [--calib TEXT] [--samples 32]
     pqmesh indicator --model DIR --calib TEXT --out ind.json [--bits 8,4,3,2] [--kind variance|direct|kl]
-                     [--method rtn|gptq]
+                     [--method rtn|gptq] [--around 4 --holdout 8 --stride 4]
     pqmesh ppl --model DIR --bits 4|16,8,...|plan.json --text TEXT [--method rtn|gptq --calib TEXT]
                [--seq-len 256] [--tokens N]
 
@@ -96,6 +96,15 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--kind", choices=KINDS, default="variance")
     ind.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     ind.add_argument("--method", choices=METHODS, default="rtn", help="quantizer the direct and kl kinds measure (rtn)")
+    ind.add_argument("--around", default="16",
+                     help="kl: measure each layer with every other layer at this width, quantized as a uniform "
+                          "checkpoint of it is (rate plans near it; default 16: each layer alone)")
+    ind.add_argument("--holdout", type=int, default=0,
+                     help="kl: measure the damage on this many windows after the --samples calibration windows "
+                          "of --calib instead of on the calibration windows themselves (default 0)")
+    ind.add_argument("--stride", type=int, default=1,
+                     help="kl: score every stride-th position only (the head of a large vocabulary dominates the "
+                          "cost; default 1)")
     _gptq_options(ind)
     ind.set_defaults(func=run_indicator)
 
@@ -111,12 +120,16 @@ def add_parser(subparsers) -> None:
 
 def run_indicator(args) -> int:
     # BOS first where the tokenizer adds one (Gemma), as `pqmesh ppl` and `pqmesh quantize` do
-    windows = calibration_windows(args.model, args.calib, args.samples, args.seq_len)
-    runner = LayerwiseRunner(args.model, windows, micro_batch=args.batch, dtype=_dtype(args.dtype), device=args.device)
+    if args.holdout < 0:
+        raise InvalidArgument(f"--holdout is a number of windows, at least 0, got {args.holdout}")
+    windows = calibration_windows(args.model, args.calib, args.samples + args.holdout, args.seq_len)
+    runner = LayerwiseRunner(args.model, windows[:args.samples], micro_batch=args.batch, dtype=_dtype(args.dtype),
+                             device=args.device)
     try:
         table = compute_indicator(
             runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
-            method=args.method, settings=_settings(args),
+            method=args.method, settings=_settings(args), around=args.around,
+            measure=windows[args.samples:] if args.holdout else None, stride=args.stride,
         )
     finally:
         runner.close()

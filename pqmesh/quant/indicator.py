@@ -27,6 +27,17 @@ and the one that measures what the others approximate: on SmolLM2-135M at 3 bits
 correlation with the damage measured on WikiText-2 test text is 0.976 for RTN and 0.822 for GPTQ,
 against 0.78 / 0.665 for *direct* and 0.44 / 0.07 for *variance* (docs/BENCHMARKS.md).
 
+*kl around a width* (``around=4``): the same damage with every other layer at that width, as a
+uniform checkpoint of it is quantized (`pqmesh.quant.sensitivity.around_variants`). Layer ``i``'s
+value at ``b`` bits is ``KL(i at b) - KL(i at 16)``, both with the rest at the reference width: its
+sum over a plan is the first-order change of the whole model's damage, which is what a plan near
+uniform ``around`` bits is chosen by (the 16-bit entry stays 0; a per-layer constant moves no
+choice). Measured from 16 bits instead, layers' damages add up to a third of what they do together
+on Gemma-3-270M at 5 bits, and the plan chosen by them lost to uniform 4 (docs/BENCHMARKS.md).
+``measure`` gives the windows the damage is measured on when they should differ from the
+calibration windows (the quantizer then calibrates on the runner's windows only, as a real
+checkpoint would, and the damage is what it does on text it has not seen).
+
 Means are sums over every token of every micro-batch divided once by the token count, so unequal
 micro-batches weigh their tokens equally. File format, version 1 (JSON): ``{"version": 1, "model",
 "kind", "group_size", "samples", "seq_len", "tokens", "layers": [{"layer": i, "bits": {"16": 0.0,
@@ -48,7 +59,7 @@ from pqmesh.quant.calibrated import GptqSettings, collect_hessians, gptq_layer
 from pqmesh.quant.indicator_file import KINDS, IndicatorTable
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children, quantize_layer
 from pqmesh.quant.qlinear import Workspace, quantize_weight
-from pqmesh.quant.sensitivity import measure_damage, quantized_variants
+from pqmesh.quant.sensitivity import around_variants, measure_damage, quantized_variants
 from pqmesh.types import Bits, parse_bits_list
 
 log = structlog.get_logger(__name__)
@@ -125,11 +136,16 @@ def compute_indicator(
     model_name: str = "",
     method: str = "rtn",
     settings: GptqSettings = GptqSettings(),
+    around: Bits | int | str = Bits.B16,
+    measure: torch.Tensor | None = None,
+    stride: int = 1,
 ) -> IndicatorTable:
     """Runs the runner's windows through every layer and returns the indicator table.
 
     ``method`` picks the quantizer of the *direct* and *kl* kinds: ``rtn``, or ``gptq`` calibrated on
     the same windows (16-bit inputs to each layer) with ``settings``. The variance kinds depend only on the grid steps.
+    The *kl* kind alone takes ``around`` (a reference width for the other layers), ``measure``
+    (windows to measure on, default the runner's) and ``stride`` (score every stride-th position).
     The runner must be at the model's input (not advanced)."""
     if kind not in KINDS:
         raise InvalidArgument(f"indicator kind must be one of {KINDS}, got {kind!r}")
@@ -137,9 +153,13 @@ def compute_indicator(
         raise InvalidArgument(f"indicator method must be rtn or gptq, got {method!r}")
     widths = [b for b in parse_bits_list(bits) if b.quantized]
     if not widths:
-        raise InvalidArgument("give at least one of 8, 4, 3, 2 bits to rate")
+        raise InvalidArgument("give at least one of 8, 6, 5, 4, 3, 2 bits to rate")
+    around = Bits.parse(around)
+    if kind != "kl" and (around.quantized or measure is not None or stride != 1):
+        raise InvalidArgument("--around, --holdout and --stride apply to the kl kind only; add --kind kl")
     if kind == "kl":
-        return _kl_table(runner, widths, group_size, model_name, method, settings)
+        return _kl_table(runner, widths, group_size, model_name, method, settings, around,
+                         runner.windows if measure is None else measure, stride)
     values = []
     for index in range(runner.num_layers):
         layer = runner.load_layer(index)
@@ -173,14 +193,29 @@ def compute_indicator(
 
 
 def _kl_table(runner: LayerwiseRunner, widths, group_size: int, model_name: str, method: str,
-              settings: GptqSettings) -> IndicatorTable:
-    windows, model = runner.windows, runner.model_dir
-    variants = quantized_variants(model, widths, method, group_size, runner if method == "gptq" else None, settings)
-    damage = measure_damage(model, windows, variants, method, runner.micro_batch, runner.dtype, runner.device)
-    means = {b: damage[b].mean_kl() for b in widths}
-    values = tuple({Bits.B16: 0.0, **{b: max(means[b][i], 0.0) for b in widths}} for i in range(runner.num_layers))
+              settings: GptqSettings, around: Bits, windows: torch.Tensor, stride: int) -> IndicatorTable:
+    model, calibration = runner.model_dir, runner if method == "gptq" else None
+    run = dict(method=method, micro_batch=runner.micro_batch, dtype=runner.dtype, device=runner.device, stride=stride)
+    meta = _meta(method, settings)
+    if not around.quantized:
+        variants = quantized_variants(model, widths, method, group_size, calibration, settings)
+        damage = measure_damage(model, windows, variants, **run)
+        means = {b: damage[b].mean_kl() for b in widths}
+        rows = [{b: means[b][i] for b in widths} for i in range(runner.num_layers)]
+    else:
+        base, variants = around_variants(model, {*widths, Bits.B16, around}, around, method, group_size,
+                                         calibration, settings)
+        damage = measure_damage(model, windows, variants, base=(around, base), **run)
+        means = {b: damage[b].mean_kl() for b in damage}
+        rows = [{b: means[b][i] - means[Bits.B16][i] for b in (*widths, around) if b in means}
+                for i in range(runner.num_layers)]
+        meta |= {"around": around.count, "around_kl": means[around][0]}
+    if stride != 1 or windows is not runner.windows:
+        meta |= {"stride": stride, "calibration_windows": int(runner.windows.shape[0])}
+    values = tuple({Bits.B16: 0.0, **{b: max(v, 0.0) for b, v in row.items()}} for row in rows)
+    positions = next(iter(damage.values())).tokens
     return IndicatorTable(model_name or runner.model_dir.name, "kl", group_size, values, windows.shape[0],
-                          windows.shape[1], int(windows.numel()), meta=_meta(method, settings))
+                          windows.shape[1], positions, meta=meta)
 
 
 def _meta(method: str, settings: GptqSettings) -> dict:
