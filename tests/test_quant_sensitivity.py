@@ -19,8 +19,8 @@ from pqmesh.quant.calibrated import GptqSettings
 from pqmesh.quant.indicator import compute_indicator
 from pqmesh.quant.indicator_file import load_indicator
 from pqmesh.quant.ppl import perplexity
-from pqmesh.quant.rank import spearman
 from pqmesh.quant.quantize import quantize_checkpoint
+from pqmesh.quant.rank import spearman
 from pqmesh.quant.sensitivity import around_variants, measure_damage, quantized_variants
 from pqmesh.types import Bits
 
@@ -130,7 +130,8 @@ def test_a_stride_scores_every_stride_th_position(wide):
     strided = measure_damage(wide, windows, variants, stride=63)[Bits.B3]
     short = measure_damage(wide, windows[:, :2].contiguous(), variants)[Bits.B3]
     assert (strided.positions, strided.tokens, short.positions) == (1, 3, 1)
-    assert [v for row in strided.kl for v in row] == pytest.approx([v for row in short.kl for v in row], rel=1e-4, abs=1e-7)
+    flat = [v for row in short.kl for v in row]
+    assert [v for row in strided.kl for v in row] == pytest.approx(flat, rel=1e-4, abs=1e-7)
     assert measure_damage(wide, windows, variants, stride=2)[Bits.B3].positions == 32
     with pytest.raises(InvalidArgument, match="stride must be at least 1"):
         measure_damage(wide, windows, variants, stride=0)

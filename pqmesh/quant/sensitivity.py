@@ -264,10 +264,11 @@ def _batch_damage(shard: ModelShard, ids: torch.Tensor, variants, kl: dict, nll:
     def score(out: torch.Tensor, b: Bits, index: int | None) -> None:
         for w in range(batch):
             logq, ref = _log_probs(shard, out[w:w + 1], stride)[0], reference[w]
-            pair = (float((ref.exp() * (ref - logq)).sum()), float(-logq.gather(-1, targets[w, :, None]).sum() - ref_nll[w]))
+            divergence = float((ref.exp() * (ref - logq)).sum())
+            increase = float(-logq.gather(-1, targets[w, :, None]).sum() - ref_nll[w])
             for i in range(len(layers)) if index is None else (index,):  # the base: the same for every layer
-                kl[b][i].append(pair[0])
-                nll[b][i].append(pair[1])
+                kl[b][i].append(divergence)
+                nll[b][i].append(increase)
 
     if base is not None:
         score(run(embedded, 0, keep=inputs), base[0], None)
