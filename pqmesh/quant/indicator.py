@@ -147,16 +147,7 @@ def compute_indicator(
     The *kl* kind alone takes ``around`` (a reference width for the other layers), ``measure``
     (windows to measure on, default the runner's) and ``stride`` (score every stride-th position).
     The runner must be at the model's input (not advanced)."""
-    if kind not in KINDS:
-        raise InvalidArgument(f"indicator kind must be one of {KINDS}, got {kind!r}")
-    if method not in ("rtn", "gptq"):
-        raise InvalidArgument(f"indicator method must be rtn or gptq, got {method!r}")
-    widths = [b for b in parse_bits_list(bits) if b.quantized]
-    if not widths:
-        raise InvalidArgument("give at least one of 8, 6, 5, 4, 3, 2 bits to rate")
-    around = Bits.parse(around)
-    if kind != "kl" and (around.quantized or measure is not None or stride != 1):
-        raise InvalidArgument("--around, --holdout and --stride apply to the kl kind only; add --kind kl")
+    widths, around = _checked(bits, kind, method, around, measure, stride)
     if kind == "kl":
         return _kl_table(runner, widths, group_size, model_name, method, settings, around,
                          runner.windows if measure is None else measure, stride)
@@ -190,6 +181,21 @@ def compute_indicator(
         model_name or runner.model_dir.name, kind, group_size, tuple(values), windows, width, windows * width,
         meta=_meta(method, settings) if kind == "direct" else {},  # the variance kinds use no quantizer
     )
+
+
+def _checked(bits, kind: str, method: str, around, measure, stride: int) -> tuple[list[Bits], Bits]:
+    """The quantized widths to rate and the reference width, or an InvalidArgument."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"indicator kind must be one of {KINDS}, got {kind!r}")
+    if method not in ("rtn", "gptq"):
+        raise InvalidArgument(f"indicator method must be rtn or gptq, got {method!r}")
+    widths = [b for b in parse_bits_list(bits) if b.quantized]
+    if not widths:
+        raise InvalidArgument("give at least one of 8, 6, 5, 4, 3, 2 bits to rate")
+    around = Bits.parse(around)
+    if kind != "kl" and (around.quantized or measure is not None or stride != 1):
+        raise InvalidArgument("--around, --holdout and --stride apply to the kl kind only; add --kind kl")
+    return widths, around
 
 
 def _kl_table(runner: LayerwiseRunner, widths, group_size: int, model_name: str, method: str,
