@@ -213,8 +213,7 @@ def _kl_table(runner: LayerwiseRunner, widths, group_size: int, model_name: str,
                                          calibration, settings)
         damage = measure_damage(model, windows, variants, base=(around, base), **run)
         means = {b: damage[b].mean_kl() for b in damage}
-        rows = [{b: means[b][i] - means[Bits.B16][i] for b in (*widths, around) if b in means}
-                for i in range(runner.num_layers)]
+        rows = [{b: means[b][i] - means[Bits.B16][i] for b in {*widths, around}} for i in range(runner.num_layers)]
         meta |= {"around": around.count, "around_kl": means[around][0]}
     if stride != 1 or windows is not runner.windows:
         meta |= {"stride": stride, "calibration_windows": int(runner.windows.shape[0])}

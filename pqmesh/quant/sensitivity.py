@@ -116,29 +116,10 @@ def quantized_variants(
 
     ``gptq`` needs ``calibration``, a runner at the model's input; it is advanced through the 16-bit
     layers (consumed)."""
-    if method not in METHODS:
-        raise InvalidArgument(f"method must be one of {METHODS}, got {method!r}")
     widths = [b for b in parse_bits_list(bits) if b.quantized]
     if not widths:
         raise InvalidArgument("give at least one of 8, 4, 3, 2 bits to measure")
-    if method == "gptq" and calibration is None:
-        raise InvalidArgument("gptq damage needs calibration windows (a LayerwiseRunner over them)")
-    runner = calibration if calibration is not None else _reader_only(model_dir)
-    out: dict[Bits, list[nn.Module]] = {b: [] for b in widths}
-    workspace = Workspace()
-    for index in range(runner.num_layers):
-        if method == "gptq":
-            hessians = collect_hessians(runner, runner.load_layer(index))
-            for b in widths:
-                layer = runner.load_layer(index)
-                out[b].append(gptq_layer(runner, layer, b, group_size, settings, workspace, hessians))
-            advance_through(runner, runner.load_layer(index))
-        else:
-            for b in widths:
-                out[b].append(quantize_layer(runner.load_layer(index), b, group_size, workspace))
-    if calibration is None:
-        runner.close()
-    return out
+    return _variants(model_dir, widths, Bits.B16, method, group_size, calibration, settings)[1]
 
 
 def around_variants(
@@ -154,14 +135,21 @@ def around_variants(
     ``bits`` but ``around`` (16 included: the layer itself), each quantized from the inputs the
     uniform model gives it. ``gptq`` needs ``calibration`` (a runner at the model's input; it is
     advanced through the quantized layers, as `quantize_checkpoint` does)."""
-    if method not in METHODS:
-        raise InvalidArgument(f"method must be one of {METHODS}, got {method!r}")
     around = Bits.parse(around)
     if not around.quantized:
         raise InvalidArgument("the reference width must be a quantized one (8, 6, 5, 4, 3 or 2 bits), not 16")
     widths = [b for b in parse_bits_list(bits) if b != around]
     if not widths:
         raise InvalidArgument(f"give at least one width besides the reference {around.count} bits")
+    return _variants(model_dir, widths, around, method, group_size, calibration, settings)
+
+
+def _variants(model_dir, widths: list[Bits], around: Bits, method: str, group_size: int,
+              calibration: LayerwiseRunner | None, settings: GptqSettings):
+    """Both builders: per layer, the ``around``-bit layer (kept only when quantized; with gptq the
+    runner advances through it) and the layer at each of ``widths``, all from the same inputs."""
+    if method not in METHODS:
+        raise InvalidArgument(f"method must be one of {METHODS}, got {method!r}")
     if method == "gptq" and calibration is None:
         raise InvalidArgument("gptq damage needs calibration windows (a LayerwiseRunner over them)")
     runner = calibration if calibration is not None else _reader_only(model_dir)
@@ -170,16 +158,22 @@ def around_variants(
     workspace = Workspace()
     for index in range(runner.num_layers):
         hessians = collect_hessians(runner, runner.load_layer(index)) if method == "gptq" else None
-        for b in (around, *widths):
+
+        def built(b: Bits) -> nn.Module:
             layer = runner.load_layer(index)
             if method == "gptq":
-                layer = gptq_layer(runner, layer, b, group_size, settings, workspace, hessians)
-            else:
-                layer = quantize_layer(layer, b, group_size, workspace)
-            (base if b == around else out[b]).append(layer)
-        if method == "gptq":
-            advance_through(runner, base[-1])
-        log.info("around_variants_layer", layer=index, around=around.count, method=method)
+                return gptq_layer(runner, layer, b, group_size, settings, workspace, hessians)
+            return quantize_layer(layer, b, group_size, workspace)
+
+        for b in widths:
+            out[b].append(built(b))
+        if around.quantized or method == "gptq":  # rtn from 16 bits needs no base layer
+            layer = built(around)
+            if around.quantized:
+                base.append(layer)
+            if method == "gptq":
+                advance_through(runner, layer)  # after every width: they calibrate on the same inputs
+        log.info("variants_layer", layer=index, around=around.count, method=method)
     if calibration is None:
         runner.close()
     return base, out
