@@ -50,12 +50,6 @@ def padded_width(in_features: int, bits: Bits) -> int:
     return -(-in_features // step) * step
 
 
-def scratch_width(in_features: int, bits: Bits) -> int:
-    """Unpacking scratch per output row: one packed row of the second bit plane (two-plane widths)."""
-    planes = Bits(bits).planes  # pqmesh.quant.packing.scratch_width
-    return padded_width(in_features, bits) * planes[1] // 8 if len(planes) > 1 else 0
-
-
 def linear_weight_bytes(in_features: int, out_features: int, bits: Bits, group_size: int = DEFAULT_GROUP_SIZE,
                         element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """Bytes of one linear weight matrix at `bits`, weight-only group-wise quantization.
@@ -83,15 +77,14 @@ def layer_weight_bytes(
 def workspace_bytes(shape: ModelShape, bits: Bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:
     """The stage's shared dequantization buffer for layers at `bits` (0 at 16), as
     `pqmesh.quant.memory.workspace_bytes`: the largest linear's weight in the stage dtype plus, below
-    8 bits, its unpacked codes and, at the two-plane widths 3, 5 and 6, one packed row of the second
-    plane per output (`pqmesh.quant.packing.scratch_width`). Counted once per stage."""
+    8 bits, its unpacked codes (the two-plane widths unpack their second plane through the weight's
+    own bytes, so 3, 5 and 6 bits need nothing more). Counted once per stage."""
     if bits == Bits.B16:
         return 0
     weight = max(i * o for i, o in shape.linear_shapes()) * element
     if bits == Bits.B8:
         return weight
-    codes = max(o * padded_width(i, bits) for i, o in shape.linear_shapes())
-    return weight + codes + max(o * scratch_width(i, bits) for i, o in shape.linear_shapes())
+    return weight + max(o * padded_width(i, bits) for i, o in shape.linear_shapes())
 
 
 def stage_workspace_bytes(shape: ModelShape, bits, element: int = DEFAULT_ELEMENT_BYTES) -> int:

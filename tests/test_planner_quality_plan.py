@@ -44,8 +44,9 @@ def _wide_indicator(layers: int, sensitive: dict[int, float], cheap3: set[int]) 
     return Indicator(tuple(rows))
 
 
-def test_two_plane_scratch_is_paid_only_by_a_stage_that_uses_two_plane_widths():
-    """Allowing 6/5/3 bits (whose workspace is larger) must not push uniform 4 out of its own memory."""
+def test_other_widths_are_taken_only_where_they_pay():
+    """Allowing 6/5/3 bits must not push uniform 4 out of its own memory; a layer that gains much from
+    5 or 6 bits is paid for by layers that lose little at 3."""
     shape = builtin_model("gemma-3-270m")
     allowed = (Bits.B6, Bits.B5, Bits.B4, Bits.B3)
     found = least_indicator_plan(shape, _wide_indicator(shape.num_layers, {}, set()), allowed=allowed)

@@ -64,12 +64,15 @@ def test_predicted_bytes_match_measured_wide(wide_dir, dtype):
 
 def test_workspace_is_one_buffer_per_stage(wide_dir):
     config = load_config(wide_dir)
-    for bits in (8, 3):
+    for bits in (8, 5, 3):
         workspace = Workspace()
         shard = ModelShard.load(wide_dir, 0, 2, max_slots=1, max_len=8, layer_hook=uniform_hook(bits, 128, workspace))
         shard.prefill([0], torch.tensor([[5, 6, 7]]), [3])
         assert workspace.nbytes == workspace_bytes(config, torch.float32, bits) > 0
     assert workspace_bytes(config, torch.float32, 16) == 0
+    # the second bit plane unpacks through the weight buffer: a two-plane width needs no more room
+    # than 4 bits where the rows pad alike (every width here is a multiple of 8)
+    assert {workspace_bytes(config, torch.float32, b) for b in (6, 5, 4, 3)} == {workspace_bytes(config, torch.float32, 4)}
 
 
 # -- output error ----------------------------------------------------------------------------------

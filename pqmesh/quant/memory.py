@@ -21,7 +21,7 @@ from pqmesh.errors import InvalidArgument
 from pqmesh.model.families import family_for
 from pqmesh.model.loading import storage_bytes
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children
-from pqmesh.quant.packing import padded_width, row_bytes, scratch_width
+from pqmesh.quant.packing import padded_width, row_bytes
 from pqmesh.quant.qlinear import SCALE_DTYPE, effective_group_size
 from pqmesh.types import Bits
 
@@ -114,8 +114,8 @@ def workspace_bytes(
 ) -> int:
     """Bytes of the per-stage dequantization `Workspace` for ``config`` at ``bits`` (0 at 16): its
     buffers grow to the largest linear's weight in ``dtype`` and, below 8 bits, its unpacked codes
-    (plus one packed row of the second plane at the two-plane widths 3, 5 and 6:
-    `pqmesh.quant.packing.scratch_width`). Counted once per stage, not per layer."""
+    (the two-plane widths 3, 5 and 6 unpack their second plane through the weight buffer's bytes:
+    `pqmesh.quant.qlinear`). Counted once per stage, not per layer."""
     bits = Bits.parse(bits)
     if not bits.quantized:
         return 0
@@ -124,5 +124,4 @@ def workspace_bytes(
     weight = max(s.out_features * s.in_features for s in linears) * element
     if bits.count == 8:
         return weight
-    codes = max(s.out_features * padded_width(s.in_features, bits.count) for s in linears)
-    return weight + codes + max(s.out_features * scratch_width(s.in_features, bits.count) for s in linears)
+    return weight + max(s.out_features * padded_width(s.in_features, bits.count) for s in linears)

@@ -262,8 +262,8 @@ class QuantLinear(nn.Module):
         else:
             width = padded_width(cols, bits)
             out = workspace.get("codes", rows * width, torch.uint8, device).view(rows, width)
-            spare = scratch_width(cols, bits)
-            scratch = workspace.get("scratch", rows * spare, torch.uint8, device).view(rows, spare) if spare else None
+            spare = scratch_width(cols, bits)  # the weight buffer is free until the codes are complete
+            scratch = weight.view(-1).view(torch.uint8)[: rows * spare].view(rows, spare) if spare else None
             codes = unpack(self.packed, bits, cols, out=out, scratch=scratch)
             codes = codes[:, :cols] if width != cols else codes
         weight.copy_(codes)
