@@ -4,7 +4,8 @@ This is the top of the house: it dispatches to the ground (`pqmesh.model`, `pqme
 services (`planner`, `coordinator`) and the applications (`profiler`, `localmesh`).
 
 A subcommand module exposes ``add_parser(subparsers)`` which registers its parser and sets
-``func`` (called with the parsed args, returns an exit code). Add new modules to ``COMMANDS``.
+``func`` (called with the parsed args, returns an exit code) and, for a long job whose per-step
+progress users should see, ``default_log_level="info"``. Add new modules to ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pqmesh", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pqmesh {__version__}")
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: warning)")
+    parser.add_argument("--log-level", default=None,
+                        help="debug, info, warning or error (default: info for the long offline jobs "
+                             "quantize, indicator, ppl and model prepare, which log one line per layer; "
+                             "warning otherwise)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure(args.log_level)
+    configure(args.log_level or getattr(args, "default_log_level", "warning"))
     try:
         return int(args.func(args) or 0)
     except PqmeshError as err:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,20 @@ def test_windows_start_with_bos_only_when_the_tokenizer_adds_one(tmp_path):
     assert token_windows(tokens, 8, count=2, bos=2).shape == (2, 8)
     build_checkpoint("llama", tmp_path, layers=1)  # no tokenizer files: byte ids, no BOS
     assert bos_token(tmp_path) is None
+
+
+
+def test_long_jobs_log_progress_per_layer_by_default(tmp_path):
+    """`pqmesh indicator` (like quantize, ppl, model prepare) shows one line per layer unless told
+    otherwise; short commands stay at warning. Real processes: structlog caches its level per process."""
+    build_checkpoint("llama", tmp_path / "m", layers=3)
+    argv = ["indicator", "--model", str(tmp_path / "m"), "--calib", str(TEXT), "--out", str(tmp_path / "i.json"),
+            "--samples", "2", "--seq-len", "32", "--group-size", "32"]
+
+    def stderr(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert stderr(*argv).count("indicator_layer") == 3
+    assert "indicator_layer" not in stderr("--log-level", "warning", *argv)

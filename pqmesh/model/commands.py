@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          help="smollm2-135m-instruct (default) or gemma-3-270m")
     prepare.add_argument("--out", type=Path, default=None, help="target directory (default: the pqmesh cache)")
     prepare.add_argument("--force", action="store_true", help="convert again even if already prepared")
-    prepare.set_defaults(func=_prepare)
+    prepare.set_defaults(func=_prepare, default_log_level="info")
 
 
 def _prepare(args: argparse.Namespace) -> int:

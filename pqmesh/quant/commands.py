@@ -86,7 +86,7 @@ def add_parser(subparsers) -> None:
     quant.add_argument("--bits", required=True, help="uniform width (4), comma list per layer, or a JSON plan file")
     quant.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     _calibration(quant, "gptq")
-    quant.set_defaults(func=run_quantize)
+    quant.set_defaults(func=run_quantize, default_log_level="info")
 
     ind = subparsers.add_parser("indicator", help="per-layer quantization sensitivity table for the planner")
     _common(ind)
@@ -106,7 +106,7 @@ def add_parser(subparsers) -> None:
                      help="kl: score every stride-th position only (the head of a large vocabulary dominates the "
                           "cost; default 1)")
     _gptq_options(ind)
-    ind.set_defaults(func=run_indicator)
+    ind.set_defaults(func=run_indicator, default_log_level="info")
 
     ppl = subparsers.add_parser("ppl", help="perplexity of a per-layer bit plan on a text file")
     _common(ppl)
@@ -115,7 +115,7 @@ def add_parser(subparsers) -> None:
     ppl.add_argument("--tokens", "--max-tokens", dest="max_tokens", type=int, default=None,
                      help="evaluate at most this many tokens of the text (default: all)")
     _calibration(ppl, "rtn")
-    ppl.set_defaults(func=run_ppl)
+    ppl.set_defaults(func=run_ppl, default_log_level="info")
 
 
 def run_indicator(args) -> int:
@@ -178,4 +178,7 @@ def run_ppl(args) -> int:
 
 
 def _model_name(model_dir: str) -> str:
-    return getattr(load_config(Path(model_dir)), "name_or_path", "") or Path(model_dir).name
+    """The directory's name: what the planner calls the model (`planner.catalog`), so an indicator
+    file made here matches the plan that uses it."""
+    load_config(Path(model_dir))  # NotFound / InvalidArgument for a directory that holds no model
+    return Path(model_dir).resolve().name
