@@ -138,22 +138,30 @@ def test_a_stride_scores_every_stride_th_position(wide):
 
 
 def test_kl_indicator_around_a_width(wide, tmp_path, capsys):
-    """Values are KL(layer at b) - KL(layer at 16) with the rest at 4 bits; the file says so."""
-    out = tmp_path / "around.json"
-    assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
-                "--bits", "5,3", "--around", "4", "--samples", "2", "--holdout", "3", "--seq-len", "64",
-                "--stride", "2"]) == 0
-    table = load_indicator(out)
+    """Values are KL(layer at b) - KL(layer at 16) with the rest at 4 bits; the file says so. By default
+    each move away from 4 bits is charged one standard error of its window-to-window difference."""
+    out, plain = tmp_path / "around.json", tmp_path / "plain.json"
+    argv = ["indicator", "--model", str(wide), "--calib", str(TEXT), "--kind", "kl", "--bits", "5,3",
+            "--around", "4", "--samples", "2", "--holdout", "3", "--seq-len", "64", "--stride", "2"]
+    assert cli([*argv, "--out", str(out)]) == 0 and cli([*argv, "--out", str(plain), "--confidence", "0"]) == 0
+    table, means = load_indicator(out), load_indicator(plain)
     assert (table.samples, table.tokens) == (3, 3 * 32)  # measured on the 3 held-out windows
     assert table.meta["around"] == 4 and table.meta["calibration_windows"] == 2 and table.meta["stride"] == 2
+    assert table.meta["confidence"] == 1.0 and means.meta["confidence"] == 0.0
     windows = calibration_windows(wide, TEXT, 5, 64)[2:]
     base, variants = around_variants(wide, (5, 3, 16), 4)
     damage = measure_damage(wide, windows, variants, base=(Bits.B4, base), stride=2)
     for layer in range(2):
+        four = torch.tensor(damage[Bits.B4].kl[layer]) / 32
+        diff = {b: torch.tensor(damage[Bits.parse(b)].kl[layer]) / 32 - four for b in (16, 5, 3)}
+        stderr = {b: float(d.std() / 3 ** 0.5) for b, d in diff.items()}  # 3 windows, n - 1 in the variance
+        assert table.meta["stderr"][layer] == pytest.approx({str(b): e for b, e in stderr.items()}, rel=1e-4)
+        charged = {b: float(d.mean()) + stderr[b] for b, d in diff.items()} | {4: 0.0}
         for b in (5, 4, 3):
             expected = damage[Bits.parse(b)].mean_kl()[layer] - damage[Bits.B16].mean_kl()[layer]
-            assert table.value(layer, b) == pytest.approx(max(expected, 0.0), rel=1e-4, abs=1e-9)
-        assert table.value(layer, 3) > table.value(layer, 4) > table.value(layer, 5)
+            assert means.value(layer, b) == pytest.approx(max(expected, 0.0), rel=1e-4, abs=1e-9)
+            assert table.value(layer, b) == pytest.approx(max(charged[b] - charged[16], 0.0), rel=1e-4, abs=1e-9)
+        assert means.value(layer, 3) > means.value(layer, 4) > means.value(layer, 5)
     assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--around", "4",
                 "--samples", "2", "--seq-len", "64"]) == 2
     assert "apply to the kl kind only" in capsys.readouterr().err
@@ -162,6 +170,8 @@ def test_kl_indicator_around_a_width(wide, tmp_path, capsys):
     assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
                 "--samples", "2", "--holdout", "100000", "--seq-len", "64"]) == 2
     assert "calibration file" in capsys.readouterr().err
+    assert cli([*argv, "--out", str(out), "--confidence", "-1"]) == 2
+    assert "at least 0" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_precise_errors(wide):

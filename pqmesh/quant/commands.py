@@ -105,6 +105,10 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--stride", type=int, default=1,
                      help="kl: score every stride-th position only (the head of a large vocabulary dominates the "
                           "cost; default 1)")
+    ind.add_argument("--confidence", type=float, default=1.0,
+                     help="kl --around: charge every move away from the reference width this many standard "
+                          "errors of its measured difference (window to window), so only gains beyond the "
+                          "noise move a layer (default 1; 0: the plain means)")
     _gptq_options(ind)
     ind.set_defaults(func=run_indicator, default_log_level="info")
 
@@ -130,6 +134,7 @@ def run_indicator(args) -> int:
             runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
             method=args.method, settings=_settings(args), around=args.around,
             measure=windows[args.samples:] if args.holdout else None, stride=args.stride,
+            confidence=args.confidence,
         )
     finally:
         runner.close()
