@@ -72,7 +72,8 @@ def test_workspace_is_one_buffer_per_stage(wide_dir):
     assert workspace_bytes(config, torch.float32, 16) == 0
     # the second bit plane unpacks through the weight buffer: a two-plane width needs no more room
     # than 4 bits where the rows pad alike (every width here is a multiple of 8)
-    assert {workspace_bytes(config, torch.float32, b) for b in (6, 5, 4, 3)} == {workspace_bytes(config, torch.float32, 4)}
+    four = workspace_bytes(config, torch.float32, 4)
+    assert {workspace_bytes(config, torch.float32, b) for b in (6, 5, 4, 3)} == {four}
 
 
 # -- output error ----------------------------------------------------------------------------------
