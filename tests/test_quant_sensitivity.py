@@ -172,6 +172,9 @@ def test_kl_indicator_around_a_width(wide, tmp_path, capsys):
     assert "calibration file" in capsys.readouterr().err
     assert cli([*argv, "--out", str(out), "--confidence", "-1"]) == 2
     assert "at least 0" in capsys.readouterr().err
+    assert cli(["indicator", "--model", str(wide), "--calib", str(TEXT), "--out", str(out), "--kind", "kl",
+                "--samples", "2", "--seq-len", "64", "--confidence", "2"]) == 2
+    assert "add --kind kl --around 4" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_precise_errors(wide):

@@ -38,6 +38,7 @@ from pqmesh.quant.indicator_file import KINDS
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE
 from pqmesh.quant.ppl import perplexity
 from pqmesh.quant.quantize import quantize_checkpoint
+from pqmesh.types import Bits
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +106,7 @@ def add_parser(subparsers) -> None:
     ind.add_argument("--stride", type=int, default=1,
                      help="kl: score every stride-th position only (the head of a large vocabulary dominates the "
                           "cost; default 1)")
-    ind.add_argument("--confidence", type=float, default=1.0,
+    ind.add_argument("--confidence", type=float, default=None,
                      help="kl --around: charge every move away from the reference width this many standard "
                           "errors of its measured difference (window to window), so only gains beyond the "
                           "noise move a layer (default 1; 0: the plain means)")
@@ -126,6 +127,8 @@ def run_indicator(args) -> int:
     # BOS first where the tokenizer adds one (Gemma), as `pqmesh ppl` and `pqmesh quantize` do
     if args.holdout < 0:
         raise InvalidArgument(f"--holdout is a number of windows, at least 0, got {args.holdout}")
+    if args.confidence is not None and not Bits.parse(args.around).quantized:
+        raise InvalidArgument("--confidence charges moves away from a reference width; add --kind kl --around 4")
     windows = calibration_windows(args.model, args.calib, args.samples + args.holdout, args.seq_len)
     runner = LayerwiseRunner(args.model, windows[:args.samples], micro_batch=args.batch, dtype=_dtype(args.dtype),
                              device=args.device)
@@ -134,7 +137,7 @@ def run_indicator(args) -> int:
             runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
             method=args.method, settings=_settings(args), around=args.around,
             measure=windows[args.samples:] if args.holdout else None, stride=args.stride,
-            confidence=args.confidence,
+            confidence=1.0 if args.confidence is None else args.confidence,
         )
     finally:
         runner.close()
