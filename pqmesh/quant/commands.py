@@ -38,7 +38,6 @@ from pqmesh.quant.indicator_file import KINDS
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE
 from pqmesh.quant.ppl import perplexity
 from pqmesh.quant.quantize import quantize_checkpoint
-from pqmesh.types import Bits
 
 log = structlog.get_logger(__name__)
 
@@ -127,8 +126,6 @@ def run_indicator(args) -> int:
     # BOS first where the tokenizer adds one (Gemma), as `pqmesh ppl` and `pqmesh quantize` do
     if args.holdout < 0:
         raise InvalidArgument(f"--holdout is a number of windows, at least 0, got {args.holdout}")
-    if args.confidence is not None and not Bits.parse(args.around).quantized:
-        raise InvalidArgument("--confidence charges moves away from a reference width; add --kind kl --around 4")
     windows = calibration_windows(args.model, args.calib, args.samples + args.holdout, args.seq_len)
     runner = LayerwiseRunner(args.model, windows[:args.samples], micro_batch=args.batch, dtype=_dtype(args.dtype),
                              device=args.device)
@@ -137,7 +134,7 @@ def run_indicator(args) -> int:
             runner, args.bits.split(","), args.kind, args.group_size, model_name=_model_name(args.model),
             method=args.method, settings=_settings(args), around=args.around,
             measure=windows[args.samples:] if args.holdout else None, stride=args.stride,
-            confidence=1.0 if args.confidence is None else args.confidence,
+            confidence=args.confidence,
         )
     finally:
         runner.close()
@@ -187,6 +184,5 @@ def run_ppl(args) -> int:
 
 def _model_name(model_dir: str) -> str:
     """The directory's name: what the planner calls the model (`planner.catalog`), so an indicator
-    file made here matches the plan that uses it."""
-    load_config(Path(model_dir))  # NotFound / InvalidArgument for a directory that holds no model
+    file made here matches the plan that uses it. Called after the model has loaded."""
     return Path(model_dir).resolve().name

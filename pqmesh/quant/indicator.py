@@ -63,7 +63,7 @@ from torch import nn
 
 from pqmesh.errors import InvalidArgument
 from pqmesh.quant.calibrate import LayerwiseRunner
-from pqmesh.quant.calibrated import GptqSettings, collect_hessians, gptq_layer
+from pqmesh.quant.calibrated import METHODS, GptqSettings, collect_hessians, gptq_layer
 from pqmesh.quant.indicator_file import KINDS, IndicatorTable
 from pqmesh.quant.layer import DEFAULT_GROUP_SIZE, linear_children, quantize_layer
 from pqmesh.quant.qlinear import Workspace, quantize_weight
@@ -147,7 +147,7 @@ def compute_indicator(
     around: Bits | int | str = Bits.B16,
     measure: torch.Tensor | None = None,
     stride: int = 1,
-    confidence: float = 1.0,
+    confidence: float | None = None,
 ) -> IndicatorTable:
     """Runs the runner's windows through every layer and returns the indicator table.
 
@@ -155,11 +155,9 @@ def compute_indicator(
     the same windows (16-bit inputs to each layer) with ``settings``. The variance kinds depend only on the grid steps.
     The *kl* kind alone takes ``around`` (a reference width for the other layers), ``measure``
     (windows to measure on, default the runner's), ``stride`` (score every stride-th position) and,
-    with ``around``, ``confidence`` (standard errors each move away from it is charged).
+    with ``around``, ``confidence`` (standard errors each move away from it is charged; default 1).
     The runner must be at the model's input (not advanced)."""
-    widths, around = _checked(bits, kind, method, around, measure, stride)
-    if confidence < 0 or not math.isfinite(confidence):
-        raise InvalidArgument(f"confidence is a number of standard errors, at least 0, got {confidence}")
+    widths, around, confidence = _checked(bits, kind, method, around, measure, stride, confidence)
     if kind == "kl":
         return _kl_table(runner, widths, group_size, model_name, method, settings, around,
                          runner.windows if measure is None else measure, stride, confidence)
@@ -195,11 +193,12 @@ def compute_indicator(
     )
 
 
-def _checked(bits, kind: str, method: str, around, measure, stride: int) -> tuple[list[Bits], Bits]:
-    """The quantized widths to rate and the reference width, or an InvalidArgument."""
+def _checked(bits, kind: str, method: str, around, measure, stride: int,
+             confidence: float | None) -> tuple[list[Bits], Bits, float]:
+    """The quantized widths to rate, the reference width and the confidence, or an InvalidArgument."""
     if kind not in KINDS:
         raise InvalidArgument(f"indicator kind must be one of {KINDS}, got {kind!r}")
-    if method not in ("rtn", "gptq"):
+    if method not in METHODS:
         raise InvalidArgument(f"indicator method must be rtn or gptq, got {method!r}")
     widths = [b for b in parse_bits_list(bits) if b.quantized]
     if not widths:
@@ -207,7 +206,13 @@ def _checked(bits, kind: str, method: str, around, measure, stride: int) -> tupl
     around = Bits.parse(around)
     if kind != "kl" and (around.quantized or measure is not None or stride != 1):
         raise InvalidArgument("--around, --holdout and --stride apply to the kl kind only; add --kind kl")
-    return widths, around
+    if confidence is None:
+        return widths, around, 1.0
+    if not around.quantized:
+        raise InvalidArgument("--confidence charges moves away from a reference width; add --kind kl --around 4")
+    if confidence < 0 or not math.isfinite(confidence):
+        raise InvalidArgument(f"confidence is a number of standard errors, at least 0, got {confidence}")
+    return widths, around, confidence
 
 
 def _kl_table(runner: LayerwiseRunner, widths, group_size: int, model_name: str, method: str,
