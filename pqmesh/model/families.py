@@ -15,67 +15,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pqmesh.errors import UnsupportedModel
-from pqmesh.model.kv_cache import AttentionStep
-
-
-class Family:
-    """Interface; one subclass per model family."""
-
-    name: str = ""
-    model_types: tuple[str, ...] = ()
-    layer_prefix: str = ""  # checkpoint prefix of decoder layer i is f"{layer_prefix}{i}."
-
-    def __init__(self, config: PretrainedConfig) -> None:
-        self.config = config
-
-    # -- structure --------------------------------------------------------------------------------
-    def build_layer(self, index: int) -> nn.Module:
-        raise NotImplementedError
-
-    def build_embed(self) -> dict[str, tuple[nn.Module, str]]:
-        """Modules of the first stage, each with its checkpoint prefix."""
-        raise NotImplementedError
-
-    def build_final(self) -> dict[str, tuple[nn.Module, str]]:
-        """Modules of the last stage before the LM head (final norm, projections)."""
-        raise NotImplementedError
-
-    def head_width(self) -> int:
-        return self.config.hidden_size
-
-    def embed_key(self) -> str:
-        """Checkpoint name of the token embedding (the LM head's weight when tied)."""
-        raise NotImplementedError
-
-    def kv_shape(self) -> tuple[int, int]:
-        """(kv heads, head dim) of one layer's cache."""
-        c = self.config
-        return c.num_attention_heads, c.hidden_size // c.num_attention_heads
-
-    def runtime_modules(self, device) -> dict[str, nn.Module]:
-        """Modules with no checkpoint tensors (rotary tables), built on the real device."""
-        return {}
-
-    # -- math -------------------------------------------------------------------------------------
-    def embed(self, parts: nn.ModuleDict, input_ids: torch.Tensor, step: AttentionStep) -> torch.Tensor:
-        raise NotImplementedError
-
-    def step_extras(self, runtime: dict, step: AttentionStep, dtype: torch.dtype) -> dict:
-        """Per-step tensors shared by all layers (rotary cos/sin, ALiBi bias)."""
-        return {}
-
-    def layer(
-        self, module: nn.Module, cache_index: int, hidden: torch.Tensor, step: AttentionStep, extras: dict
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def final(self, parts: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    batch, width, _ = x.shape
-    return x.view(batch, width, -1, head_dim).transpose(1, 2)
+from pqmesh.model.family import Family, split_heads
+from pqmesh.model.gemma import Gemma3Family
 
 
 class LlamaFamily(Family):
@@ -293,23 +234,15 @@ class BloomFamily(Family):
         return parts["ln_f"](hidden)
 
 
-FAMILIES: tuple[type[Family], ...] = (LlamaFamily, OptFamily, BloomFamily)
-
-
-def all_families() -> tuple[type[Family], ...]:
-    """Every adapter: the three above and those kept in their own modules (imported here, on first
-    use, because they subclass `Family`)."""
-    from pqmesh.model.gemma import Gemma3Family
-
-    return (*FAMILIES, Gemma3Family)
+#: Every adapter: the three above and those kept in their own modules.
+FAMILIES: tuple[type[Family], ...] = (LlamaFamily, OptFamily, BloomFamily, Gemma3Family)
 
 
 def family_for(config: PretrainedConfig) -> Family:
     """The adapter for a config, or UnsupportedModel naming what is supported."""
-    families = all_families()
-    for cls in families:
+    for cls in FAMILIES:
         if config.model_type in cls.model_types:
             return cls(config)
-    known = sorted(t for cls in families for t in cls.model_types)
+    known = sorted(t for cls in FAMILIES for t in cls.model_types)
     raise UnsupportedModel(f"model_type {config.model_type!r} is not supported; supported: {', '.join(known)}")
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pqmesh.errors import UnsupportedModel
-from pqmesh.model.families import Family, split_heads
+from pqmesh.model.family import Family, split_heads
 
 
 class Gemma3Family(Family):

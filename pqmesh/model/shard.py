@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pqmesh.errors import InvalidArgument
-from pqmesh.model.families import Family, family_for
+from pqmesh.model.families import family_for
+from pqmesh.model.family import Family
 from pqmesh.model.kv_cache import AttentionStep, StaticKVCache
 from pqmesh.model.loading import CheckpointReader, fill_module, load_config, storage_bytes
 from pqmesh.types import Role
