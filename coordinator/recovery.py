@@ -29,6 +29,7 @@ import grpc
 import structlog
 
 from coordinator.mesh import Mesh, StageUnavailable
+from coordinator.periodic import start_periodic
 from coordinator.scheduler import MicroBatch
 from pqmesh.errors import PqmeshError
 from pqmesh.types import Phase
@@ -131,23 +132,26 @@ class HealthWatch:
     active: Callable[[], bool]
     failures: int = HEALTH_FAILURES
     _stop: threading.Event = field(default_factory=threading.Event)
+    _counts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._counts = [0] * self.stages
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="coordinator-health", daemon=True).start()
+        start_periodic("coordinator-health", self.interval, self.tick, self._stop)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _run(self) -> None:
-        counts = [0] * self.stages
-        while not self._stop.wait(self.interval):
-            if not self.active():
-                counts = [0] * self.stages
-                continue
-            for index in range(self.stages):
-                problem = self.check(index, counts)
-                if problem is not None:
-                    self.report(index, problem)
+    def tick(self) -> None:
+        """One round: probes every stage while ``active()`` (else forgets the failure counts)."""
+        if not self.active():
+            self._counts = [0] * self.stages
+            return
+        for index in range(self.stages):
+            problem = self.check(index, self._counts)
+            if problem is not None:
+                self.report(index, problem)
 
     def check(self, index: int, counts: list[int]) -> str | None:
         """One probe of stage ``index``; the reason once it has failed ``failures`` times in a row."""

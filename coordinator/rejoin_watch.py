@@ -16,6 +16,7 @@ from typing import Callable
 
 import structlog
 
+from coordinator.periodic import start_periodic
 from pqmesh.errors import PqmeshError
 
 log = structlog.get_logger(__name__)
@@ -34,17 +35,10 @@ class RejoinWatch:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="coordinator-rejoin", daemon=True).start()
+        start_periodic("coordinator-rejoin", self.interval, self.check, self._stop)
 
     def stop(self) -> None:
         self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # noqa: BLE001 - a broken check must not end the watch
-                log.exception("rejoin_check_failed")
 
     def check(self):
         """One round: the Outcome of a re-plan it asked for, or None."""
