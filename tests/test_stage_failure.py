@@ -106,9 +106,9 @@ def test_killed_middle_stage_restarted_on_its_port_job_finishes_identical(tmp_pa
         at_kill = kill_mid_job(client, job, stages[1], after_tokens=4 * MAX_NEW + 4 * MAX_NEW // 2)
         assert at_kill.sequences_done < len(prompts), "the job must be cut off in the middle"
         killed_at = time.monotonic()
-        time.sleep(1.0)
-        paused = client.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=10)
-        assert "reconnecting" in next(paused).message
+        # the job pauses: some update says so (a loaded CI host may take more than a second to notice)
+        paused = client.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job), timeout=20)
+        assert any("reconnecting" in update.message for update in paused)
         paused.cancel()
         stages[1] = StageProcess(root, int(addresses[1].rpartition(":")[2]))  # systemd's restart, same port
         assert stages[1].address() == addresses[1]
