@@ -61,10 +61,9 @@ class Feeder:
                 continue
             rows = self.store.pending_prompts(job_id, cursor.after, room)
             cursor.exhausted = len(rows) < room
-            for row in rows:
+            for row, resolved in zip(rows, self.resolver.stored_many(rows, cursor.settings)):
                 cursor.after = row.index
                 room -= 1
-                resolved = self.resolver.stored(row, cursor.settings)
                 if isinstance(resolved, ResultRecord):
                     errors.append((job_id, resolved))
                 else:

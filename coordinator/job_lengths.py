@@ -26,8 +26,7 @@ def pending_lengths(store: JobStore, resolver: Resolver, record: JobRecord,
     resolved as the feeder resolves them (requests that would get an error result are left out)."""
     settings = GenerationSettings.from_stored(record.params)
     prompts, new_tokens = [], []
-    for row in store.pending_prompts(record.id, limit=limit):
-        resolved = resolver.stored(row, settings)
+    for resolved in resolver.stored_many(store.pending_prompts(record.id, limit=limit), settings):
         if isinstance(resolved, Resolved):
             prompts.append(len(resolved.prompt))
             new_tokens.append(resolved.max_new_tokens)

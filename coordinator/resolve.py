@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from coordinator.prompts import from_prompt
 from coordinator.requests import Request, RequestError
@@ -73,23 +74,40 @@ class Resolver:
 
     def stored(self, pending: PendingPrompt, settings: GenerationSettings) -> Resolved | ResultRecord:
         """A stored prompt resolved, or its error result."""
-        if pending.request is None:
-            request = Request(token_ids=tuple(pending.token_ids))
-        else:
-            try:
-                request = from_prompt(coordinator_pb2.Prompt.FromString(pending.request))
-            except RequestError as err:
-                return self.error(pending.index, err)
-        try:
-            return self.resolve(pending.index, request, settings)
-        except RequestError as err:
-            return self.error(pending.index, err, request)
+        return self.stored_many([pending], settings)[0]
 
-    def resolve(self, index: int, request: Request, settings: GenerationSettings) -> Resolved:
+    def stored_many(self, rows: Sequence[PendingPrompt], settings: GenerationSettings) -> list[Resolved | ResultRecord]:
+        """Stored prompts resolved (or their error results), in order; their plain texts are tokenized in one
+        batch (the tokenizer's own threads), not one call each."""
+        requests = [self._request(row) for row in rows]
+        texts = {i: r.text for i, r in enumerate(requests) if isinstance(r, Request) and r.text}
+        encoded = dict(zip(texts, self.codec.encode_many(list(texts.values())))) if texts and self.codec else {}
+        out: list[Resolved | ResultRecord] = []
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            if isinstance(request, ResultRecord):
+                out.append(request)
+                continue
+            try:
+                out.append(self.resolve(row.index, request, settings, encoded.get(i)))
+            except RequestError as err:
+                out.append(self.error(row.index, err, request))
+        return out
+
+    def _request(self, pending: PendingPrompt) -> Request | ResultRecord:
+        if pending.request is None:
+            return Request(token_ids=tuple(pending.token_ids))
+        try:
+            return from_prompt(coordinator_pb2.Prompt.FromString(pending.request))
+        except RequestError as err:
+            return self.error(pending.index, err)
+
+    def resolve(self, index: int, request: Request, settings: GenerationSettings,
+                encoded: list[int] | None = None) -> Resolved:
+        """``request`` resolved; ``encoded``: its text's token ids when already tokenized."""
         if request.model and request.model not in self.model_names:
             raise RequestError("model_not_found", f"model {request.model!r} is not served here; use one of "
                                                   f"{sorted(self.model_names)}")
-        prompt = self._ids(request)
+        prompt = self._ids(request, encoded)
         p = request.params
         max_new = self._budget(len(prompt), p.max_tokens, settings.max_new_tokens, bool(request.endpoint))
         stop_on_eos = settings.stop_on_eos if request.stop_on_eos is None else request.stop_on_eos
@@ -111,7 +129,7 @@ class Resolver:
         meta = ResultMeta(request.custom_id, request.endpoint, model or request.model, len(prompt), stops)
         return Resolved(tuple(prompt), max_new, frozenset(stop_ids), sampling, meta)
 
-    def _ids(self, request: Request) -> list[int]:
+    def _ids(self, request: Request, encoded: list[int] | None = None) -> list[int]:
         if request.token_ids is not None:
             ids = list(request.token_ids)
             bad = [t for t in ids if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
@@ -127,7 +145,7 @@ class Resolver:
                                                       "template; send /v1/completions prompts instead")
             ids = self.codec.chat(request.messages)
         else:
-            ids = self.codec.encode(request.text) if request.text else []
+            ids = (encoded if encoded is not None else self.codec.encode(request.text)) if request.text else []
         if not ids:
             raise RequestError("invalid_request", "the prompt is empty; give text or at least one token id")
         return ids
