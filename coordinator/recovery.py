@@ -149,20 +149,20 @@ class HealthWatch:
             self._counts = [0] * self.stages
             return
         for index in range(self.stages):
-            problem = self.check(index, self._counts)
+            problem = self.check(index)
             if problem is not None:
                 self.report(index, problem)
 
-    def check(self, index: int, counts: list[int]) -> str | None:
+    def check(self, index: int) -> str | None:
         """One probe of stage ``index``; the reason once it has failed ``failures`` times in a row."""
         try:
             problem = self.probe(index)
         except Exception as err:  # noqa: BLE001 - a probe that breaks counts as a failed check
             problem = f"{type(err).__name__}: {err}"
-        counts[index] = counts[index] + 1 if problem is not None else 0
-        if counts[index] < self.failures:
+        self._counts[index] = self._counts[index] + 1 if problem is not None else 0
+        if self._counts[index] < self.failures:
             return None
-        counts[index] = 0
+        self._counts[index] = 0
         log.warning("stage_unhealthy", stage=index, checks=self.failures, reason=problem)
         return f"{self.failures} health checks in a row failed: {problem}"
 

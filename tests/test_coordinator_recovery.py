@@ -64,9 +64,25 @@ def test_health_watch_reports_a_stage_after_consecutive_failures_only():
         return value
 
     watch = HealthWatch(probe, 1, 1.0, lambda *a: None, lambda: True)
-    counts = [0]
-    reports = [watch.check(0, counts) for _ in range(7)]
+    reports = [watch.check(0) for _ in range(7)]
     assert reports[:6] == [None] * 6  # a success in between starts the count again
-    assert reports[6] == "3 health checks in a row failed: UNAVAILABLE" and counts == [0]
-    answers[0] = ["boom"] * 3
-    assert [watch.check(0, counts) for _ in range(3)][-1].endswith("RuntimeError: probe broke")
+    assert reports[6] == "3 health checks in a row failed: UNAVAILABLE"
+    answers[0] = ["boom"] * 3  # a report starts the count again: three more failures for the next one
+    broke = "3 health checks in a row failed: RuntimeError: probe broke"
+    assert [watch.check(0) for _ in range(3)] == [None, None, broke]
+
+
+def test_health_rounds_report_only_while_active_and_an_idle_round_forgets_the_failures():
+    reported, active = [], [True]
+    watch = HealthWatch(lambda index: "UNAVAILABLE" if index == 1 else None, 2, 1.0,
+                        lambda index, why: reported.append(index), lambda: active[0])
+    watch.tick()
+    watch.tick()
+    active[0] = False
+    watch.tick()  # idle (no job running): counts start over
+    active[0] = True
+    watch.tick()
+    watch.tick()
+    assert reported == []
+    watch.tick()
+    assert reported == [1]
