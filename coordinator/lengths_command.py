@@ -30,6 +30,7 @@ from coordinator.openai_batch import parse_line
 from coordinator.requests import RequestError
 from coordinator.resolve import Resolver
 from coordinator.settings import GenerationSettings
+from coordinator.store import ResultRecord
 from coordinator.text import TextCodec
 from pqmesh.errors import InvalidArgument, NotFound
 from pqmesh.lengths import LengthHistogram
@@ -37,6 +38,7 @@ from pqmesh.lengths import LengthHistogram
 log = structlog.get_logger(__name__)
 NO_LIMIT = 1 << 30  # count lengths as they are; whether they fit is the planner's question
 PROGRESS_EVERY = 20000
+CHUNK_LINES = 1000  # lines tokenized in one batch (PROGRESS_EVERY is a multiple)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,23 +65,37 @@ def job_file_lengths(path: Path, codec: TextCodec | None, max_new_tokens: int,
     generations: Counter[int] = Counter()
     refused: Counter[str] = Counter()
     with path.open(encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                request = replace(parse_line(line), model="")  # any model name: the lengths are the question
-                resolved = resolver.resolve(index, request, settings)
-            except RequestError as err:
-                refused[err.code] += 1
-                continue
-            prompts[_binned(len(resolved.prompt), bin_size)] += 1
-            generations[_binned(resolved.max_new_tokens, bin_size)] += 1
-            if (index + 1) % PROGRESS_EVERY == 0:
-                log.info("lengths_progress", lines=index + 1)
+        for number, chunk in enumerate(_chunks(lines, resolver), 1):
+            for resolved in resolver.resolve_many(chunk, settings):
+                if isinstance(resolved, ResultRecord):
+                    refused[resolved.error_code] += 1
+                    continue
+                prompts[_binned(len(resolved.prompt), bin_size)] += 1
+                generations[_binned(resolved.max_new_tokens, bin_size)] += 1
+            if number * CHUNK_LINES % PROGRESS_EVERY == 0:
+                log.info("lengths_progress", lines=chunk[-1][0] + 1)
     if not prompts:
         raise InvalidArgument(f"{path}: no line holds a request that can be planned for (refused: {dict(refused)})"
                               + ("; text prompts need --tokenizer DIR" if codec is None else ""))
     return LengthHistogram.of(prompts.items()), LengthHistogram.of(generations.items()), refused
+
+
+def _chunks(lines, resolver: Resolver):
+    """The file's non-blank lines as lists of up to CHUNK_LINES (index, request or error result), parsed as
+    the coordinator parses them (any model name: the lengths are the question)."""
+    chunk = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            chunk.append((index, replace(parse_line(line), model="")))
+        except RequestError as err:
+            chunk.append((index, resolver.error(index, err)))
+        if len(chunk) == CHUNK_LINES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _binned(length: int, bin_size: int) -> int:

@@ -132,7 +132,7 @@ class HealthWatch:
     active: Callable[[], bool]
     failures: int = HEALTH_FAILURES
     _stop: threading.Event = field(default_factory=threading.Event)
-    _counts: list[int] = field(default_factory=list)
+    _counts: list[int] = field(init=False)  # failed checks in a row, per stage
 
     def __post_init__(self) -> None:
         self._counts = [0] * self.stages

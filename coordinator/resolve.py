@@ -77,20 +77,24 @@ class Resolver:
         return self.stored_many([pending], settings)[0]
 
     def stored_many(self, rows: Sequence[PendingPrompt], settings: GenerationSettings) -> list[Resolved | ResultRecord]:
-        """Stored prompts resolved (or their error results), in order; their plain texts are tokenized in one
-        batch (the tokenizer's own threads), not one call each."""
-        requests = [self._request(row) for row in rows]
-        texts = {i: r.text for i, r in enumerate(requests) if isinstance(r, Request) and r.text}
+        """Stored prompts resolved (or their error results), in order (`resolve_many`)."""
+        return self.resolve_many([(row.index, self._request(row)) for row in rows], settings)
+
+    def resolve_many(self, requests: Sequence[tuple[int, Request | ResultRecord]],
+                     settings: GenerationSettings) -> list[Resolved | ResultRecord]:
+        """(index, request) pairs resolved, or their error results (an error result given stays), in order;
+        their plain texts are tokenized in one batch (the tokenizer's own threads), not one call each."""
+        texts = {i: r.text for i, (_, r) in enumerate(requests) if isinstance(r, Request) and r.text}
         encoded = dict(zip(texts, self.codec.encode_many(list(texts.values())))) if texts and self.codec else {}
         out: list[Resolved | ResultRecord] = []
-        for i, (row, request) in enumerate(zip(rows, requests)):
+        for i, (index, request) in enumerate(requests):
             if isinstance(request, ResultRecord):
                 out.append(request)
                 continue
             try:
-                out.append(self.resolve(row.index, request, settings, encoded.get(i)))
+                out.append(self.resolve(index, request, settings, encoded.get(i)))
             except RequestError as err:
-                out.append(self.error(row.index, err, request))
+                out.append(self.error(index, err, request))
         return out
 
     def _request(self, pending: PendingPrompt) -> Request | ResultRecord:

@@ -45,8 +45,11 @@ def test_job_workload_is_the_histogram_of_its_pending_requests(tmp_path):
     store.close()
 
 
-def test_lengths_command_reads_a_job_file_as_the_coordinator_would(tmp_path, capsys):
+@pytest.mark.parametrize("chunk", [1000, 2])  # 2: the file's lines span several tokenizer batches
+def test_lengths_command_reads_a_job_file_as_the_coordinator_would(tmp_path, capsys, monkeypatch, chunk):
     import json
+
+    monkeypatch.setattr("coordinator.lengths_command.CHUNK_LINES", chunk)
 
     from test_coordinator_api import save_word_tokenizer
 
